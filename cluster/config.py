@@ -1,0 +1,269 @@
+"""Configuration types of one model instance: the model (from HF config.json), its parallel
+layout, the engine's limits, and per-request sampling parameters."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM")
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Turns 'bfloat16' / 'float32' / a torch.dtype into a torch.dtype, with a clear error."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype: unknown dtype {name!r}; use one of float32, bfloat16, float16")
+    return _DTYPES[key]
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config.json cannot be served; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a Qwen3 / Qwen3-MoE config.json that change the computation."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    attention_bias: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "bfloat16"
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        """Reads `config.json` (and `generation_config.json` for eos ids) from a model directory."""
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"no config.json in model directory {path}")
+        raw = json.loads(cfg_file.read_text())
+        gen_file = path / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        return cls.from_dict(raw, generation_config=gen)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architectures: {arch!r} is not supported; q3serve serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if raw.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window: sliding-window attention is not supported")
+        moe = arch == "Qwen3MoeForCausalLM"
+        heads = _req(raw, "num_attention_heads")
+        num_experts = int(raw.get("num_experts", raw.get("num_local_experts", 0))) if moe else 0
+        theta, scaling = _rope(raw)
+        eos = _eos_ids(raw, generation_config or {})
+        cfg = cls(
+            architecture=arch,
+            vocab_size=_req(raw, "vocab_size"),
+            hidden_size=_req(raw, "hidden_size"),
+            num_hidden_layers=_req(raw, "num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or _req(raw, "hidden_size") // heads),
+            intermediate_size=int(raw.get("intermediate_size") or 0),
+            num_experts=num_experts,
+            num_experts_per_tok=int(raw.get("num_experts_per_tok", 0)) if moe else 0,
+            moe_intermediate_size=int(raw.get("moe_intermediate_size", 0)) if moe else 0,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
+            mlp_only_layers=tuple(int(i) for i in raw.get("mlp_only_layers") or ()),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            eos_token_ids=eos,
+            torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_key_value_heads: must divide num_attention_heads")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError("num_experts_per_tok: must be between 1 and num_experts")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ConfigError("moe_intermediate_size: must be positive for a MoE model")
+        if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)) and self.intermediate_size <= 0:
+            raise ConfigError("intermediate_size: dense MLP layers need a positive intermediate_size")
+        if self.rope_scaling and self.rope_scaling.get("rope_type") not in ("default", "yarn", "linear"):
+            raise ConfigError(f"rope_scaling.rope_type: {self.rope_scaling.get('rope_type')!r} is not supported")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Qwen3-MoE's rule: sparse unless listed in mlp_only_layers or off the sparse step."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+
+
+def _req(raw: dict[str, Any], key: str) -> int:
+    if key not in raw:
+        raise ConfigError(f"{key}: missing from config.json")
+    return int(raw[key])
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Hub checkpoints write rope_theta + rope_scaling; transformers 5 writes rope_parameters."""
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = dict(raw.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    merged = {**scaling, **params}
+    if "type" in merged and "rope_type" not in merged:
+        merged["rope_type"] = merged.pop("type")
+    merged.pop("type", None)
+    merged.pop("partial_rotary_factor", None)
+    if merged.get("rope_type", "default") == "default":
+        return theta, None
+    if merged["rope_type"] == "yarn":
+        merged.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 32768))
+        if merged.get("factor") is None:
+            merged["factor"] = raw["max_position_embeddings"] / merged["original_max_position_embeddings"]
+    return theta, merged
+
+
+def _eos_ids(raw: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for src in (gen.get("eos_token_id"), raw.get("eos_token_id")):
+        if src is None:
+            continue
+        for i in src if isinstance(src, list) else [src]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    return tuple(ids)
+
+
+@dataclass
+class ParallelConfig:
+    """How one model instance is spread: attention shards (DP over sequences) x expert groups."""
+
+    attention_shards: int = 1
+    expert_groups: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.attention_shards < 1:
+            raise ValueError("attention_shards: must be >= 1")
+        if self.expert_groups < 1:
+            raise ValueError("expert_groups: must be >= 1")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device: {self.device!r} is not 'cpu' or 'cuda'")
+
+
+@dataclass
+class EngineConfig:
+    """Limits of the scheduler and the KV pool. The KV pool is sized from `kv_cache_memory_gb`
+    unless `num_kv_blocks` pins it (tests use that to force preemption)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_gb: float = 1.0
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len: must be >= 1")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError("kv_cache_memory_gb: must be > 0")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks: must be >= 1")
+
+    def kv_blocks(self, model: ModelConfig, dtype: torch.dtype) -> int:
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        per_block = model.kv_bytes_per_token(dtype) * self.block_size
+        return max(1, int(self.kv_cache_memory_gb * (1 << 30)) // per_block)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding controls, named as in vLLM. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens: must be a positive integer, got {self.max_tokens!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p: must be in [0, 1], got {self.min_p!r}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1

@@ -1,0 +1,224 @@
+"""`Engine` (async, streaming, accepts requests at any time) and `LLM` (offline, vLLM-like).
+
+The engine steps on its own thread so that the caller's event loop (a Serve replica's) stays
+free; outputs cross back with `call_soon_threadsafe`. Every wait is bounded: a stream raises if
+the engine thread dies or no output arrives within `request_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from cluster.config import EngineConfig, ParallelConfig, SamplingParams
+from cluster.default_model import default_model_path
+from cluster.engine_core import EngineCore, RequestOutput
+from cluster.tokenizer import render_chat
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+Messages = list[dict[str, Any]]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop failed; every request in flight gets this."""
+
+
+def _build_core(
+    model: str | Path | None, dtype: str | torch.dtype, device: str, attention_shards: int,
+    expert_groups: int, engine_kwargs: dict[str, Any],
+) -> EngineCore:
+    parallel = ParallelConfig(attention_shards, expert_groups, device)
+    if parallel.attention_shards * parallel.expert_groups > 1:
+        raise NotImplementedError("attention_shards/expert_groups > 1: the expert-parallel engine is not built yet")
+    config = EngineConfig(**engine_kwargs)
+    return EngineCore(model or default_model_path(), dtype=dtype, device=device, config=config)
+
+
+class Engine:
+    """Async engine: `async for out in engine.generate(prompt, params)` streams deltas."""
+
+    def __init__(
+        self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+        attention_shards: int = 1, expert_groups: int = 1, request_timeout_s: float = 600.0,
+        **engine_kwargs: Any,
+    ) -> None:
+        self.core = _build_core(model, dtype, device, attention_shards, expert_groups, engine_kwargs)
+        self.tokenizer = self.core.tokenizer
+        self.request_timeout_s = request_timeout_s
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="q3serve-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams one RequestOutput per new token; the last has finished=True. Leaving the
+        loop early (or cancelling) aborts the request and frees its KV blocks."""
+        if not self.healthy:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        rid = request_id or uuid.uuid4().hex
+        req = self.core.make_request(prompt, params or SamplingParams(), rid)
+        out_q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if rid in self._streams:
+                raise ValueError(f"request_id: {rid!r} is already running")
+            self._streams[rid] = (asyncio.get_running_loop(), out_q)
+        self._inbox.put(("add", req))
+        finished = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(out_q.get(), timeout=self.request_timeout_s)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"request {rid}: no output within {self.request_timeout_s}s") from None
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(rid, None)
+            if not finished:
+                self._inbox.put(("abort", rid))
+
+    async def chat(
+        self, messages: Messages, params: SamplingParams | None = None, enable_thinking: bool = True,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        prompt = render_chat(self.tokenizer, messages, enable_thinking=enable_thinking)
+        async for out in self.generate(prompt, params, request_id):
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def expert_counts(self) -> torch.Tensor:
+        return self.core.expert_counts().clone()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout_s)
+
+    # -- engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not self.core.has_work())
+                if self.core.has_work():
+                    for out in self.core.step():
+                        self._deliver(out.request_id, out)
+        except BaseException as exc:  # noqa: BLE001 - every stream must hear about it
+            log.exception("engine step loop failed")
+            self.error = exc
+            with self._lock:
+                streams = list(self._streams)
+            for rid in streams:
+                self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            op, arg = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if op == "add":
+                self.core.add(arg)
+            elif op == "abort":
+                self.core.abort(arg)
+            try:
+                op, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            target = self._streams.get(rid)
+        if target is None:
+            return
+        loop, out_q = target
+        try:
+            loop.call_soon_threadsafe(out_q.put_nowait, item)
+        except RuntimeError:  # the caller's loop has closed
+            pass
+
+
+class LLM:
+    """Offline batch generation in the shape vLLM users know."""
+
+    def __init__(
+        self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+        attention_shards: int = 1, expert_groups: int = 1, **engine_kwargs: Any,
+    ) -> None:
+        self.core = _build_core(model, dtype, device, attention_shards, expert_groups, engine_kwargs)
+        self.tokenizer = self.core.tokenizer
+
+    def generate(
+        self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Prompts are strings or lists of token ids; a single prompt may be passed bare."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError("sampling_params: need one per prompt or a single one")
+        reqs = [self.core.make_request(p, sp) for p, sp in zip(prompts, params)]
+        for r in reqs:
+            self.core.add(r)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(reqs), desc="Generating", disable=not use_tqdm)
+        try:
+            while self.core.has_work():
+                for out in self.core.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            for r in reqs:  # on an error, leave nothing behind in the engine
+                self.core.abort(r.seq.request_id)
+        return [done[r.seq.request_id] for r in reqs]
+
+    def chat(
+        self, messages: Messages | list[Messages], sampling_params: SamplingParams | None = None,
+        enable_thinking: bool = True, use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Qwen3's chat template (thinking on by default), then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [render_chat(self.tokenizer, m, enable_thinking=enable_thinking) for m in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def expert_counts(self) -> torch.Tensor:
+        return self.core.expert_counts().clone()
+
+    def shutdown(self) -> None:
+        """Frees the model and KV cache (the expert-parallel engine also stops its actors)."""
+        self.core = None  # type: ignore[assignment]

@@ -1,0 +1,185 @@
+"""The synchronous heart of an engine: admit requests, step the scheduler and the model, turn
+sampled tokens into outputs (stop checks, detokenization). `Engine` drives it from a thread,
+`LLM` from the caller's loop."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cluster.config import EngineConfig, ModelConfig, SamplingParams, parse_dtype
+from cluster.detokenizer import Detokenizer
+from cluster.kv_cache import BlockManager
+from cluster.model_runner import ModelRunner
+from cluster.scheduler import Scheduler
+from cluster.sequence import Sequence
+from cluster.tokenizer import load_tokenizer
+from cluster.weights import load_model
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: cumulative text and ids, plus the delta since the last."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: Detokenizer
+
+
+class EngineCore:
+    def __init__(
+        self, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.model_path = Path(model)
+        self.model_config = ModelConfig.from_pretrained(self.model_path)
+        self.config = config or EngineConfig()
+        self.dtype = parse_dtype(self.model_config.torch_dtype if dtype == "auto" else dtype)
+        self.device = device
+        self.tokenizer = load_tokenizer(self.model_path)
+        num_blocks = self.config.kv_blocks(self.model_config, self.dtype)
+        capacity = num_blocks * self.config.block_size
+        self.max_model_len = self.config.max_model_len or min(self.model_config.max_position_embeddings, capacity)
+        if self.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len: {self.max_model_len} tokens do not fit the KV pool of {capacity} tokens; "
+                "raise kv_cache_memory_gb / num_kv_blocks or lower max_model_len"
+            )
+        eos = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
+        self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
+        torch.manual_seed(self.config.seed)
+        model_obj = load_model(self.model_path, self.model_config, self.dtype, device)
+        self.runner = ModelRunner(
+            model_obj, self.model_config, num_blocks, self.config.block_size, self.max_model_len, self.dtype, device
+        )
+        self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.blocks)
+        self.requests: dict[str, _Request] = {}
+        self.num_computed_tokens = 0   # tokens run through the model since start (prefill + decode)
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+        self._ids = itertools.count()
+
+    # -- admission -------------------------------------------------------------------------
+    def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> _Request:
+        """Tokenizes and validates; raises ValueError naming the field. Touches no engine state,
+        so callers on other threads may use it."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}"
+            )
+        if not isinstance(params, SamplingParams):
+            raise TypeError("sampling_params: expected cluster.SamplingParams")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seq = Sequence(rid, ids, params)
+        return _Request(seq, Detokenizer(self.tokenizer, ids, params))
+
+    def add(self, req: _Request) -> None:
+        rid = req.seq.request_id
+        if rid in self.requests:
+            raise ValueError(f"request_id: {rid!r} is already running")
+        self.requests[rid] = req
+        self.scheduler.add(req.seq)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        req = self.make_request(prompt, params, request_id)
+        self.add(req)
+        return req.seq.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.seq.finish("abort")
+        self.scheduler.finish(req.seq)
+        return self._output(req, [], "")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.entries:
+            return []
+        results = self.runner.execute(batch)
+        self.num_steps += 1
+        for seq, n in batch.entries:
+            seq.num_computed_tokens += n
+            self.num_computed_tokens += n
+            self.blocks.commit(seq)
+        now = time.monotonic()
+        outputs = []
+        for seq, token, logprob in results:
+            req = self.requests[seq.request_id]
+            seq.token_ids.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self.num_generated_tokens += 1
+            self._check_stop(seq, token)
+            delta = req.detok.step(token, seq.finished)
+            if req.detok.stopped is not None and not seq.finished:
+                seq.finish("stop", req.detok.stopped)
+            if seq.finished:
+                self.scheduler.finish(seq)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(req, [token], delta))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop")
+        elif token in p.stop_token_ids:
+            seq.finish("stop", token)
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    def _output(self, req: _Request, delta_ids: list[int], delta_text: str) -> RequestOutput:
+        seq = req.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=req.detok.text[: req.detok.emitted],
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            logprobs=list(seq.logprobs) if seq.params.logprobs else None,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+    def expert_counts(self) -> torch.Tensor:
+        return self.runner.model.expert_counts()

@@ -1,0 +1,258 @@
+"""The Qwen3-MoE forward in plain PyTorch over a paged KV cache.
+
+Tokens of all scheduled sequences are flattened into one [T, hidden] batch: every linear layer
+and the MoE run over that flat batch; only attention looks at sequence boundaries (see
+`attention.py`). The experts of a MoE layer sit behind `SparseMoe.experts`, a callable taking
+(hidden, expert ids, weights): locally a `LocalExperts`, on an attention shard a dispatcher that
+sends tokens to expert-group actors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.attention import AttentionMetadata, paged_attention
+from cluster.config import ModelConfig
+from cluster.profiler import section
+
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, head_dim] (float32), YaRN-scaled when the config asks for it."""
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    inv_freq = 1.0 / pos_freqs
+    scale = 1.0
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type") == "linear":
+        inv_freq = inv_freq / float(rs["factor"])
+    elif rs.get("rope_type") == "yarn":
+        inv_freq, scale = _yarn(rs, dim, base, pos_freqs)
+    freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def _yarn(rs: dict, dim: int, base: float, pos_freqs: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): interpolate low frequencies, keep high ones, ramp between."""
+    factor = float(rs["factor"])
+    orig = float(rs["original_max_position_embeddings"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = rs.get("attention_factor")
+    if attn is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attn)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d]; cos/sin [T, 1, d] already in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """GQA attention with per-head QK RMSNorm; q/k/v projections fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q, kv, kv)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = apply_rope(self.q_norm(q.view(t, self.num_heads, self.head_dim)), meta.cos, meta.sin)
+        k = apply_rope(self.k_norm(k.view(t, self.num_kv_heads, self.head_dim)), meta.cos, meta.sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta)
+        return self.o_proj(out.view(t, -1))
+
+
+class DenseMlp(nn.Module):
+    """SwiGLU MLP (dense layers of Qwen3 and Qwen3-MoE's mlp_only_layers); gate/up fused."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def grouped_swiglu(
+    xs: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU experts over rows already sorted by expert: `counts[e]` consecutive rows go to local
+    expert e (weights w_gate_up [E, 2I, H], w_down [E, H, I]). One matmul per expert over all its
+    rows, never a loop over tokens."""
+    out = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        end = start + n
+        gate, up = F.linear(xs[start:end], w_gate_up[e]).chunk(2, dim=-1)
+        out[start:end] = F.linear(F.silu(gate) * up, w_down[e])
+        start = end
+    return out
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """Stable order of flattened (token, slot) pairs by expert id, and the count per expert."""
+    flat = ids.reshape(-1)
+    return flat.argsort(stable=True), torch.bincount(flat, minlength=num_experts).tolist()
+
+
+class LocalExperts(nn.Module):
+    """All experts of one layer held in this process (single-process engine)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.w_down = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        order, counts = sort_by_expert(ids, self.w_gate_up.shape[0])
+        token = order // ids.shape[1]
+        out = grouped_swiglu(x[token], counts, self.w_gate_up, self.w_down)
+        out.mul_(weights.reshape(-1)[order, None])
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class SparseMoe(nn.Module):
+    """Router gate (softmax, top-k, optional renormalisation) in front of the experts. Keeps
+    per-expert token counts, which the load-balanced placement is computed from."""
+
+    def __init__(self, cfg: ModelConfig, experts: ExpertsFn | None) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = experts if experts is not None else LocalExperts(cfg)
+        self.register_buffer("expert_counts", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        self.expert_counts += torch.bincount(ids.flatten(), minlength=self.expert_counts.numel())
+        return ids, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(x)
+        return self.experts(x, ids, weights)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertsFn | None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = (
+            SparseMoe(cfg, experts) if cfg.is_moe_layer(layer) else DenseMlp(cfg.hidden_size, cfg.intermediate_size)
+        )
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        with section("attention"):
+            h = h + self.self_attn(self.input_layernorm(h), meta)
+        with section("experts"):
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3MoeModel(nn.Module):
+    """Embeddings, decoder layers, final norm and lm_head of Qwen3(-MoE).
+
+    `experts(layer)` supplies each MoE layer's experts; None builds them locally.
+    """
+
+    def __init__(self, cfg: ModelConfig, experts: Callable[[int], ExpertsFn] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, experts(i) if experts and cfg.is_moe_layer(i) else None)
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, meta)
+        return h
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        with section("lm_head"):
+            return self.lm_head(self.norm(h))
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: str) -> None:
+        """Zero-filled so that masked-out padding slots never carry NaN into attention."""
+        shape = (num_blocks, block_size, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        for layer in self.layers:
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def expert_counts(self) -> torch.Tensor:
+        """[num_layers, num_experts] tokens routed to each expert since start (dense layers: 0)."""
+        out = torch.zeros(self.cfg.num_hidden_layers, max(self.cfg.num_experts, 1), dtype=torch.long)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, SparseMoe):
+                out[i] = layer.mlp.expert_counts
+        return out

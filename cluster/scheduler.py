@@ -1,0 +1,98 @@
+"""Continuous batching with chunked prefill and preemption by recomputation.
+
+Every sequence has `num_computed_tokens` of `num_tokens`; a step computes some of the rest. A
+step first gives each running sequence its next tokens (one for a decode, a chunk for a prefill
+in progress), then admits waiting sequences while the token budget and KV blocks last. When a
+running sequence needs a block and none is free, the most recently admitted sequence is
+preempted: its blocks are released (they stay in the prefix cache) and it waits at the front.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.config import EngineConfig
+from cluster.kv_cache import BlockManager
+from cluster.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    """Sequences of one step with the number of tokens each computes; single-token entries
+    (decodes) come first, as the attention layout expects."""
+
+    entries: list[tuple[Sequence, int]]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.entries)
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager) -> None:
+        self.cfg = cfg
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.cfg.max_num_batched_tokens
+        entries: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break  # seq itself was the last running sequence and got preempted
+            self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            entries.append((seq, n))
+            budget -= n
+            i += 1
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                if not self.running:  # cannot happen when the pool fits max_model_len
+                    raise RuntimeError("KV pool too small for a single sequence")
+                break
+            self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            entries.append((seq, n))
+            budget -= n
+        entries.sort(key=lambda e: e[1] != 1)  # stable: decodes first
+        return ScheduledBatch(entries)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Frees a finished or aborted sequence, wherever it is."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
