@@ -69,6 +69,7 @@ class Scheduler:
                 self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                self.blocks.release(seq)  # hold nothing while waiting; the prefix stays cached
                 if not self.running:  # cannot happen when the pool fits max_model_len
                     raise RuntimeError("KV pool too small for a single sequence")
                 break
