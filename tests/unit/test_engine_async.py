@@ -1,0 +1,107 @@
+"""The async Engine: requests join at any time, stream deltas, abort frees KV blocks, a bad
+request fails alone and the engine keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from cluster import Engine, LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(moe_checkpoint: Path):
+    eng = Engine(moe_checkpoint, dtype="float32", num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
+    yield eng
+    eng.shutdown()
+    assert not eng._thread.is_alive()
+
+
+async def _collect(engine: Engine, prompt, params=GREEDY, delay: float = 0.0):
+    await asyncio.sleep(delay)
+    outs = [o async for o in engine.generate(prompt, params)]
+    return outs
+
+
+def test_streams_match_offline(engine: Engine, moe_checkpoint: Path) -> None:
+    prompts = [[1, 2, 3], list(range(10, 40)), [7] * 9]
+
+    async def main():
+        return await asyncio.wait_for(
+            asyncio.gather(*(_collect(engine, p, delay=0.02 * i) for i, p in enumerate(prompts))), 120
+        )
+
+    streams = asyncio.run(main())
+    offline = LLM(moe_checkpoint, dtype="float32", num_kv_blocks=64).generate(prompts, GREEDY)
+    for outs, ref in zip(streams, offline):
+        assert len(outs) == GREEDY.max_tokens
+        assert [t for o in outs for t in o.delta_token_ids] == ref.token_ids
+        assert "".join(o.delta_text for o in outs) == ref.text == outs[-1].text
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+
+
+def test_abort_on_early_exit_frees_blocks(engine: Engine) -> None:
+    async def main():
+        gen = engine.generate([1, 2, 3, 4, 5], SamplingParams(max_tokens=500, ignore_eos=True))
+        async for out in gen:
+            if len(out.token_ids) >= 3:
+                break
+        await gen.aclose()
+        for _ in range(100):  # the engine thread processes the abort on its next turn
+            if not engine.core.has_work():
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert not engine.core.has_work()
+    assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
+
+
+def test_cancelled_task_aborts(engine: Engine) -> None:
+    async def main():
+        task = asyncio.create_task(_collect(engine, [9, 8, 7], SamplingParams(max_tokens=10_000, ignore_eos=True)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not engine.core.has_work():
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert not engine.core.has_work()
+    assert engine.core.blocks.num_free == engine.core.blocks.num_blocks
+
+
+def test_bad_request_fails_alone(engine: Engine) -> None:
+    async def main():
+        with pytest.raises(ValueError, match="token id"):
+            await _collect(engine, [1, 10**6])
+        return await asyncio.wait_for(_collect(engine, [1, 2]), 60)
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and engine.healthy
+
+
+def test_engine_failure_reaches_streams(moe_checkpoint: Path) -> None:
+    eng = Engine(moe_checkpoint, dtype="float32", num_kv_blocks=32)
+
+    def broken(batch):
+        raise RuntimeError("simulated device fault")
+
+    eng.core.runner.execute = broken  # type: ignore[method-assign]
+
+    async def main():
+        with pytest.raises(Exception, match="simulated device fault"):
+            await asyncio.wait_for(_collect(eng, [1, 2, 3]), 30)
+
+    asyncio.run(main())
+    assert not eng.healthy
+    with pytest.raises(Exception, match="not running"):
+        asyncio.run(_collect(eng, [1]))
+    eng.shutdown()
