@@ -62,9 +62,17 @@ def test_abort_on_early_exit_frees_blocks(engine: Engine) -> None:
 
 
 def test_cancelled_task_aborts(engine: Engine) -> None:
+    started = asyncio.Event()
+
+    async def slow_consumer():
+        async for _ in engine.generate([9, 8, 7], SamplingParams(max_tokens=10_000, ignore_eos=True)):
+            started.set()
+            await asyncio.sleep(0.01)  # a slow client: the cancel lands while it waits
+        raise AssertionError("the stream should have been cancelled before it finished")
+
     async def main():
-        task = asyncio.create_task(_collect(engine, [9, 8, 7], SamplingParams(max_tokens=10_000, ignore_eos=True)))
-        await asyncio.sleep(0.3)
+        task = asyncio.create_task(slow_consumer())
+        await asyncio.wait_for(started.wait(), 60)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
