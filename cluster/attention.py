@@ -32,41 +32,34 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-) -> torch.Tensor:
-    """q [T, H, d], k/v [T, KV, d]; caches [blocks, block_size, KV, d]. Writes k/v into the cache
-    and returns the attention output [T, H, d]."""
+def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q [T, H, d]; kv [T, 2*KV, d] (keys then values of the new tokens); kv_cache
+    [blocks, block_size, 2*KV, d]. Writes kv into the cache, returns the output [T, H, d].
+    Keys and values share one cache tensor so that each layer does one write and one gather."""
     t, heads, dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = kv.shape[1] // 2
     group = heads // kv_heads
-    k_cache.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, kv_heads, dim).index_copy_(0, meta.slot_mapping, v)
+    kv_cache.view(-1, 2 * kv_heads, dim).index_copy_(0, meta.slot_mapping, kv)
     out = torch.empty_like(q)
     d = meta.num_decodes
     if d:
+        # index_select copies whole blocks; advanced indexing is several times slower on CPU.
+        ctx = kv_cache.index_select(0, meta.decode_block_tables.flatten()).view(d, -1, 2 * kv_heads, dim)
+        keys, values = ctx[:, :, :kv_heads].transpose(1, 2), ctx[:, :, kv_heads:].transpose(1, 2)
         # The `group` query heads that share a KV head act as `group` queries of that head.
-        keys = k_cache[meta.decode_block_tables].view(d, -1, kv_heads, dim).transpose(1, 2)
-        values = v_cache[meta.decode_block_tables].view(d, -1, kv_heads, dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:d].view(d, kv_heads, group, dim), keys, values, attn_mask=meta.decode_mask
-        )
+        o = F.scaled_dot_product_attention(q[:d].view(d, kv_heads, group, dim), keys, values, attn_mask=meta.decode_mask)
         out[:d] = o.reshape(d, heads, dim)
     for c in meta.prefills:
         rows = slice(c.start, c.start + c.length)
-        qi = q[rows].transpose(0, 1).unsqueeze(0)
         if c.context_len == c.length:  # no cached prefix: attend to the chunk's own k/v
-            ki, vi = k[rows], v[rows]
-            mask, causal = None, True
+            ctx, mask, causal = kv[rows], None, True
         else:
-            ki = k_cache[c.block_table].view(-1, kv_heads, dim)[: c.context_len]
-            vi = v_cache[c.block_table].view(-1, kv_heads, dim)[: c.context_len]
-            offset = c.context_len - c.length
-            pos_q = torch.arange(offset, c.context_len).unsqueeze(1)
+            ctx = kv_cache.index_select(0, c.block_table).view(-1, 2 * kv_heads, dim)[: c.context_len]
+            pos_q = torch.arange(c.context_len - c.length, c.context_len).unsqueeze(1)
             mask, causal = torch.arange(c.context_len).unsqueeze(0) <= pos_q, False
+        ctx = ctx.transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
-            qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
+            q[rows].transpose(0, 1).unsqueeze(0), ctx[:, :kv_heads], ctx[:, kv_heads:],
             attn_mask=mask, is_causal=causal, enable_gqa=group > 1,
         )
         out[rows] = o[0].transpose(0, 1)

@@ -23,6 +23,14 @@ from cluster.profiler import section
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """In float32, cast back, then scaled: the order transformers uses, so bf16 matches too."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -30,10 +38,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,29 +96,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """GQA attention with per-head QK RMSNorm; q/k/v projections fused into one matmul."""
+    """GQA attention with per-head QK RMSNorm. q/k/v come from one fused projection, and the
+    q and k heads are normalised and rotated together, which halves the small ops per layer."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
+        self.eps = cfg.rms_norm_eps
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split = (q, kv, kv)
         self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.kv_cache = torch.empty(0)  # [blocks, block_size, 2 * kv_heads, head_dim]
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = apply_rope(self.q_norm(q.view(t, self.num_heads, self.head_dim)), meta.cos, meta.sin)
-        k = apply_rope(self.k_norm(k.view(t, self.num_kv_heads, self.head_dim)), meta.cos, meta.sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta)
+        t, h, kvh = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
+        norm_w = torch.cat([self.q_norm.weight.expand(h, -1), self.k_norm.weight.expand(kvh, -1)])
+        qk = apply_rope(rms_norm(qkv[:, : h + kvh], norm_w, self.eps), meta.cos, meta.sin)
+        kv = torch.cat([qk[:, h:], qkv[:, h + kvh:]], dim=1)
+        out = paged_attention(qk[:, :h], kv, self.kv_cache, meta)
         return self.o_proj(out.view(t, -1))
 
 
@@ -134,18 +139,39 @@ def grouped_swiglu(
     xs: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:
     """SwiGLU experts over rows already sorted by expert: `counts[e]` consecutive rows go to local
-    expert e (weights w_gate_up [E, 2I, H], w_down [E, H, I]). One matmul per expert over all its
-    rows, never a loop over tokens."""
+    expert e (weights w_gate_up [E, 2I, H], w_down [E, H, I]). Never a loop over tokens.
+
+    With few rows per expert (decode), per-expert matmuls are dominated by call overhead, so when
+    most experts are hit and padding to the fullest expert wastes little, all experts run as one
+    padded batched matmul; otherwise each expert runs one matmul over its rows."""
+    n, e = xs.shape[0], len(counts)
+    cap = max(counts, default=0)
+    hit = sum(1 for c in counts if c)
+    if n and 2 * hit >= e and e * cap <= 3 * n:
+        return _padded_swiglu(xs, counts, cap, w_gate_up, w_down)
     out = torch.empty_like(xs)
     start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
+    for i, rows in enumerate(counts):
+        if rows == 0:
             continue
-        end = start + n
-        gate, up = F.linear(xs[start:end], w_gate_up[e]).chunk(2, dim=-1)
-        out[start:end] = F.linear(F.silu(gate) * up, w_down[e])
+        end = start + rows
+        gate, up = F.linear(xs[start:end], w_gate_up[i]).chunk(2, dim=-1)
+        out[start:end] = F.linear(F.silu(gate) * up, w_down[i])
         start = end
     return out
+
+
+def _padded_swiglu(
+    xs: torch.Tensor, counts: list[int], cap: int, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    e = len(counts)
+    counts_t = torch.tensor(counts, device=xs.device)
+    expert = torch.repeat_interleave(torch.arange(e, device=xs.device), counts_t)
+    slot = torch.arange(xs.shape[0], device=xs.device) - (counts_t.cumsum(0) - counts_t)[expert]
+    buf = xs.new_zeros(e, cap, xs.shape[1])
+    buf[expert, slot] = xs
+    gate, up = torch.bmm(buf, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    return torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))[expert, slot]
 
 
 def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
@@ -244,10 +270,9 @@ class Qwen3MoeModel(nn.Module):
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: str) -> None:
         """Zero-filled so that masked-out padding slots never carry NaN into attention."""
-        shape = (num_blocks, block_size, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        shape = (num_blocks, block_size, 2 * self.cfg.num_key_value_heads, self.cfg.head_dim)
         for layer in self.layers:
-            layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.self_attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def expert_counts(self) -> torch.Tensor:
         """[num_layers, num_experts] tokens routed to each expert since start (dense layers: 0)."""

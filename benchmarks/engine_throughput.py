@@ -1,0 +1,171 @@
+"""Engine vs transformers `generate`: output tokens/s on two random-weight checkpoints, in one
+invocation, same threads, same prompts (64 random ids), 128 greedy output tokens each.
+
+    python benchmarks/engine_throughput.py [--models a b] [--concurrency 1 16 64] [--out PATH]
+
+(a) overhead-bound: hidden 256, 4 layers, 16 experts top-4, moe_intermediate 128, vocab 4096.
+(b) realistic: Qwen3's vocabulary (151,936), hidden 512, 8 layers, 32 experts top-4.
+Also writes a per-step time breakdown for (b) and this machine's matmul and memory-bandwidth
+floor for the lm_head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cluster import LLM, SamplingParams
+from cluster import profiler
+
+MODELS = {
+    "a": dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=64, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128, intermediate_size=512),
+    "b": dict(vocab_size=151936, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+              head_dim=64, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256, intermediate_size=1024),
+}
+PROMPT_LEN, OUTPUT_LEN = 64, 128
+
+
+def make_checkpoint(path: Path, spec: dict) -> Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(**spec, norm_topk_prob=True, max_position_embeddings=4096, tie_word_embeddings=False)
+    Qwen3MoeForCausalLM(cfg).eval().save_pretrained(path)
+    return path
+
+
+def prompts(n: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(0, vocab, (n, PROMPT_LEN), generator=g).tolist()
+
+
+def run_ours(llm: LLM, batch: list[list[int]]) -> float:
+    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(batch, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == OUTPUT_LEN for o in outs)
+    return len(batch) * OUTPUT_LEN / elapsed
+
+
+def run_hf(model, batch: list[list[int]]) -> float:
+    ids = torch.tensor(batch)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN,
+            do_sample=False, eos_token_id=None, pad_token_id=0,
+        )
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == PROMPT_LEN + OUTPUT_LEN
+    return len(batch) * OUTPUT_LEN / elapsed
+
+
+def step_breakdown(llm: LLM, batch: list[list[int]]) -> dict:
+    """Seconds per section over a whole generation, from the engine's opt-in section timers."""
+    core = llm.core
+    for p in batch:
+        core.add_request(p, SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True))
+    profiler.enable()
+    steps, total = 0, 0.0
+    while core.has_work():
+        t = time.perf_counter()
+        core.step()
+        total += time.perf_counter() - t
+        steps += 1
+    sections = profiler.disable()
+    sections["rest"] = total - sum(sections.values())
+    return {
+        "concurrency": len(batch), "steps": steps, "step_ms": 1e3 * total / steps,
+        "fraction": {k: round(v / total, 4) for k, v in sections.items()},
+        "ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in sections.items()},
+    }
+
+
+def machine_floor(spec: dict) -> dict:
+    """Matmul rate and memory bandwidth of this machine, and what they imply for the lm_head."""
+    h, v = spec["hidden_size"], spec["vocab_size"]
+    w = torch.randn(v, h)
+    out = {}
+    for batch in (1, 16, 64):
+        x = torch.randn(batch, h)
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        n = 20
+        t = time.perf_counter()
+        for _ in range(n):
+            torch.nn.functional.linear(x, w)
+        dt = (time.perf_counter() - t) / n
+        out[f"lm_head_ms_batch{batch}"] = round(dt * 1e3, 3)
+        out[f"lm_head_gflops_batch{batch}"] = round(2 * batch * h * v / dt / 1e9, 1)
+    big = torch.empty(64 << 20)  # 256 MB
+    dst = torch.empty_like(big)
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(big)
+    out["copy_bandwidth_gb_s"] = round(5 * 2 * big.numel() * 4 / (time.perf_counter() - t) / 1e9, 1)
+    out["lm_head_weight_mb"] = round(h * v * 4 / 1e6, 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["a", "b"])
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_throughput.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    result: dict = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN, "dtype": "float32", "runs": [],
+    }
+    try:
+        import transformers
+        result["machine"]["transformers"] = transformers.__version__
+        with open("/proc/cpuinfo") as f:
+            result["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        result["machine"]["cores"] = len(__import__("os").sched_getaffinity(0))
+    except (OSError, StopIteration):
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            spec = MODELS[name]
+            path = make_checkpoint(Path(tmp) / name, spec)
+            llm = LLM(path, dtype="float32", max_num_seqs=64, max_num_batched_tokens=4096,
+                      kv_cache_memory_gb=1.0, enable_prefix_caching=False)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            warm = prompts(2, spec["vocab_size"])
+            run_ours(llm, warm)
+            run_hf(hf, warm)
+            for c in args.concurrency:
+                batch = prompts(c, spec["vocab_size"])
+                hf_tps = run_hf(hf, batch)
+                ours = run_ours(llm, batch)
+                row = {"model": name, "concurrency": c, "q3serve_tok_s": round(ours, 1),
+                       "transformers_tok_s": round(hf_tps, 1), "ratio": round(ours / hf_tps, 2)}
+                print(json.dumps(row), flush=True)
+                result["runs"].append(row)
+            if name == "b":
+                result["breakdown_b"] = [step_breakdown(llm, prompts(c, spec["vocab_size"])) for c in args.concurrency]
+                result["floor_b"] = machine_floor(spec)
+                print(json.dumps(result["breakdown_b"]), json.dumps(result["floor_b"]), flush=True)
+            llm.shutdown()
+            del hf
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
