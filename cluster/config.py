@@ -182,11 +182,25 @@ def _eos_ids(raw: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:
 
 @dataclass
 class ParallelConfig:
-    """How one model instance is spread: attention shards (DP over sequences) x expert groups."""
+    """How one model instance is spread: attention shards (data parallel over sequences, each
+    with its sequences' KV cache) and expert groups (each a slice of every MoE layer's experts).
+
+    Each actor gets one placement-group bundle of `actor_resources` plus the resources of its
+    kind (`attention_resources` / `expert_resources`, e.g. a custom node resource that pins
+    expert groups to GPU nodes of one type). `placement` is "contiguous" or a load-balanced
+    `ExpertPlacement` built by `cluster.placement.load_balanced`."""
 
     attention_shards: int = 1
     expert_groups: int = 1
     device: str = "cpu"
+    placement_strategy: str = "PACK"
+    actor_resources: dict[str, float] | None = None
+    attention_resources: dict[str, float] = field(default_factory=dict)
+    expert_resources: dict[str, float] = field(default_factory=dict)
+    placement: Any = "contiguous"
+    use_ray: bool = False          # run even a 1 x 1 instance as actors
+    step_timeout_s: float = 60.0   # a step (and each collective) that takes longer fails the instance
+    torch_threads: int = 1         # intra-op threads per actor
 
     def __post_init__(self) -> None:
         if self.attention_shards < 1:
@@ -195,6 +209,14 @@ class ParallelConfig:
             raise ValueError("expert_groups: must be >= 1")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device: {self.device!r} is not 'cpu' or 'cuda'")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy: {self.placement_strategy!r} is not a Ray strategy")
+        if self.step_timeout_s <= 0:
+            raise ValueError("step_timeout_s: must be > 0")
+
+    def bundle(self, kind: str) -> dict[str, float]:
+        base = self.actor_resources or ({"CPU": 1.0, "GPU": 1.0} if self.device == "cuda" else {"CPU": 1.0})
+        return {**base, **(self.attention_resources if kind == "attention" else self.expert_resources)}
 
 
 @dataclass

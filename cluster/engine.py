@@ -8,6 +8,7 @@ the engine thread dies or no output arrives within `request_timeout_s`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -36,13 +37,17 @@ class EngineDeadError(RuntimeError):
 
 def _build_core(
     model: str | Path | None, dtype: str | torch.dtype, device: str, attention_shards: int,
-    expert_groups: int, engine_kwargs: dict[str, Any],
+    expert_groups: int, kwargs: dict[str, Any],
 ) -> EngineCore:
-    parallel = ParallelConfig(attention_shards, expert_groups, device)
-    if parallel.attention_shards * parallel.expert_groups > 1:
-        raise NotImplementedError("attention_shards/expert_groups > 1: the expert-parallel engine is not built yet")
-    config = EngineConfig(**engine_kwargs)
-    return EngineCore(model or default_model_path(), dtype=dtype, device=device, config=config)
+    """Splits keyword options between ParallelConfig and EngineConfig by name; an unknown
+    name raises TypeError naming it."""
+    parallel_names = {f.name for f in dataclasses.fields(ParallelConfig)}
+    parallel = ParallelConfig(
+        attention_shards=attention_shards, expert_groups=expert_groups, device=device,
+        **{k: v for k, v in kwargs.items() if k in parallel_names},
+    )
+    config = EngineConfig(**{k: v for k, v in kwargs.items() if k not in parallel_names})
+    return EngineCore(model or default_model_path(), dtype=dtype, device=device, config=config, parallel=parallel)
 
 
 class Engine:
@@ -118,10 +123,18 @@ class Engine:
     def expert_counts(self) -> torch.Tensor:
         return self.core.expert_counts().clone()
 
+    def check_health(self) -> None:
+        """Raises if the step loop died or an actor of the instance is gone."""
+        if not self.healthy:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        self.core.executor.check_health()
+
     def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stops the step loop, then every actor of the instance."""
         self._stop.set()
         self._inbox.put(("wake", None))
         self._thread.join(timeout_s)
+        self.core.shutdown()
 
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -220,5 +233,7 @@ class LLM:
         return self.core.expert_counts().clone()
 
     def shutdown(self) -> None:
-        """Frees the model and KV cache (the expert-parallel engine also stops its actors)."""
-        self.core = None  # type: ignore[assignment]
+        """Frees the model and KV cache, and stops the instance's actors if it has any."""
+        if self.core is not None:
+            self.core.shutdown()
+            self.core = None  # type: ignore[assignment]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import EngineConfig, ModelConfig, SamplingParams, parse_dtype
+from cluster.config import EngineConfig, ModelConfig, ParallelConfig, SamplingParams, parse_dtype
 from cluster.detokenizer import Detokenizer
+from cluster.executor import Executor, LocalExecutor
 from cluster.kv_cache import BlockManager
-from cluster.model_runner import ModelRunner
+from cluster.plan import plan_from_batch
 from cluster.scheduler import Scheduler
 from cluster.sequence import Sequence
 from cluster.tokenizer import load_tokenizer
-from cluster.weights import load_model
 
 
 @dataclass
@@ -42,18 +42,19 @@ class RequestOutput:
 class _Request:
     seq: Sequence
     detok: Detokenizer
+    shard: int = 0
 
 
 class EngineCore:
     def __init__(
         self, model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-        config: EngineConfig | None = None,
+        config: EngineConfig | None = None, parallel: ParallelConfig | None = None,
     ) -> None:
         self.model_path = Path(model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         self.config = config or EngineConfig()
+        self.parallel = parallel or ParallelConfig(device=device)
         self.dtype = parse_dtype(self.model_config.torch_dtype if dtype == "auto" else dtype)
-        self.device = device
         self.tokenizer = load_tokenizer(self.model_path)
         num_blocks = self.config.kv_blocks(self.model_config, self.dtype)
         capacity = num_blocks * self.config.block_size
@@ -66,17 +67,40 @@ class EngineCore:
         eos = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
         torch.manual_seed(self.config.seed)
-        model_obj = load_model(self.model_path, self.model_config, self.dtype, device)
-        self.runner = ModelRunner(
-            model_obj, self.model_config, num_blocks, self.config.block_size, self.max_model_len, self.dtype, device
-        )
-        self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, self.blocks)
+        self.executor = self._build_executor(num_blocks)
+        # One scheduler and block manager per attention shard: each shard owns its sequences' KV.
+        self.shards = [
+            Scheduler(self.config, BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching))
+            for _ in range(self.executor.num_shards)
+        ]
         self.requests: dict[str, _Request] = {}
+        self._forget: list[list[str]] = [[] for _ in self.shards]
         self.num_computed_tokens = 0   # tokens run through the model since start (prefill + decode)
         self.num_generated_tokens = 0
         self.num_steps = 0
         self._ids = itertools.count()
+
+    def _build_executor(self, num_blocks: int) -> Executor:
+        p = self.parallel
+        args = (self.model_path, self.model_config, self.dtype, p.device, num_blocks, self.config.block_size, self.max_model_len)
+        if p.attention_shards == 1 and p.expert_groups == 1 and not p.use_ray:
+            return LocalExecutor(*args)
+        from cluster.instance import RayExecutor  # Ray is imported only when used
+
+        return RayExecutor(*args, parallel=p)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first shard's scheduler (the only one in a single-process engine)."""
+        return self.shards[0]
+
+    @property
+    def blocks(self) -> BlockManager:
+        return self.shards[0].blocks
+
+    @property
+    def runner(self):  # noqa: ANN201 - the local executor's ModelRunner, for tests and profiling
+        return self.executor.runner  # type: ignore[attr-defined]
 
     # -- admission -------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> _Request:
@@ -106,8 +130,10 @@ class EngineCore:
         rid = req.seq.request_id
         if rid in self.requests:
             raise ValueError(f"request_id: {rid!r} is already running")
+        # Data parallel over sequences: the shard with the fewest sequences takes the new one.
+        req.shard = min(range(len(self.shards)), key=lambda i: len(self.shards[i].running) + len(self.shards[i].waiting))
         self.requests[rid] = req
-        self.scheduler.add(req.seq)
+        self.shards[req.shard].add(req.seq)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         req = self.make_request(prompt, params, request_id)
@@ -119,41 +145,50 @@ class EngineCore:
         if req is None:
             return None
         req.seq.finish("abort")
-        self.scheduler.finish(req.seq)
+        self._release(req)
         return self._output(req, [], "")
 
+    def _release(self, req: _Request) -> None:
+        self.shards[req.shard].finish(req.seq)
+        self._forget[req.shard].append(req.seq.request_id)
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return any(s.has_work() for s in self.shards)
 
     # -- stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.entries:
+        batches = [s.schedule() for s in self.shards]
+        if not any(b.entries for b in batches):
             return []
-        results = self.runner.execute(batch)
+        bs = self.config.block_size
+        plans = [plan_from_batch(b, bs, self._forget[i]) for i, b in enumerate(batches)]
+        self._forget = [[] for _ in self.shards]
+        results = [r for shard in self.executor.execute(plans) for r in shard]
         self.num_steps += 1
-        for seq, n in batch.entries:
-            seq.num_computed_tokens += n
-            self.num_computed_tokens += n
-            self.blocks.commit(seq)
+        for i, batch in enumerate(batches):
+            for seq, n in batch.entries:
+                seq.num_computed_tokens += n
+                self.num_computed_tokens += n
+                self.shards[i].blocks.commit(seq)
         now = time.monotonic()
         outputs = []
-        for seq, token, logprob in results:
-            req = self.requests[seq.request_id]
-            seq.token_ids.append(token)
-            if logprob is not None:
-                seq.logprobs.append(logprob)
+        for r in results:
+            req = self.requests[r.request_id]
+            seq = req.seq
+            seq.token_ids.append(r.token)
+            if r.logprob is not None:
+                seq.logprobs.append(r.logprob)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.num_generated_tokens += 1
-            self._check_stop(seq, token)
-            delta = req.detok.step(token, seq.finished)
+            self._check_stop(seq, r.token)
+            delta = req.detok.step(r.token, seq.finished)
             if req.detok.stopped is not None and not seq.finished:
                 seq.finish("stop", req.detok.stopped)
             if seq.finished:
-                self.scheduler.finish(seq)
+                self._release(req)
                 del self.requests[seq.request_id]
-            outputs.append(self._output(req, [token], delta))
+            outputs.append(self._output(req, [r.token], delta))
         return outputs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -182,4 +217,8 @@ class EngineCore:
         )
 
     def expert_counts(self) -> torch.Tensor:
-        return self.runner.model.expert_counts()
+        """[layers, experts] tokens routed to each expert since start, summed over shards."""
+        return self.executor.expert_counts()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,6 +1,6 @@
-"""Runs the model on one scheduled batch: builds the flat inputs and attention metadata from
-the sequences' block tables, runs the forward, computes logits only for rows that sample, and
-samples. The attention shard of the expert-parallel engine is this runner plus a dispatcher."""
+"""Runs the model on one step plan: builds the flat inputs and attention metadata from the
+block tables, runs the forward, computes logits only for rows that sample, and samples. It is
+the whole single-process engine's executor, and the core of each attention-shard actor."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import torch
 from cluster.attention import AttentionMetadata, PrefillChunk
 from cluster.config import ModelConfig
 from cluster.model import Qwen3MoeModel, rope_tables
+from cluster.plan import Sampled, StepPlan
 from cluster.profiler import section
 from cluster.sampler import sample
-from cluster.scheduler import ScheduledBatch
-from cluster.sequence import Sequence
 
 
 class ModelRunner:
@@ -29,10 +28,11 @@ class ModelRunner:
         cos, sin = rope_tables(cfg, max_model_len)
         self.cos = cos.to(device=device, dtype=dtype).unsqueeze(1)
         self.sin = sin.to(device=device, dtype=dtype).unsqueeze(1)
+        self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded sampling
         self.last_logits: torch.Tensor | None = None  # logits of the last step's sampled rows
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat input ids, positions, attention metadata and the rows whose logits are sampled."""
+    def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids, attention metadata and the rows whose logits are sampled."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -41,20 +41,20 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
-        for seq, n in batch.entries:
-            start = seq.num_computed_tokens
-            end = start + n
+        for e in plan.entries:
+            n = len(e.token_ids)
+            end = e.start + n
             row = len(ids)
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            ids.extend(e.token_ids)
+            positions.extend(range(e.start, end))
+            table = e.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(e.start, end))
             if n == 1:
-                decode_tables.append(table[: (end + bs - 1) // bs])
+                decode_tables.append(table)
                 decode_lens.append(end)
             else:
-                prefills.append(PrefillChunk(row, n, end, torch.tensor(table[: (end + bs - 1) // bs])))
-            if end == seq.num_tokens:
+                prefills.append(PrefillChunk(row, n, end, torch.tensor(table, device=self.device)))
+            if e.params is not None:
                 sample_rows.append(row + n - 1)
         pos = torch.tensor(positions, device=self.device)
         meta = AttentionMetadata(
@@ -68,20 +68,29 @@ class ModelRunner:
             )
             lens = torch.tensor(decode_lens, device=self.device)
             meta.decode_mask = (torch.arange(width * bs, device=self.device) < lens[:, None])[:, None, None, :]
-        return torch.tensor(ids, device=self.device), pos, meta, sample_rows
+        return torch.tensor(ids, device=self.device), meta, sample_rows
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, float | None]]:
-        """One forward over the batch; returns (sequence, sampled token, logprob) for each
-        sequence whose scheduled tokens reach its end."""
-        input_ids, _, meta, rows = self.prepare(batch)
+    def execute(self, plan: StepPlan) -> list[Sampled]:
+        """One forward over the plan; returns a token for each entry that samples."""
+        for rid in plan.finished:
+            self.generators.pop(rid, None)
+        input_ids, meta, rows = self.prepare(plan)
         hidden = self.model(input_ids, meta)
         if not rows:
             self.last_logits = None
             return []
         logits = self.model.compute_logits(hidden[rows])
         self.last_logits = logits
-        seqs = [seq for seq, n in batch.entries if seq.num_computed_tokens + n == seq.num_tokens]
+        entries = [e for e in plan.entries if e.params is not None]
+        params = [e.params for e in entries]
+        gens = [self._generator(e.request_id, p.seed) if p.seed is not None else None for e, p in zip(entries, params)]
         with section("sampling"):
-            tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return list(zip(seqs, tokens, lps))
+            tokens, lps = sample(logits, params, gens)  # type: ignore[arg-type]
+        return [Sampled(e.request_id, t, lp) for e, t, lp in zip(entries, tokens, lps)]
+
+    def _generator(self, rid: str, seed: int) -> torch.Generator:
+        g = self.generators.get(rid)
+        if g is None:
+            g = self.generators[rid] = torch.Generator(device=self.device).manual_seed(seed)
+        return g
