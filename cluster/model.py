@@ -119,7 +119,7 @@ class Attention(nn.Module):
         qk = apply_rope(rms_norm(qkv[:, : h + kvh], norm_w, self.eps), meta.cos, meta.sin)
         kv = torch.cat([qk[:, h:], qkv[:, h + kvh:]], dim=1)
         out = paged_attention(qk[:, :h], kv, self.kv_cache, meta)
-        return self.o_proj(out.view(t, -1))
+        return self.o_proj(out.view(t, h * self.head_dim))
 
 
 class DenseMlp(nn.Module):

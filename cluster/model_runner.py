@@ -56,9 +56,9 @@ class ModelRunner:
                 prefills.append(PrefillChunk(row, n, end, torch.tensor(table, device=self.device)))
             if e.params is not None:
                 sample_rows.append(row + n - 1)
-        pos = torch.tensor(positions, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             cos=self.cos[pos], sin=self.sin[pos], num_decodes=len(decode_tables), prefills=prefills,
         )
         if decode_tables:
@@ -68,7 +68,7 @@ class ModelRunner:
             )
             lens = torch.tensor(decode_lens, device=self.device)
             meta.decode_mask = (torch.arange(width * bs, device=self.device) < lens[:, None])[:, None, None, :]
-        return torch.tensor(ids, device=self.device), meta, sample_rows
+        return torch.tensor(ids, dtype=torch.long, device=self.device), meta, sample_rows
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[Sampled]:

@@ -78,13 +78,15 @@ def load_balanced(counts: torch.Tensor, num_groups: int, redundant: int = 0) -> 
     total = num_experts + redundant
     if total % num_groups:
         raise ValueError(f"redundant: num_experts + redundant ({total}) must be divisible by expert_groups ({num_groups})")
+    if redundant > num_experts * (num_groups - 1):
+        raise ValueError(f"redundant: at most {num_experts * (num_groups - 1)} copies fit, one per expert and group")
     per_group = total // num_groups
     layers = []
     for layer in range(num_layers):
         load = counts[layer].double() + 1e-9  # unseen experts still get a slot
         copies = [1] * num_experts
-        for _ in range(redundant):  # replicate where load per copy is highest
-            e = max(range(num_experts), key=lambda i: load[i].item() / copies[i])
+        for _ in range(redundant):  # replicate where load per copy is highest, at most a copy per group
+            e = max((i for i in range(num_experts) if copies[i] < num_groups), key=lambda i: load[i].item() / copies[i])
             copies[e] += 1
         items = sorted(
             ((load[e].item() / copies[e], e) for e in range(num_experts) for _ in range(copies[e])), reverse=True
@@ -93,7 +95,7 @@ def load_balanced(counts: torch.Tensor, num_groups: int, redundant: int = 0) -> 
         group_load = [0.0] * num_groups
         for w, e in items:
             choices = [g for g in range(num_groups) if len(groups[g]) < per_group and e not in groups[g]]
-            if not choices:  # only copies of e left for groups that already hold it
+            if not choices:  # the free slots are on groups that hold e already: take any free slot
                 choices = [g for g in range(num_groups) if len(groups[g]) < per_group]
             g = min(choices, key=lambda i: group_load[i])
             groups[g].append(e)

@@ -95,18 +95,26 @@ def load_attention_weights(model: Qwen3MoeModel, t: Mapping[str, torch.Tensor]) 
                 layer.mlp.down_proj.weight.copy_(t[p + "mlp.down_proj.weight"])
 
 
+def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None) -> Qwen3MoeModel:  # noqa: ANN001
+    """A model with uninitialised weights (allocated once, on the target device)."""
+    with torch.device("meta"):
+        model = Qwen3MoeModel(cfg, experts)
+    model = model.to_empty(device=device).to(dtype)
+    for m in model.modules():
+        if isinstance(m, SparseMoe):
+            m.expert_counts.zero_()
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
 def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu") -> Qwen3MoeModel:
     """The whole model in this process: attention weights plus every layer's local experts."""
     expected = attention_tensors(cfg)
     for layer in cfg.moe_layers:
         expected.update(expert_tensors(cfg, layer, range(cfg.num_experts)))
     t = load_tensors(path, expected, dtype=dtype, device=device)
-    with torch.device("meta"):
-        model = Qwen3MoeModel(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    for m in model.modules():
-        if isinstance(m, SparseMoe):
-            m.expert_counts.zero_()
+    model = empty_model(cfg, dtype, device)
     load_attention_weights(model, t)
     with torch.no_grad():
         for i in cfg.moe_layers:
@@ -115,6 +123,15 @@ def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: s
             gu, dn = stack_experts(t, i, range(cfg.num_experts))
             experts.w_gate_up.copy_(gu)
             experts.w_down.copy_(dn)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def load_attention_model(
+    path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str, experts
+) -> Qwen3MoeModel:  # noqa: ANN001
+    """An attention shard's model: everything but the routed experts, which `experts(layer)`
+    supplies (a dispatcher). Reads no expert tensor."""
+    t = load_tensors(path, attention_tensors(cfg), dtype=dtype, device=device)
+    model = empty_model(cfg, dtype, device, experts)
+    load_attention_weights(model, t)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,119 @@
+"""The token exchange between attention shards and expert groups: the only module that knows
+the all_to_all protocol.
+
+Ranks 0..A-1 are attention shards, A..A+E-1 expert groups, all in one process group. Per MoE
+layer every rank takes part in four `all_to_all_single` calls, in this order:
+
+1. counts: each shard tells each group how many (token, expert) rows it sends;
+2. rows: the hidden state of each row, grouped by destination group;
+3. slots: for each row, the local expert slot on that group;
+4. results: the groups send each row's expert output back, in the order received.
+
+A shard with no tokens sends empty splits; groups own no request state. A token routed to a
+replicated expert goes to one of its copies (round-robin over the token's rows), so the copies
+share the load. Payload per layer and shard: rows out + results back = 2 x rows x hidden x
+dtype size, plus 8 bytes per row of slot ids and the counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from cluster.model import grouped_swiglu
+from cluster.placement import ExpertPlacement
+
+
+@dataclass
+class ExchangeStats:
+    """Bytes this rank sent plus received, per MoE layer ordinal, since the last reset."""
+
+    hidden_bytes: list[int] = field(default_factory=list)
+    index_bytes: list[int] = field(default_factory=list)
+
+    def reset(self, layers: int) -> None:
+        self.hidden_bytes = [0] * layers
+        self.index_bytes = [0] * layers
+
+
+class Exchange:
+    """One rank's end of the exchange, shard or group."""
+
+    def __init__(self, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, device: str) -> None:
+        self.rank = rank
+        self.num_shards = num_shards
+        self.world = num_shards + num_groups
+        self.device = device
+        self.tables = [tuple(t.to(device) for t in placement.routing_tables(i)) for i in range(placement.num_layers)]
+        self.stats = ExchangeStats()
+        self.stats.reset(placement.num_layers)
+
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+        dist.all_to_all_single(out, inp, out_splits, in_splits)
+
+    def _counts(self, send: torch.Tensor) -> list[int]:
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv.tolist()
+
+    # -- attention-shard side ------------------------------------------------------------------
+    def dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sends each (token, expert) row to the group holding that expert, returns the
+        router-weighted sum of the experts' outputs per token."""
+        t, k = ids.shape
+        hidden = x.shape[1]
+        num_copies, group_of, slot_of = self.tables[layer]
+        flat = ids.reshape(-1)
+        row = torch.arange(flat.numel(), device=x.device)
+        copy = row % num_copies[flat]
+        dest = group_of[flat, copy]
+        order = dest.argsort(stable=True)
+        send = torch.zeros(self.world, dtype=torch.long, device=x.device)
+        send[self.num_shards:] = torch.bincount(dest, minlength=self.world - self.num_shards)
+        self._counts(send)
+        splits = send.tolist()
+        zeros = [0] * self.world
+        rows = x[order // k].contiguous()
+        slots = slot_of[flat, copy][order].contiguous()
+        self._a2a(x.new_empty(0, hidden), rows, zeros, splits)
+        self._a2a(slots.new_empty(0), slots, zeros, splits)
+        back = x.new_empty(rows.shape)
+        self._a2a(back, x.new_empty(0, hidden), splits, zeros)
+        self.stats.hidden_bytes[layer] += 2 * rows.numel() * rows.element_size()
+        self.stats.index_bytes[layer] += slots.numel() * slots.element_size() + 2 * send.numel() * send.element_size()
+        out = torch.empty_like(back)
+        out[order] = back
+        return torch.bmm(weights.unsqueeze(1).to(out.dtype), out.view(t, k, hidden)).squeeze(1)
+
+    # -- expert-group side ---------------------------------------------------------------------
+    def serve(self, layer: int, w_gate_up: torch.Tensor, w_down: torch.Tensor, dtype: torch.dtype) -> None:
+        """Receives every shard's rows for this layer, runs the local experts, sends results."""
+        hidden = w_gate_up.shape[2]
+        send = torch.zeros(self.world, dtype=torch.long, device=self.device)
+        splits = self._counts(send)
+        zeros = [0] * self.world
+        n = sum(splits)
+        rows = torch.empty(n, hidden, dtype=dtype, device=self.device)
+        slots = torch.empty(n, dtype=torch.long, device=self.device)
+        self._a2a(rows, rows.new_empty(0, hidden), splits, zeros)
+        self._a2a(slots, slots.new_empty(0), splits, zeros)
+        order = slots.argsort(stable=True)
+        counts = torch.bincount(slots, minlength=w_gate_up.shape[0]).tolist()
+        out = torch.empty_like(rows)
+        out[order] = grouped_swiglu(rows[order], counts, w_gate_up, w_down)
+        self._a2a(rows.new_empty(0, hidden), out, zeros, splits)
+        self.stats.hidden_bytes[layer] += 2 * rows.numel() * rows.element_size()
+        self.stats.index_bytes[layer] += slots.numel() * slots.element_size() + 2 * send.numel() * send.element_size()
+
+
+class DispatchedExperts:
+    """Stands in for a MoE layer's experts on an attention shard (see model.SparseMoe)."""
+
+    def __init__(self, exchange: Exchange, layer: int) -> None:
+        self.exchange = exchange
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.exchange.dispatch(self.layer, x, ids, weights)

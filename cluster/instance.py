@@ -1,0 +1,170 @@
+"""One model instance spread over Ray actors: A attention shards and E expert groups in one
+placement group (a bundle per actor) and one torch.distributed group (gloo on CPU, nccl on
+CUDA). Steps run in lock-step: every shard gets its plan and every group serves, each step.
+
+Failure: a step waits on all actors with `ray.wait`, so the first actor that dies or raises is
+seen at once and named; the instance then kills the rest (ending any collective they were
+blocked in) and refuses further steps. Collectives themselves time out after `step_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.attention_shard import AttentionShard
+from cluster.config import ModelConfig, ParallelConfig
+from cluster.expert_group import ExpertGroup
+from cluster.placement import ExpertPlacement, contiguous
+from cluster.plan import Sampled, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class InstanceError(RuntimeError):
+    """An actor of the instance died, failed or timed out; the instance is unusable."""
+
+
+def resolve_placement(cfg: ModelConfig, parallel: ParallelConfig) -> ExpertPlacement:
+    n_layers = len(cfg.moe_layers)
+    if cfg.num_experts == 0:
+        raise ValueError("expert_groups: a dense model has no experts to place; use expert_groups=1")
+    if parallel.expert_groups > cfg.num_experts:
+        raise ValueError(f"expert_groups: {parallel.expert_groups} groups for {cfg.num_experts} experts")
+    p = parallel.placement
+    if p == "contiguous":
+        return contiguous(cfg.num_experts, parallel.expert_groups, n_layers)
+    if not isinstance(p, ExpertPlacement):
+        raise ValueError(f"placement: {p!r} is neither 'contiguous' nor an ExpertPlacement")
+    if (p.num_experts, p.num_groups, p.num_layers) != (cfg.num_experts, parallel.expert_groups, n_layers):
+        raise ValueError(
+            f"placement: built for {p.num_experts} experts x {p.num_groups} groups x {p.num_layers} MoE layers, "
+            f"the instance has {cfg.num_experts} x {parallel.expert_groups} x {n_layers}"
+        )
+    return p
+
+
+class RayExecutor:
+    def __init__(
+        self, path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, num_blocks: int,
+        block_size: int, max_model_len: int, parallel: ParallelConfig,
+    ) -> None:
+        self.parallel = parallel
+        self.num_shards = parallel.attention_shards
+        self.placement = resolve_placement(cfg, parallel)
+        self.failed: str | None = None
+        if not ray.is_initialized():
+            ray.init(num_cpus=max(os.cpu_count() or 1, 2 * (parallel.attention_shards + parallel.expert_groups)))
+        a, e = parallel.attention_shards, parallel.expert_groups
+        bundles = [parallel.bundle("attention")] * a + [parallel.bundle("expert")] * e
+        self.pg = placement_group(bundles, strategy=parallel.placement_strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=parallel.step_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise InstanceError(f"placement group {bundles} could not be placed within {parallel.step_timeout_s}s") from None
+        tag = uuid.uuid4().hex[:6]
+        self.names: dict[ray.actor.ActorHandle, str] = {}
+        self.shards = [
+            self._spawn(AttentionShard, i, f"attention-shard-{i}", bundles[i], tag)
+            .remote(path, cfg, dtype, device, num_blocks, block_size, max_model_len, i, a, e, self.placement, parallel.torch_threads)
+            for i in range(a)
+        ]
+        self.groups = [
+            self._spawn(ExpertGroup, a + j, f"expert-group-{j}", bundles[a + j], tag)
+            .remote(path, cfg, dtype, device, a + j, a, e, self.placement, parallel.torch_threads)
+            for j in range(e)
+        ]
+        self.actors = self.shards + self.groups
+        for actor, name in zip(self.actors, [f"attention-shard-{i}" for i in range(a)] + [f"expert-group-{j}" for j in range(e)]):
+            self.names[actor] = name
+        backend = "nccl" if device == "cuda" else "gloo"
+        try:
+            addr, port = ray.get(self.shards[0].rendezvous_address.remote(), timeout=600)
+            self._wait(
+                {a_.join.remote(backend, addr, port, a + e, parallel.step_timeout_s): a_ for a_ in self.actors}, 600
+            )
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _spawn(self, cls: type, index: int, name: str, bundle: dict[str, float], tag: str):  # noqa: ANN202
+        return ray.remote(cls).options(
+            name=f"q3serve-{tag}-{name}",
+            num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
+            max_concurrency=2,  # ping and stats answer while a step runs
+        )
+
+    def _wait(self, futures: dict, timeout_s: float) -> list:
+        """Results in the order given; raises InstanceError naming the first actor that failed."""
+        pending = list(futures)
+        results = {}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                waiting = sorted({self.names[futures[f]] for f in pending})
+                self._fail(f"timed out after {timeout_s}s waiting for {', '.join(waiting)}")
+            for f in ready:
+                try:
+                    results[f] = ray.get(f)
+                except ray.exceptions.RayActorError as exc:
+                    self._fail(f"actor {self.names[futures[f]]} died: {type(exc).__name__}")
+                except ray.exceptions.RayTaskError as exc:
+                    self._fail(f"actor {self.names[futures[f]]} failed: {exc.cause!r}")
+        return [results[f] for f in futures]
+
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        log.error("instance failed: %s", why)
+        self.shutdown()
+        raise InstanceError(f"model instance failed: {why}")
+
+    def execute(self, plans: list[StepPlan]) -> list[list[Sampled]]:
+        if self.failed:
+            raise InstanceError(f"model instance failed: {self.failed}")
+        futures = {s.execute.remote(p): s for s, p in zip(self.shards, plans)}
+        futures.update({g.serve_step.remote(): g for g in self.groups})
+        return self._wait(futures, self.parallel.step_timeout_s)[: self.num_shards]
+
+    def call_all(self, method: str, *args, actors: list | None = None) -> list:  # noqa: ANN002
+        """Calls a method on every actor (or those given), bounded by the step timeout."""
+        targets = actors if actors is not None else self.actors
+        return self._wait({getattr(a, method).remote(*args): a for a in targets}, self.parallel.step_timeout_s)
+
+    def expert_counts(self) -> torch.Tensor:
+        return torch.stack(self.call_all("expert_counts", actors=self.shards)).sum(0)
+
+    def check_health(self) -> None:
+        if self.failed:
+            raise InstanceError(f"model instance failed: {self.failed}")
+        self._wait({a.ping.remote(): a for a in self.actors}, 10.0)
+
+    def shutdown(self) -> None:
+        """Closes the process group on each actor (when healthy), then kills every actor (a
+        collective one is blocked in dies with it) and frees the bundles."""
+        actors = getattr(self, "actors", [])
+        if actors and not self.failed:
+            try:
+                ray.get([a.close.remote() for a in actors], timeout=10)
+            except Exception:  # noqa: BLE001 - kill below regardless
+                pass
+        for actor in actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = []
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass
