@@ -5,6 +5,7 @@ each MoE layer's experts are reached through the exchange."""
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class AttentionShard:
     ) -> None:
         torch.set_num_threads(threads)
         self.rank = rank
+        self.step_s = 0.0
         self.exchange = Exchange(rank, num_shards, num_groups, placement, device)
         ordinal = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         model = load_attention_model(path, cfg, dtype, device, lambda layer: DispatchedExperts(self.exchange, ordinal[layer]))
@@ -60,7 +62,11 @@ class AttentionShard:
         join_process_group(backend, addr, port, self.rank, world, timeout_s)
 
     def execute(self, plan: StepPlan) -> list[Sampled]:
-        return self.runner.execute(plan)
+        start = time.perf_counter()
+        try:
+            return self.runner.execute(plan)
+        finally:
+            self.step_s += time.perf_counter() - start
 
     def expert_counts(self) -> torch.Tensor:
         return self.runner.model.expert_counts()
@@ -68,11 +74,14 @@ class AttentionShard:
     def param_bytes(self) -> int:
         return param_bytes(self.runner.model.parameters())
 
-    def exchange_stats(self, reset: bool = False) -> tuple[list[int], list[int]]:
+    def exchange_stats(self, reset: bool = False) -> dict:
+        """Exchange bytes per MoE layer and seconds in steps, collectives and expert matmuls."""
         s = self.exchange.stats
-        out = (list(s.hidden_bytes), list(s.index_bytes))
+        out = {"hidden_bytes": list(s.hidden_bytes), "index_bytes": list(s.index_bytes), "comm_s": s.comm_s,
+               "experts_s": s.experts_s, "step_s": self.step_s}
         if reset:
             s.reset(len(s.hidden_bytes))
+            self.step_s = 0.0
         return out
 
     def node_id(self) -> str:

@@ -200,6 +200,7 @@ class ParallelConfig:
     placement: Any = "contiguous"
     use_ray: bool = False          # run even a 1 x 1 instance as actors
     step_timeout_s: float = 60.0   # a step (and each collective) that takes longer fails the instance
+    compiled_graph: bool = True    # drive steps through a Ray compiled graph (else one task per actor)
     torch_threads: int = 1         # intra-op threads per actor
 
     def __post_init__(self) -> None:

@@ -2,12 +2,12 @@
 the all_to_all protocol.
 
 Ranks 0..A-1 are attention shards, A..A+E-1 expert groups, all in one process group. Per MoE
-layer every rank takes part in four `all_to_all_single` calls, in this order:
+layer every rank takes part in three `all_to_all_single` calls, in this order:
 
 1. counts: each shard tells each group how many (token, expert) rows it sends;
-2. rows: the hidden state of each row, grouped by destination group;
-3. slots: for each row, the local expert slot on that group;
-4. results: the groups send each row's expert output back, in the order received.
+2. rows: per row its hidden state and its local expert slot on the receiving group, packed as
+   bytes into one tensor (so any dtype travels with its int64 slot id in one call);
+3. results: the groups send each row's expert output back, in the order received.
 
 A shard with no tokens sends empty splits; groups own no request state. A token routed to a
 replicated expert goes to one of its copies (round-robin over the token's rows), so the copies
@@ -17,6 +17,7 @@ dtype size, plus 8 bytes per row of slot ids and the counts.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,14 +29,29 @@ from cluster.placement import ExpertPlacement
 
 @dataclass
 class ExchangeStats:
-    """Bytes this rank sent plus received, per MoE layer ordinal, since the last reset."""
+    """Bytes this rank sent plus received per MoE layer ordinal, and seconds spent inside
+    collectives and in expert matmuls, since the last reset."""
 
     hidden_bytes: list[int] = field(default_factory=list)
     index_bytes: list[int] = field(default_factory=list)
+    comm_s: float = 0.0
+    experts_s: float = 0.0
 
     def reset(self, layers: int) -> None:
         self.hidden_bytes = [0] * layers
         self.index_bytes = [0] * layers
+        self.comm_s = self.experts_s = 0.0
+
+
+def pack_rows(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[N, H] hidden states + [N] int64 slots -> [N, H*size + 8] bytes, one message."""
+    as_bytes = slots.contiguous().view(torch.uint8).view(rows.shape[0], 8)
+    return torch.cat([rows.contiguous().view(torch.uint8), as_bytes], dim=1)
+
+
+def unpack_rows(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    body = packed[:, :-8].contiguous().view(dtype)  # viewing bytes as dtype shrinks the last dim
+    return body, packed[:, -8:].contiguous().view(torch.long).squeeze(1)
 
 
 class Exchange:
@@ -51,11 +67,15 @@ class Exchange:
         self.stats.reset(placement.num_layers)
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+        start = time.perf_counter()
         dist.all_to_all_single(out, inp, out_splits, in_splits)
+        self.stats.comm_s += time.perf_counter() - start
 
     def _counts(self, send: torch.Tensor) -> list[int]:
         recv = torch.empty_like(send)
+        start = time.perf_counter()
         dist.all_to_all_single(recv, send)
+        self.stats.comm_s += time.perf_counter() - start
         return recv.tolist()
 
     # -- attention-shard side ------------------------------------------------------------------
@@ -75,10 +95,10 @@ class Exchange:
         self._counts(send)
         splits = send.tolist()
         zeros = [0] * self.world
-        rows = x[order // k].contiguous()
-        slots = slot_of[flat, copy][order].contiguous()
-        self._a2a(x.new_empty(0, hidden), rows, zeros, splits)
-        self._a2a(slots.new_empty(0), slots, zeros, splits)
+        rows = x[order // k]
+        slots = slot_of[flat, copy][order]
+        packed = pack_rows(rows, slots)
+        self._a2a(packed.new_empty(0, packed.shape[1]), packed, zeros, splits)
         back = x.new_empty(rows.shape)
         self._a2a(back, x.new_empty(0, hidden), splits, zeros)
         self.stats.hidden_bytes[layer] += 2 * rows.numel() * rows.element_size()
@@ -95,14 +115,16 @@ class Exchange:
         splits = self._counts(send)
         zeros = [0] * self.world
         n = sum(splits)
-        rows = torch.empty(n, hidden, dtype=dtype, device=self.device)
-        slots = torch.empty(n, dtype=torch.long, device=self.device)
-        self._a2a(rows, rows.new_empty(0, hidden), splits, zeros)
-        self._a2a(slots, slots.new_empty(0), splits, zeros)
+        width = hidden * torch.empty((), dtype=dtype).element_size() + 8
+        packed = torch.empty(n, width, dtype=torch.uint8, device=self.device)
+        self._a2a(packed, packed.new_empty(0, width), splits, zeros)
+        rows, slots = unpack_rows(packed, hidden, dtype)
         order = slots.argsort(stable=True)
         counts = torch.bincount(slots, minlength=w_gate_up.shape[0]).tolist()
+        start = time.perf_counter()
         out = torch.empty_like(rows)
         out[order] = grouped_swiglu(rows[order], counts, w_gate_up, w_down)
+        self.stats.experts_s += time.perf_counter() - start
         self._a2a(rows.new_empty(0, hidden), out, zeros, splits)
         self.stats.hidden_bytes[layer] += 2 * rows.numel() * rows.element_size()
         self.stats.index_bytes[layer] += slots.numel() * slots.element_size() + 2 * send.numel() * send.element_size()

@@ -4,6 +4,7 @@ the attention shards. It owns no request state and no attention weights."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ class ExpertGroup:
     ) -> None:
         torch.set_num_threads(threads)
         self.rank = rank
+        self.step_s = 0.0
         self.dtype = dtype
         self.exchange = Exchange(rank, num_shards, num_groups, placement, device)
         group = rank - num_shards
@@ -38,19 +40,25 @@ class ExpertGroup:
         join_process_group(backend, addr, port, self.rank, world, timeout_s)
 
     @torch.inference_mode()
-    def serve_step(self) -> None:
-        """Serves one engine step: every MoE layer's exchange, in order."""
+    def serve_step(self, _tick: object = None) -> None:
+        """Serves one engine step: every MoE layer's exchange, in order. (`_tick` is the step's
+        input in the compiled graph; groups need nothing from it.)"""
+        start = time.perf_counter()
         for ordinal, (w_gate_up, w_down) in enumerate(self.weights):
             self.exchange.serve(ordinal, w_gate_up, w_down, self.dtype)
+        self.step_s += time.perf_counter() - start
 
     def param_bytes(self) -> int:
         return param_bytes(t for pair in self.weights for t in pair)
 
-    def exchange_stats(self, reset: bool = False) -> tuple[list[int], list[int]]:
+    def exchange_stats(self, reset: bool = False) -> dict:
+        """Exchange bytes per MoE layer and seconds in steps, collectives and expert matmuls."""
         s = self.exchange.stats
-        out = (list(s.hidden_bytes), list(s.index_bytes))
+        out = {"hidden_bytes": list(s.hidden_bytes), "index_bytes": list(s.index_bytes), "comm_s": s.comm_s,
+               "experts_s": s.experts_s, "step_s": self.step_s}
         if reset:
             s.reset(len(s.hidden_bytes))
+            self.step_s = 0.0
         return out
 
     def node_id(self) -> str:

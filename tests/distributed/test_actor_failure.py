@@ -41,6 +41,7 @@ def test_killed_expert_group_fails_requests(moe_checkpoint: Path) -> None:
 
     try:
         results, elapsed = asyncio.run(main())
+        print(f"failure reported after {elapsed:.1f}s")
         assert elapsed < 30
         for r in results:
             assert isinstance(r, EngineDeadError), r

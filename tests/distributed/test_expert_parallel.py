@@ -101,12 +101,13 @@ def test_bytes_per_layer_match_routing(moe_checkpoint: Path) -> None:
         ex.call_all("exchange_stats", True)
         prompt = list(range(30, 43))  # one step: 13 tokens, each to top-k experts
         llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
-        (hidden, index), = ex.call_all("exchange_stats", actors=ex.shards)
+        (stats,) = ex.call_all("exchange_stats", actors=ex.shards)
+        hidden, index = stats["hidden_bytes"], stats["index_bytes"]
         rows = len(prompt) * cfg.num_experts_per_tok
         world = 3
         assert hidden == [2 * rows * cfg.hidden_size * 4] * len(cfg.moe_layers)
         assert index == [rows * 8 + 2 * world * 8] * len(cfg.moe_layers)
-        group_hidden = [h for h, _ in ex.call_all("exchange_stats", actors=ex.groups)]
+        group_hidden = [g["hidden_bytes"] for g in ex.call_all("exchange_stats", actors=ex.groups)]
         assert [sum(col) for col in zip(*group_hidden)] == hidden  # every row went to exactly one group
         counts = llm.expert_counts()[cfg.moe_layers]
         assert counts.sum(1).tolist() == [rows] * len(cfg.moe_layers)
