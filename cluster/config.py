@@ -186,8 +186,9 @@ class ParallelConfig:
     with its sequences' KV cache) and expert groups (each a slice of every MoE layer's experts).
 
     Each actor gets one placement-group bundle of `actor_resources` plus the resources of its
-    kind (`attention_resources` / `expert_resources`, e.g. a custom node resource that pins
-    expert groups to GPU nodes of one type). `placement` is "contiguous" or a load-balanced
+    kind (`attention_resources` / `expert_resources`, e.g. a custom node resource), and may be
+    pinned to nodes by label (`attention_labels` / `expert_labels`, Ray node labels matched by
+    the bundle's label selector), e.g. to put expert groups on one GPU node pool. `placement` is "contiguous" or a load-balanced
     `ExpertPlacement` built by `cluster.placement.load_balanced`."""
 
     attention_shards: int = 1
@@ -197,6 +198,8 @@ class ParallelConfig:
     actor_resources: dict[str, float] | None = None
     attention_resources: dict[str, float] = field(default_factory=dict)
     expert_resources: dict[str, float] = field(default_factory=dict)
+    attention_labels: dict[str, str] = field(default_factory=dict)
+    expert_labels: dict[str, str] = field(default_factory=dict)
     placement: Any = "contiguous"
     use_ray: bool = False          # run even a 1 x 1 instance as actors
     step_timeout_s: float = 60.0   # a step (and each collective) that takes longer fails the instance
@@ -218,6 +221,9 @@ class ParallelConfig:
     def bundle(self, kind: str) -> dict[str, float]:
         base = self.actor_resources or ({"CPU": 1.0, "GPU": 1.0} if self.device == "cuda" else {"CPU": 1.0})
         return {**base, **(self.attention_resources if kind == "attention" else self.expert_resources)}
+
+    def labels(self, kind: str) -> dict[str, str]:
+        return dict(self.attention_labels if kind == "attention" else self.expert_labels)
 
 
 @dataclass

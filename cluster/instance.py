@@ -66,7 +66,11 @@ class RayExecutor:
             ray.init(num_cpus=max(os.cpu_count() or 1, 2 * (parallel.attention_shards + parallel.expert_groups)))
         a, e = parallel.attention_shards, parallel.expert_groups
         bundles = [parallel.bundle("attention")] * a + [parallel.bundle("expert")] * e
-        self.pg = placement_group(bundles, strategy=parallel.placement_strategy)
+        selectors = [parallel.labels("attention")] * a + [parallel.labels("expert")] * e
+        self.pg = placement_group(
+            bundles, strategy=parallel.placement_strategy,
+            bundle_label_selector=selectors if any(selectors) else None,
+        )
         try:
             ray.get(self.pg.ready(), timeout=parallel.step_timeout_s)
         except ray.exceptions.GetTimeoutError:

@@ -15,18 +15,28 @@ from tests.conftest import hf_greedy, hf_model
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"attention_node": 4}})
-    cluster.add_node(num_cpus=4, resources={"expert_node": 4})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "resources": {"attention_node": 4}, "labels": {"q3serve-pool": "attention"}},
+    )
+    cluster.add_node(num_cpus=4, resources={"expert_node": 4}, labels={"q3serve-pool": "experts"})
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
     ray.shutdown()
     cluster.shutdown()
 
 
-def test_shards_and_groups_on_different_nodes(two_nodes, moe_checkpoint: Path) -> None:
+PINS = {
+    "node-resources": dict(attention_resources={"attention_node": 1}, expert_resources={"expert_node": 1}),
+    "node-labels": dict(attention_labels={"q3serve-pool": "attention"}, expert_labels={"q3serve-pool": "experts"}),
+}
+
+
+@pytest.mark.parametrize("pin", list(PINS))
+def test_shards_and_groups_on_different_nodes(two_nodes, moe_checkpoint: Path, pin: str) -> None:
     llm = LLM(
         moe_checkpoint, attention_shards=2, expert_groups=2, dtype="float32", num_kv_blocks=64, block_size=4,
-        attention_resources={"attention_node": 1}, expert_resources={"expert_node": 1}, placement_strategy="SPREAD",
+        placement_strategy="SPREAD", **PINS[pin],
     )
     try:
         ex = llm.core.executor
