@@ -24,6 +24,11 @@ ENGINE = dict(dtype="float32", num_kv_blocks=16, block_size=4, max_num_batched_t
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
+def _expert_bytes(cfg: ModelConfig) -> int:
+    """float32 bytes of one expert across every MoE layer."""
+    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * len(cfg.moe_layers)
+
+
 def _staggered(core: EngineCore) -> list[list[int]]:
     """Prompts arrive over several steps, with chunked prefill and a pool tight enough that
     sequences are preempted; returns each prompt's tokens."""
@@ -72,8 +77,7 @@ def test_load_balanced_placement_with_redundant_experts(moe_checkpoint: Path, re
     try:
         assert _staggered(llm.core) == reference
         held = llm.core.executor.call_all("param_bytes", actors=llm.core.executor.groups)
-        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * len(cfg.moe_layers)
-        assert held == [5 * per_expert, 5 * per_expert]  # 8 experts + 2 copies over 2 groups
+        assert held == [5 * _expert_bytes(cfg)] * 2  # 8 experts + 2 copies over 2 groups
     finally:
         llm.shutdown()
 
@@ -87,8 +91,7 @@ def test_actors_hold_only_their_share(moe_checkpoint: Path) -> None:
         group_bytes = ex.call_all("param_bytes", actors=ex.groups)
         attn = sum(torch.Size(s).numel() * 4 for s in attention_tensors(cfg).values())
         assert shard_bytes == [attn, attn]
-        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * len(cfg.moe_layers)
-        assert group_bytes == [3 * per_expert, 2 * per_expert, 3 * per_expert]  # 8 experts as 3 + 2 + 3
+        assert group_bytes == [3 * _expert_bytes(cfg), 2 * _expert_bytes(cfg), 3 * _expert_bytes(cfg)]  # 8 experts as 3 + 2 + 3
     finally:
         llm.shutdown()
 

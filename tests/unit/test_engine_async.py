@@ -21,6 +21,14 @@ def engine(moe_checkpoint: Path):
     assert not eng._thread.is_alive()
 
 
+async def _wait_idle(engine: Engine) -> None:
+    """The engine thread handles an abort on its next turn: wait (bounded) until it has."""
+    for _ in range(100):
+        if not engine.core.has_work():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def _collect(engine: Engine, prompt, params=GREEDY, delay: float = 0.0):
     await asyncio.sleep(delay)
     outs = [o async for o in engine.generate(prompt, params)]
@@ -51,10 +59,7 @@ def test_abort_on_early_exit_frees_blocks(engine: Engine) -> None:
             if len(out.token_ids) >= 3:
                 break
         await gen.aclose()
-        for _ in range(100):  # the engine thread processes the abort on its next turn
-            if not engine.core.has_work():
-                break
-            await asyncio.sleep(0.05)
+        await _wait_idle(engine)
 
     asyncio.run(main())
     assert not engine.core.has_work()
@@ -76,10 +81,7 @@ def test_cancelled_task_aborts(engine: Engine) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if not engine.core.has_work():
-                break
-            await asyncio.sleep(0.05)
+        await _wait_idle(engine)
 
     asyncio.run(main())
     assert not engine.core.has_work()
