@@ -274,6 +274,7 @@ class SamplingParams:
     logprobs: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    thinking_budget: int | None = None  # Qwen3: tokens allowed inside <think> before it is closed
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -290,6 +291,8 @@ class SamplingParams:
             raise ValueError(f"top_k: must be >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p: must be in [0, 1], got {self.min_p!r}")
+        if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int) or self.thinking_budget < 0):
+            raise ValueError(f"thinking_budget: must be a non-negative integer, got {self.thinking_budget!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop: stop strings must be non-empty")
 

@@ -18,7 +18,8 @@ from cluster.kv_cache import BlockManager
 from cluster.plan import plan_from_batch
 from cluster.scheduler import Scheduler
 from cluster.sequence import Sequence
-from cluster.tokenizer import load_tokenizer
+from cluster.thinking import ThinkingBudget, ThinkingState
+from cluster.tokenizer import STOP_THINKING, THINK_END, THINK_START, load_tokenizer
 
 
 @dataclass
@@ -42,6 +43,7 @@ class RequestOutput:
 class _Request:
     seq: Sequence
     detok: Detokenizer
+    thinking: ThinkingState
     shard: int = 0
 
 
@@ -64,6 +66,7 @@ class EngineCore:
                 f"max_model_len: {self.max_model_len} tokens do not fit the KV pool of {capacity} tokens; "
                 "raise kv_cache_memory_gb / num_kv_blocks or lower max_model_len"
             )
+        self.thinking = self._thinking_budget()
         eos = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
         torch.manual_seed(self.config.seed)
@@ -79,6 +82,13 @@ class EngineCore:
         self.num_generated_tokens = 0
         self.num_steps = 0
         self._ids = itertools.count()
+
+    def _thinking_budget(self) -> ThinkingBudget | None:
+        """Qwen3's thinking tokens, when this model's vocabulary has them."""
+        stop = self.tokenizer.encode(STOP_THINKING, add_special_tokens=False)
+        if max(THINK_START, THINK_END, *stop) >= self.model_config.vocab_size:
+            return None
+        return ThinkingBudget(THINK_START, THINK_END, stop)
 
     def _build_executor(self, num_blocks: int) -> Executor:
         p = self.parallel
@@ -112,19 +122,27 @@ class EngineCore:
             ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("prompt: must not be empty")
+        if not isinstance(params, SamplingParams):
+            raise TypeError("sampling_params: expected cluster.SamplingParams")
         vocab = self.model_config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
+        thinking = ThinkingState()
+        if params.thinking_budget is not None:
+            if self.thinking is None:
+                raise ValueError("thinking_budget: this model's vocabulary has no <think> / </think> tokens")
+            thinking = ThinkingState.from_prompt(ids, self.thinking.start, self.thinking.end)
+            if thinking.inside and params.thinking_budget == 0:  # nothing may be thought: close it now
+                ids = ids + self.thinking.stop_ids
+                thinking = ThinkingState(done=True)
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt: {len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}"
             )
-        if not isinstance(params, SamplingParams):
-            raise TypeError("sampling_params: expected cluster.SamplingParams")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         seq = Sequence(rid, ids, params)
-        return _Request(seq, Detokenizer(self.tokenizer, ids, params))
+        return _Request(seq, Detokenizer(self.tokenizer, ids, params), thinking)
 
     def add(self, req: _Request) -> None:
         rid = req.seq.request_id
@@ -175,21 +193,34 @@ class EngineCore:
         for r in results:
             req = self.requests[r.request_id]
             seq = req.seq
-            seq.token_ids.append(r.token)
-            if r.logprob is not None:
-                seq.logprobs.append(r.logprob)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self.num_generated_tokens += 1
-            self._check_stop(seq, r.token)
-            delta = req.detok.step(r.token, seq.finished)
-            if req.detok.stopped is not None and not seq.finished:
-                seq.finish("stop", req.detok.stopped)
+            tokens = [r.token]
+            delta = self._append(req, r.token, r.logprob)
+            if self.thinking is not None and seq.params.thinking_budget is not None:
+                for forced in self.thinking.after_token(req.thinking, r.token, seq.params.thinking_budget):
+                    if seq.finished:
+                        break
+                    tokens.append(forced)
+                    delta += self._append(req, forced, 0.0)  # forced: probability 1 by construction
             if seq.finished:
                 self._release(req)
                 del self.requests[seq.request_id]
-            outputs.append(self._output(req, [r.token], delta))
+            outputs.append(self._output(req, tokens, delta))
         return outputs
+
+    def _append(self, req: _Request, token: int, logprob: float | None) -> str:
+        """Adds one output token: stop checks, then the text it makes safe to emit."""
+        seq = req.seq
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        self.num_generated_tokens += 1
+        self._check_stop(seq, token)
+        delta = req.detok.step(token, seq.finished)
+        if req.detok.stopped is not None and not seq.finished:
+            seq.finish("stop", req.detok.stopped)
+        return delta
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

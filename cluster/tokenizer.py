@@ -10,6 +10,10 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 THINK_START, THINK_END = 151667, 151668
+# Qwen3's text for ending thinking early when the budget is spent (the model then answers).
+STOP_THINKING = (
+    "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>\n\n"
+)
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
