@@ -1,0 +1,46 @@
+"""Builds the Serve application from an AppConfig (Ray Serve LLM's config-plus-builder pattern):
+one ModelPool deployment per enabled pool, each with its own autoscaling, behind the router's
+OpenAI ingress. `serve run deployments.app:app_builder key=value ...` uses `app_builder`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import AppConfig
+from deployments.openai_api import OpenAIIngress
+from deployments.pool import ModelPool
+
+APP_NAME = "q3serve"
+
+
+def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
+    handles = {}
+    for name, pool in cfg.pools().items():
+        deployment = serve.deployment(
+            ModelPool,
+            name=f"{name}-pool",
+            max_ongoing_requests=pool.max_ongoing_requests,
+            max_queued_requests=pool.max_queued_requests,
+            autoscaling_config=pool.autoscaling.model_dump(),
+            ray_actor_options={"num_cpus": 1, "num_gpus": 1 if pool.device == "cuda" else 0},
+            health_check_period_s=10,
+            health_check_timeout_s=30,
+            graceful_shutdown_timeout_s=10,
+        )
+        handles[name] = deployment.bind(name, cfg.model, pool)
+    ingress = serve.deployment(OpenAIIngress, name="router", num_replicas=1,
+                               ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1000)
+    return ingress.bind(cfg, handles, app_name)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For `serve run deployments.app:app_builder` and KubeRay's serveConfigV2 (`args` hold an
+    AppConfig, or `config_path` naming its YAML)."""
+    if "config_path" in args:
+        cfg = AppConfig.from_yaml(args["config_path"])
+    else:
+        cfg = AppConfig.model_validate(args)
+    return build_app(cfg)

@@ -1,0 +1,101 @@
+"""AppConfig: the one schema that `q3serve up --config x.yaml`, `serve run` of
+`deployments.app:app_builder` and the Helm chart's serveConfigV2 all load. Unknown keys and bad
+values are rejected with pydantic's message, which names the key's path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AutoscalingConfig(_Strict):
+    """Serve's replica autoscaling for one pool (see Serve's `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class PoolConfig(_Strict):
+    """One pool: an Engine per replica, its limits and its autoscaling."""
+
+    enabled: bool = True
+    attention_shards: int = Field(1, ge=1)
+    expert_groups: int = Field(1, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: str = "auto"
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    block_size: int = Field(16, ge=1)
+    enable_prefix_caching: bool = True
+    default_max_tokens: int = Field(1024, ge=1)
+    max_tokens_limit: int = Field(8192, ge=1)
+    default_thinking_budget: int | None = Field(None, ge=0)
+    max_thinking_budget: int | None = Field(None, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    actor_resources: dict[str, float] | None = None
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        keys = ("attention_shards", "expert_groups", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
+                "max_model_len", "kv_cache_memory_gb", "block_size", "enable_prefix_caching", "actor_resources")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _thinking_pool() -> PoolConfig:
+    return PoolConfig(max_num_seqs=64, max_num_batched_tokens=4096, default_max_tokens=4096, max_tokens_limit=32768)
+
+
+def _fast_pool() -> PoolConfig:
+    return PoolConfig(max_num_seqs=8, max_num_batched_tokens=1024, default_max_tokens=512, max_tokens_limit=4096,
+                      max_thinking_budget=0)
+
+
+class RouterConfig(_Strict):
+    default_thinking: bool = True    # Qwen3's default when a request says nothing
+    spill_over: bool = True          # serve from the other pool when the chosen one cannot
+    health_timeout_s: float = Field(5.0, gt=0)
+
+
+class AppConfig(_Strict):
+    model: str | None = None                      # checkpoint directory; None = the embedded model
+    served_model_name: str = "qwen3-moe"
+    thinking: PoolConfig = Field(default_factory=_thinking_pool)
+    fast: PoolConfig = Field(default_factory=_fast_pool)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _a_pool(self) -> "AppConfig":
+        if not (self.thinking.enabled or self.fast.enabled):
+            raise ValueError("thinking.enabled / fast.enabled: at least one pool must be enabled")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "AppConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(data)
+
+    def pools(self) -> dict[str, PoolConfig]:
+        return {name: pool for name, pool in (("thinking", self.thinking), ("fast", self.fast)) if pool.enabled}

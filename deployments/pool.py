@@ -1,0 +1,60 @@
+"""ModelPool: one Serve replica = one Engine (and, for an expert-parallel pool, its actors). The
+router streams requests through `generate`, which yields plain dicts, one per engine step."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster import Engine, SamplingParams
+from cluster.tokenizer import THINK_END, THINK_START
+from deployments.config import PoolConfig
+
+
+def reasoning_tokens(ids: list[int]) -> int:
+    """Output tokens of the thinking part: from <think> through </think> (or to the end when the
+    output was cut inside it); 0 when the model did not think."""
+    if THINK_START not in ids:
+        return 0
+    return ids.index(THINK_END) + 1 if THINK_END in ids else len(ids)
+
+
+class ModelPool:
+    def __init__(self, name: str, model: str | None, pool: PoolConfig) -> None:
+        self.name = name
+        self.pool = pool
+        self.engine = Engine(model, **pool.engine_kwargs())
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """request: {"prompt": str | list[int], "params": SamplingParams fields, "request_id": str}.
+        Yields {"delta_text", "delta_token_ids", "logprobs", "finished", "finish_reason",
+        "prompt_tokens", "completion_tokens", "pool", and at the end "reasoning_tokens"}."""
+        params = SamplingParams(**request["params"])
+        sent_lp = 0
+        async for out in self.engine.generate(request["prompt"], params, request.get("request_id")):
+            lps = out.logprobs or []
+            chunk = {
+                "delta_text": out.delta_text, "delta_token_ids": out.delta_token_ids,
+                "logprobs": lps[sent_lp:], "finished": out.finished, "finish_reason": out.finish_reason,
+                "pool": self.name, "prompt_tokens": len(out.prompt_token_ids),
+                "completion_tokens": len(out.token_ids),
+            }
+            sent_lp = len(lps)
+            if out.finished:
+                chunk["reasoning_tokens"] = reasoning_tokens(out.token_ids)
+            yield chunk
+
+    def limits(self) -> dict[str, Any]:
+        return {"max_model_len": self.engine.core.max_model_len, "name": self.name}
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy."""
+        self.engine.check_health()
+
+    def ready(self) -> bool:
+        return self.engine.healthy
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout_s=5)

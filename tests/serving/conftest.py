@@ -1,0 +1,58 @@
+"""A running q3serve application on a local Ray cluster with real Serve HTTP, for the module."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from deployments.app import build_app
+from deployments.config import AppConfig
+from tests.conftest import make_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base}/health not ready within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def qwen_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3's full vocabulary (so chat-template and think tokens are real ids), tiny otherwise."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp("served"), vocab_size=151936, hidden_size=32, head_dim=8, num_hidden_layers=2,
+        std=0.05, max_position_embeddings=1024,
+    )
+
+
+def start_app(cfg: AppConfig) -> str:
+    port = free_port()
+    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="q3serve", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base)
+    return base
+
+
+def stop_app() -> None:
+    serve.shutdown()
+    ray.shutdown()
