@@ -44,8 +44,15 @@ class ModelPool:
                 chunk["reasoning_tokens"] = reasoning_tokens(out.token_ids)
             yield chunk
 
-    def limits(self) -> dict[str, Any]:
-        return {"max_model_len": self.engine.core.max_model_len, "name": self.name}
+    def stats(self) -> dict[str, Any]:
+        """Queue and KV-cache state of this replica's engine (metrics, tests)."""
+        core = self.engine.core
+        shards = core.shards
+        return {
+            "running": sum(len(s.running) for s in shards), "waiting": sum(len(s.waiting) for s in shards),
+            "kv_blocks_free": sum(s.blocks.num_free for s in shards),
+            "kv_blocks_total": sum(s.blocks.num_blocks for s in shards),
+        }
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy."""

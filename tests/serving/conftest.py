@@ -22,13 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base: str, timeout_s: float = 120) -> None:
+def wait_healthy(base: str, pools: tuple[str, ...] | None = None, timeout_s: float = 120) -> None:
+    """Until /health says every pool (or the pools named) has a ready replica."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+            r = httpx.get(f"{base}/health", timeout=5)
+            ready = r.json().get("pools", {})
+            if (pools is None and r.status_code == 200) or (pools and all(ready.get(p) for p in pools)):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{base}/health not ready within {timeout_s}s")
@@ -43,13 +46,13 @@ def qwen_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def start_app(cfg: AppConfig) -> str:
+def start_app(cfg: AppConfig, ready_pools: tuple[str, ...] | None = None) -> str:
     port = free_port()
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="q3serve", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
-    wait_healthy(base)
+    wait_healthy(base, ready_pools)
     return base
 
 

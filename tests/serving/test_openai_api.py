@@ -131,3 +131,26 @@ def test_bad_requests_get_openai_errors(server: str, body: dict, status: int, pa
 def test_malformed_json(server: str) -> None:
     r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400 and "error" in r.json()
+
+
+def test_client_cancel_frees_kv_blocks(server: str) -> None:
+    import time
+
+    from ray import serve
+
+    pool = serve.get_deployment_handle("fast-pool", app_name="q3serve")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True,
+            "ignore_eos": True, "enable_thinking": False}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert pool.stats.remote().result(timeout_s=30)["running"] == 1
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = pool.stats.remote().result(timeout_s=30)
+        if stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
+            break
+        time.sleep(0.2)
+    assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]

@@ -1,0 +1,32 @@
+"""Spill-over: with the fast pool scaled to zero, a non-thinking request is served by the
+thinking pool, and the response says so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from deployments.config import AppConfig
+from tests.serving.conftest import start_app, stop_app
+
+
+@pytest.fixture(scope="module")
+def server(qwen_vocab_checkpoint: Path):
+    cfg = AppConfig.model_validate({
+        "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
+        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
+        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "autoscaling": {"min_replicas": 0, "max_replicas": 1}},
+    })
+    yield start_app(cfg, ready_pools=("thinking",))
+    stop_app()
+
+
+def test_no_think_spills_to_thinking_pool(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=60)
+    raw = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "quick /no_think"}], max_tokens=4,
+    )
+    assert raw.headers["x-q3serve-pool"] == "thinking"
+    assert raw.parse().choices[0].finish_reason in ("length", "stop")

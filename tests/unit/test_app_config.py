@@ -1,0 +1,50 @@
+"""AppConfig: one schema for the CLI, `serve run` and the chart; bad input names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.config import AppConfig
+
+
+def test_defaults_are_two_pools() -> None:
+    cfg = AppConfig()
+    assert set(cfg.pools()) == {"thinking", "fast"}
+    assert cfg.thinking.max_tokens_limit > cfg.fast.max_tokens_limit
+    assert cfg.thinking.max_num_seqs > cfg.fast.max_num_seqs
+    assert cfg.router.default_thinking is True
+    assert cfg.http_port == 8000 and cfg.grpc_port == 9000
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    f = tmp_path / "app.yaml"
+    f.write_text(
+        "model: /models/qwen3\nserved_model_name: qwen3\n"
+        "fast:\n  max_num_seqs: 4\n  autoscaling: {min_replicas: 0, max_replicas: 3}\n"
+        "router: {spill_over: false}\n"
+    )
+    cfg = AppConfig.from_yaml(f)
+    assert cfg.fast.max_num_seqs == 4 and cfg.fast.autoscaling.max_replicas == 3
+    assert cfg.router.spill_over is False
+    assert AppConfig.model_validate(cfg.model_dump()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"fast": {"max_num_seq": 4}}, "fast.max_num_seq"),
+        ({"thinking": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "thinking.autoscaling"),
+        ({"fast": {"max_num_seqs": 0}}, "fast.max_num_seqs"),
+        ({"http_port": 70000}, "http_port"),
+        ({"unknown_key": 1}, "unknown_key"),
+        ({"thinking": {"enabled": False}, "fast": {"enabled": False}}, "enabled"),
+        ({"fast": {"device": "tpu"}}, "fast.device"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict, where: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        AppConfig.model_validate(data)
+    assert where in str(exc.value)
