@@ -1,5 +1,5 @@
-"""The `q3serve` command. Today: `generate` (offline, on the embedded default model unless
---model is given). `up`, `chat` and `bench` arrive with the serving issues."""
+"""The `q3serve` command: `up` (serve the app on a local Ray cluster), `generate` (offline), and
+`chat` (a terminal client for a running server)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,72 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    """Starts Ray and Serve here, deploys the app, prints the URLs once every pool is ready,
+    and stops everything on Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    from deployments.app import APP_NAME, build_app
+    from deployments.config import AppConfig
+
+    cfg = AppConfig.from_yaml(args.config) if args.config else AppConfig()
+    overrides = {k: v for k, v in (("model", args.model), ("host", args.host), ("http_port", args.port)) if v is not None}
+    cfg = cfg.model_copy(update=overrides)
+    cfg = AppConfig.model_validate(cfg.model_dump())
+    if cfg.model is None:
+        from cluster.default_model import default_model_path
+
+        print("preparing the embedded model ...", flush=True)
+        default_model_path()
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=args.verbose)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        last = ""
+        while not stop["now"]:
+            app = serve.status().applications.get(APP_NAME)
+            states = {n: d.status.value for n, d in app.deployments.items()} if app else {}
+            line = ", ".join(f"{n}: {st}" for n, st in sorted(states.items()))
+            if line != last:
+                print(f"loading ... {line}", flush=True)
+                last = line
+            if app is not None and app.status.value == "RUNNING":
+                break
+            if app is not None and app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
+                print(f"q3serve: error: the application failed to deploy: {app.message}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        base = f"http://{cfg.host}:{cfg.http_port}"
+        print(f"q3serve is up: OpenAI API {base}/v1 (model '{cfg.served_model_name}'), health {base}/health", flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping ...", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q3serve", description="Serve Qwen3 MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="serve the app (both pools) on a local Ray cluster")
+    up.add_argument("--config", default=None, help="AppConfig YAML (default: the embedded model, both pools)")
+    up.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")
+    up.add_argument("--host", default=None)
+    up.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    up.add_argument("--verbose", action="store_true", help="show the actors' logs")
+    up.set_defaults(func=_up)
     gen = sub.add_parser("generate", help="generate text offline from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")

@@ -20,6 +20,7 @@ from cluster.default_model import default_model_path
 from cluster.tokenizer import load_tokenizer, render_chat
 from deployments.chat import StreamingReasoningParser, decide_thinking, split_reasoning
 from deployments.config import AppConfig
+from deployments.metrics import RouterMetrics
 from deployments.router import Overloaded, PoolRouter, PoolsUnavailable, RequestError
 
 
@@ -120,6 +121,7 @@ class OpenAIIngress:
             for name, p in cfg.pools().items()
         }
         self.created = int(time.time())
+        self.metrics = RouterMetrics()
 
     # -- routes ---------------------------------------------------------------------------------
     @app.get("/health")
@@ -160,22 +162,51 @@ class OpenAIIngress:
             return error(400, f"messages: the prompt is {len(ids)} tokens, at or over the context length {limit}",
                          "messages" if kind == "chat" else "prompt")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        route = "chat" if kind == "chat" else "completions"
+        start = time.monotonic()
         try:
             pool, chunks = await self.router.stream(ids, params, thinking, rid)
         except RequestError as exc:
-            return error(400, str(exc), exc.param)
+            return self._failed(route, error(400, str(exc), exc.param))
         except Overloaded as exc:
-            return error(429, str(exc), kind="rate_limit_error")
+            return self._failed(route, error(429, str(exc), kind="rate_limit_error"))
         except PoolsUnavailable as exc:
-            return error(503, str(exc), kind="service_unavailable")
+            return self._failed(route, error(503, str(exc), kind="service_unavailable"))
         except ValueError as exc:  # a pool rejected the request's content
-            return error(400, str(exc).splitlines()[-1])
+            return self._failed(route, error(400, str(exc).splitlines()[-1]))
+        chunks = self._measured(chunks, {"pool": pool, "route": route}, start)
         headers = {"x-q3serve-pool": pool}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = self._sse(kind, rid, chunks, thinking, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
         return JSONResponse(await self._collect(kind, rid, chunks, thinking), headers=headers)
+
+    def _failed(self, route: str, response: JSONResponse) -> JSONResponse:
+        self.metrics.requests.inc(1, tags={"pool": "none", "route": route, "status": str(response.status_code)})
+        return response
+
+    async def _measured(self, chunks: AsyncIterator[dict[str, Any]], tags: dict[str, str], start: float
+                        ) -> AsyncIterator[dict[str, Any]]:
+        """Passes chunks through, recording TTFT, inter-token latency, tokens and latency."""
+        last_t, last = None, {}
+        status = "cancelled"
+        try:
+            async for c in chunks:
+                now = time.monotonic()
+                if last_t is None:
+                    self.metrics.ttft.observe(now - start, tags=tags)
+                else:
+                    self.metrics.itl.observe(now - last_t, tags=tags)
+                last_t, last = now, c
+                yield c
+            status = "200"
+        finally:
+            self.metrics.requests.inc(1, tags={**tags, "status": status})
+            self.metrics.latency.observe(time.monotonic() - start, tags=tags)
+            if last:
+                self.metrics.tokens_in.inc(last["prompt_tokens"], tags=tags)
+                self.metrics.tokens_out.inc(last["completion_tokens"], tags=tags)
 
     def _usage(self, last: dict[str, Any], thinking: bool) -> dict[str, Any]:
         completion = last["completion_tokens"]

@@ -3,12 +3,14 @@ router streams requests through `generate`, which yields plain dicts, one per en
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster import Engine, SamplingParams
 from cluster.tokenizer import THINK_END, THINK_START
 from deployments.config import PoolConfig
+from deployments.metrics import PoolMetrics
 
 
 def reasoning_tokens(ids: list[int]) -> int:
@@ -24,6 +26,25 @@ class ModelPool:
         self.name = name
         self.pool = pool
         self.engine = Engine(model, **pool.engine_kwargs())
+        self.metrics = PoolMetrics()
+        self._publisher = asyncio.get_event_loop().create_task(self._publish())
+
+    async def _publish(self, period_s: float = 2.0) -> None:
+        """Engine gauges every few seconds (queue depth, KV use, per-expert load)."""
+        tags = {"pool": self.name}
+        while True:
+            try:
+                st = self.stats()
+                self.metrics.queue.set(st["waiting"], tags=tags)
+                self.metrics.running.set(st["running"], tags=tags)
+                self.metrics.kv_usage.set(1 - st["kv_blocks_free"] / max(1, st["kv_blocks_total"]), tags=tags)
+                counts = self.engine.expert_counts()
+                for layer in self.engine.core.model_config.moe_layers:
+                    for expert, n in enumerate(counts[layer].tolist()):
+                        self.metrics.expert_load.set(n, tags={**tags, "layer": str(layer), "expert": str(expert)})
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                pass
+            await asyncio.sleep(period_s)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """request: {"prompt": str | list[int], "params": SamplingParams fields, "request_id": str}.

@@ -46,9 +46,13 @@ def qwen_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+METRICS_PORT: dict[str, int] = {}
+
+
 def start_app(cfg: AppConfig, ready_pools: tuple[str, ...] | None = None) -> str:
     port = free_port()
-    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
+    METRICS_PORT["port"] = free_port()
+    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT["port"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="q3serve", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"

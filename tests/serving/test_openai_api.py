@@ -154,3 +154,31 @@ def test_client_cancel_frees_kv_blocks(server: str) -> None:
             break
         time.sleep(0.2)
     assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_prometheus_metrics(client: openai.OpenAI) -> None:
+    import time
+
+    from tests.serving.conftest import METRICS_PORT
+
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "m"}], max_tokens=5,
+                                   extra_body={"enable_thinking": False}, stream=True).close()
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=5)
+    wanted = ["ray_q3serve_requests_total", "ray_q3serve_request_latency_seconds_count",
+              "ray_q3serve_time_to_first_token_seconds_count", "ray_q3serve_inter_token_latency_seconds_count",
+              "ray_q3serve_prompt_tokens_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_queue_depth",
+              "ray_q3serve_kv_cache_usage_ratio", "ray_q3serve_expert_tokens"]
+    nonzero_needed = {"ray_q3serve_requests_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_expert_tokens"}
+    deadline = time.monotonic() + 60
+    seen: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT['port']}/metrics", timeout=10).text
+        for line in text.splitlines():
+            for name in wanted:
+                if line.startswith(name + "{") or line.startswith(name + " "):
+                    seen[name] = max(seen.get(name, 0.0), float(line.rsplit(" ", 1)[1]))
+        if set(wanted) <= set(seen) and all(seen[n] > 0 for n in nonzero_needed):
+            break
+        time.sleep(1)
+    assert set(wanted) <= set(seen), sorted(set(wanted) - set(seen))
+    assert all(seen[n] > 0 for n in nonzero_needed), seen
