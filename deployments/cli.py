@@ -82,6 +82,59 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """A terminal client: each input line is a user turn; the reply streams with its reasoning
+    dimmed, then the answer. EOF or Ctrl-C ends it."""
+    import json
+
+    import httpx
+
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    history: list[dict[str, str]] = []
+    tty = sys.stdout.isatty()
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            body = {"model": model, "messages": history, "stream": True, "max_tokens": args.max_tokens,
+                    "enable_thinking": not args.no_think}
+            if args.thinking_budget is not None:
+                body["thinking_budget"] = args.thinking_budget
+            answer, reasoning_open = "", False
+            with httpx.stream("POST", f"{args.url}/v1/chat/completions", json=body, headers=headers, timeout=600) as r:
+                if r.status_code != 200:
+                    print(f"q3serve: error: {r.read().decode()}", file=sys.stderr)
+                    history.pop()
+                    continue
+                for raw in r.iter_lines():
+                    if not raw.startswith("data: ") or raw == "data: [DONE]":
+                        continue
+                    for choice in json.loads(raw[6:]).get("choices", []):
+                        delta = choice.get("delta", {})
+                        if delta.get("reasoning_content"):
+                            if not reasoning_open and tty:
+                                sys.stdout.write(DIM)
+                            reasoning_open = True
+                            sys.stdout.write(delta["reasoning_content"])
+                        if delta.get("content"):
+                            if reasoning_open:
+                                sys.stdout.write((RESET if tty else "") + "\n")
+                                reasoning_open = False
+                            answer += delta["content"]
+                            sys.stdout.write(delta["content"])
+                        sys.stdout.flush()
+            sys.stdout.write((RESET if tty and reasoning_open else "") + "\n")
+            history.append({"role": "assistant", "content": answer})
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q3serve", description="Serve Qwen3 MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     up.add_argument("--verbose", action="store_true", help="show the actors' logs")
     up.set_defaults(func=_up)
+    chat = sub.add_parser("chat", help="a terminal chat client for a running server")
+    chat.add_argument("--url", default="http://127.0.0.1:8000")
+    chat.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    chat.add_argument("--api-key", default=None)
+    chat.add_argument("--no-think", action="store_true", help="enable_thinking=False")
+    chat.add_argument("--thinking-budget", type=int, default=None)
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.set_defaults(func=_chat)
     gen = sub.add_parser("generate", help="generate text offline from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
@@ -112,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"q3serve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -182,3 +182,16 @@ def test_prometheus_metrics(client: openai.OpenAI) -> None:
         time.sleep(1)
     assert set(wanted) <= set(seen), sorted(set(wanted) - set(seen))
     assert all(seen[n] > 0 for n in nonzero_needed), seen
+
+
+def test_chat_cli_streams_a_conversation(server: str) -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "chat", "--url", server, "--no-think", "--max-tokens", "5"],
+        input="Hello there\nAnd again\n", capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "error" not in run.stderr and run.stdout.strip()
+    assert run.stdout.count("\n") >= 2  # each of the two turns ends its streamed reply with a newline
