@@ -18,7 +18,7 @@ from ray import serve
 from cluster.config import ModelConfig
 from cluster.default_model import default_model_path
 from cluster.tokenizer import load_tokenizer, render_chat
-from deployments.chat import StreamingReasoningParser, decide_thinking, split_reasoning
+from deployments.chat import Parsed, StreamingReasoningParser, decide_thinking, split_reasoning
 from deployments.config import AppConfig
 from deployments.metrics import RouterMetrics
 from deployments.router import Overloaded, PoolRouter, PoolsUnavailable, RequestError
@@ -210,7 +210,7 @@ class OpenAIIngress:
 
     def _usage(self, last: dict[str, Any], thinking: bool) -> dict[str, Any]:
         completion = last["completion_tokens"]
-        reasoning = last.get("reasoning_tokens", 0)
+        reasoning = last.get("reasoning_tokens", 0) if thinking else 0
         return {"prompt_tokens": last["prompt_tokens"], "completion_tokens": completion,
                 "total_tokens": last["prompt_tokens"] + completion,
                 "completion_tokens_details": {"reasoning_tokens": reasoning}}
@@ -227,7 +227,8 @@ class OpenAIIngress:
             choice = {"index": 0, "text": text, "finish_reason": last["finish_reason"],
                       "logprobs": {"token_logprobs": lps} if lps else None}
             return {**base, "object": "text_completion", "choices": [choice]}
-        parsed = split_reasoning(text)
+        # With thinking off the template closed <think> in the prompt: all output is content.
+        parsed = split_reasoning(text) if thinking else Parsed(None, text)
         message = {"role": "assistant", "content": parsed.content}
         if parsed.reasoning is not None:
             message["reasoning_content"] = parsed.reasoning
@@ -256,7 +257,7 @@ class OpenAIIngress:
                 if c["delta_text"] or done:
                     yield event({"index": 0, "text": c["delta_text"], "finish_reason": c["finish_reason"] if done else None})
                 continue
-            reasoning, content = parser.feed(c["delta_text"], final=done)
+            reasoning, content = parser.feed(c["delta_text"], final=done) if thinking else ("", c["delta_text"])
             delta: dict[str, Any] = {}
             if reasoning:
                 delta["reasoning_content"] = reasoning

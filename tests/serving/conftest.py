@@ -49,6 +49,31 @@ def qwen_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 METRICS_PORT: dict[str, int] = {}
 
 
+@pytest.fixture(scope="module")
+def thinker_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen-vocabulary model whose greedy choice is always `<think>`: every embedding has
+    a large constant in dimension 0, the final norm keeps only that dimension, and in lm_head only
+    `<think>` has a positive weight on it. So with thinking on it opens <think> and never closes
+    it by itself: what closes it is the thinking budget."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cluster.tokenizer import THINK_START
+
+    path = make_checkpoint(
+        tmp_path_factory.mktemp("thinker"), vocab_size=151936, hidden_size=32, head_dim=8, num_hidden_layers=2,
+        std=0.02, max_position_embeddings=1024,
+    )
+    t = load_file(path / "model.safetensors")
+    t["model.embed_tokens.weight"][:, 0] = 50.0
+    t["model.norm.weight"] = torch.zeros_like(t["model.norm.weight"])
+    t["model.norm.weight"][0] = 1.0
+    t["lm_head.weight"][:, 0] = -1.0
+    t["lm_head.weight"][THINK_START, 0] = 1.0
+    save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def start_app(cfg: AppConfig, ready_pools: tuple[str, ...] | None = None) -> str:
     port = free_port()
     METRICS_PORT["port"] = free_port()

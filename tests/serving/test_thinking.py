@@ -1,0 +1,75 @@
+"""Thinking control end to end with a model that always thinks (see `thinker_checkpoint`): the
+budget's stop-thinking text lands in reasoning_content and the answer in content, streaming or
+not; output cut inside the thinking part is all reasoning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from deployments.config import AppConfig
+from tests.serving.conftest import start_app, stop_app
+
+STOP_MARK = "Considering the limited time by the user"
+
+
+@pytest.fixture(scope="module")
+def client(thinker_checkpoint: Path):
+    cfg = AppConfig.model_validate({
+        "model": str(thinker_checkpoint), "served_model_name": "m",
+        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "max_thinking_budget": 16},
+        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
+    })
+    base = start_app(cfg)
+    yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+    stop_app()
+
+
+def _stream(client: openai.OpenAI, **kw) -> tuple[str, str, str | None]:
+    reasoning, content, finish = "", "", None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            reasoning += getattr(ch.delta, "reasoning_content", None) or ""
+            content += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    return reasoning, content, finish
+
+
+def test_budget_stop_text_in_reasoning_then_answer(client: openai.OpenAI) -> None:
+    kw = dict(model="m", messages=[{"role": "user", "content": "Think about it"}], max_tokens=40, temperature=0,
+              extra_body={"thinking_budget": 3})
+    resp = client.chat.completions.create(**kw)
+    msg = resp.choices[0].message
+    assert STOP_MARK in msg.reasoning_content and msg.reasoning_content.count("<think>") == 3
+    assert STOP_MARK not in msg.content and msg.content  # the model went on after </think>
+    reasoning_tokens = resp.usage.completion_tokens_details.reasoning_tokens
+    assert 4 + 1 < reasoning_tokens < resp.usage.completion_tokens  # <think>, 3 spent, then the stop text
+    assert _stream(client, **kw) == (msg.reasoning_content, msg.content, resp.choices[0].finish_reason)
+
+
+def test_budget_capped_by_pool(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=60,
+                                          temperature=0, extra_body={"thinking_budget": 1000})
+    assert resp.choices[0].message.reasoning_content.count("<think>") == 16  # the pool's max_thinking_budget
+
+
+def test_cut_inside_thinking_is_all_reasoning(client: openai.OpenAI) -> None:
+    kw = dict(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=5, temperature=0)
+    resp = client.chat.completions.create(**kw)
+    msg = resp.choices[0].message
+    assert resp.choices[0].finish_reason == "length"
+    assert msg.reasoning_content == "<think>" * 4 and not msg.content
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 5
+    assert _stream(client, **kw) == (msg.reasoning_content, "", "length")
+
+
+def test_thinking_off_has_no_reasoning(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "x /no_think"}], max_tokens=5, temperature=0)
+    assert raw.headers["x-q3serve-pool"] == "fast"
+    resp = raw.parse()
+    # The template closed thinking in the prompt: whatever the model writes is content.
+    assert not getattr(resp.choices[0].message, "reasoning_content", None)
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 0
