@@ -66,15 +66,28 @@ class RayExecutor:
             ray.init(num_cpus=max(os.cpu_count() or 1, 2 * (parallel.attention_shards + parallel.expert_groups)))
         a, e = parallel.attention_shards, parallel.expert_groups
         bundles = [parallel.bundle("attention")] * a + [parallel.bundle("expert")] * e
-        selectors = [parallel.labels("attention")] * a + [parallel.labels("expert")] * e
-        self.pg = placement_group(
-            bundles, strategy=parallel.placement_strategy,
-            bundle_label_selector=selectors if any(selectors) else None,
-        )
+        # Inside a Serve replica that reserved bundles for its instance (bundle 0 is the replica
+        # itself), the actors go into those; otherwise the instance reserves its own group.
+        current = ray.util.get_current_placement_group()
+        self.owns_pg = current is None
+        if current is not None:
+            if len(current.bundle_specs) < 1 + a + e:
+                raise InstanceError(
+                    f"placement_group_bundles: the replica's placement group has {len(current.bundle_specs)} bundles, "
+                    f"the instance needs 1 + {a + e}"
+                )
+            self.pg, self.offset = current, 1
+        else:
+            selectors = [parallel.labels("attention")] * a + [parallel.labels("expert")] * e
+            self.pg, self.offset = placement_group(
+                bundles, strategy=parallel.placement_strategy,
+                bundle_label_selector=selectors if any(selectors) else None,
+            ), 0
         try:
             ray.get(self.pg.ready(), timeout=parallel.step_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.pg)
+            if self.owns_pg:
+                remove_placement_group(self.pg)
             raise InstanceError(f"placement group {bundles} could not be placed within {parallel.step_timeout_s}s") from None
         tag = uuid.uuid4().hex[:6]
         self.names: dict[ray.actor.ActorHandle, str] = {}
@@ -105,7 +118,7 @@ class RayExecutor:
         return ray.remote(cls).options(
             name=f"q3serve-{tag}-{name}",
             num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset + index),
             max_concurrency=2,  # ping and stats answer while a step runs
         )
 
@@ -210,7 +223,8 @@ class RayExecutor:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.actors = []
-        try:
-            remove_placement_group(self.pg)
-        except Exception:  # noqa: BLE001
-            pass
+        if getattr(self, "owns_pg", False):
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass

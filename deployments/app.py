@@ -9,11 +9,27 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import AppConfig
+from cluster.config import ParallelConfig
+from deployments.config import AppConfig, PoolConfig
 from deployments.openai_api import OpenAIIngress
 from deployments.pool import ModelPool
 
 APP_NAME = "q3serve"
+
+
+def _expert_parallel(pool: PoolConfig) -> bool:
+    return pool.attention_shards * pool.expert_groups > 1
+
+
+def _instance_bundles(pool: PoolConfig) -> dict[str, Any]:
+    """An expert-parallel replica reserves its instance with it: bundle 0 for the replica, then
+    one bundle per attention shard and expert group (what cluster.instance places them in)."""
+    if not _expert_parallel(pool):
+        return {}
+    p = ParallelConfig(attention_shards=pool.attention_shards, expert_groups=pool.expert_groups, device=pool.device,
+                       actor_resources=pool.actor_resources)
+    bundles = [{"CPU": 1.0}] + [p.bundle("attention")] * pool.attention_shards + [p.bundle("expert")] * pool.expert_groups
+    return {"placement_group_bundles": bundles, "placement_group_strategy": "PACK"}
 
 
 def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
@@ -25,7 +41,8 @@ def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
             max_ongoing_requests=pool.max_ongoing_requests,
             max_queued_requests=pool.max_queued_requests,
             autoscaling_config=pool.autoscaling.model_dump(),
-            ray_actor_options={"num_cpus": 1, "num_gpus": 1 if pool.device == "cuda" else 0},
+            ray_actor_options={"num_cpus": 1, "num_gpus": 1 if pool.device == "cuda" and not _expert_parallel(pool) else 0},
+            **_instance_bundles(pool),
             health_check_period_s=10,
             health_check_timeout_s=30,
             graceful_shutdown_timeout_s=10,

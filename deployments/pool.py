@@ -69,10 +69,12 @@ class ModelPool:
         """Queue and KV-cache state of this replica's engine (metrics, tests)."""
         core = self.engine.core
         shards = core.shards
+        pg = getattr(core.executor, "pg", None)
         return {
             "running": sum(len(s.running) for s in shards), "waiting": sum(len(s.waiting) for s in shards),
             "kv_blocks_free": sum(s.blocks.num_free for s in shards),
             "kv_blocks_total": sum(s.blocks.num_blocks for s in shards),
+            "instance_placement_group": pg.id.hex() if pg is not None else None,
         }
 
     async def check_health(self) -> None:
