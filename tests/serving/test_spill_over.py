@@ -24,6 +24,10 @@ def server(qwen_vocab_checkpoint: Path):
 
 
 def test_no_think_spills_to_thinking_pool(server: str) -> None:
+    import httpx
+
+    health = httpx.get(f"{server}/health", timeout=10)
+    assert health.status_code == 503 and health.json()["pools"] == {"thinking": True, "fast": False}
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=60)
     raw = client.chat.completions.with_raw_response.create(
         model="m", messages=[{"role": "user", "content": "quick /no_think"}], max_tokens=4,

@@ -48,3 +48,16 @@ def test_bad_values_name_the_key(data: dict, where: str) -> None:
     with pytest.raises(ValidationError) as exc:
         AppConfig.model_validate(data)
     assert where in str(exc.value)
+
+
+def test_app_builder_takes_config_or_path(tmp_path: Path) -> None:
+    from ray.serve import Application
+
+    from deployments.app import app_builder
+
+    f = tmp_path / "app.yaml"
+    f.write_text("served_model_name: q\nfast: {enabled: false}\n")
+    assert isinstance(app_builder({"config_path": str(f)}), Application)
+    assert isinstance(app_builder({"served_model_name": "q", "thinking": {"attention_shards": 1, "expert_groups": 2}}), Application)
+    with pytest.raises(ValidationError, match="fast.bogus"):
+        app_builder({"fast": {"bogus": 1}})
