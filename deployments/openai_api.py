@@ -216,10 +216,11 @@ class OpenAIIngress:
                 "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
     async def _collect(self, kind: str, rid: str, chunks: AsyncIterator[dict[str, Any]], thinking: bool) -> dict[str, Any]:
-        text, lps, last = "", [], {}
+        text, lps, ids, last = "", [], [], {}
         async for c in chunks:
             text += c["delta_text"]
             lps += c["logprobs"]
+            ids += c["delta_token_ids"]
             last = c
         base = {"id": rid, "created": int(time.time()), "model": self.cfg.served_model_name,
                 "usage": self._usage(last, thinking), "q3serve_pool": last.get("pool")}
@@ -233,7 +234,10 @@ class OpenAIIngress:
         if parsed.reasoning is not None:
             message["reasoning_content"] = parsed.reasoning
         choice = {"index": 0, "message": message, "finish_reason": last["finish_reason"],
-                  "logprobs": {"content": [{"logprob": lp} for lp in lps]} if lps else None}
+                  "logprobs": {"content": [
+                      {"token": self.tokenizer.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
+                      for t, lp in zip(ids, lps)
+                  ]} if lps else None}
         return {**base, "object": "chat.completion", "choices": [choice]}
 
     async def _sse(self, kind: str, rid: str, chunks: AsyncIterator[dict[str, Any]], thinking: bool,

@@ -96,7 +96,7 @@ class PoolRouter:
         for name in order:
             pool = self.cfg.pools()[name]
             limited = apply_limits(pool, params, thinking)
-            if pool.autoscaling.min_replicas == 0 and len(order) > 1 and self.running_replicas(name) == 0:
+            if len(order) > 1 and self.running_replicas(name) == 0:
                 refused.append(f"{name}: no running replica")
                 continue
             gen = self.handles[name].options(stream=True).generate.remote(

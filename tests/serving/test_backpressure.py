@@ -1,5 +1,5 @@
 """Spill-over on a full queue: when the fast pool refuses a request (Serve's max_queued_requests
-reached), the thinking pool serves it; with spill-over off the client gets 429."""
+reached), the thinking pool serves it."""
 
 from __future__ import annotations
 

@@ -195,3 +195,19 @@ def test_chat_cli_streams_a_conversation(server: str) -> None:
     assert run.returncode == 0, run.stderr
     assert "error" not in run.stderr and run.stdout.strip()
     assert run.stdout.count("\n") >= 2  # each of the two turns ends its streamed reply with a newline
+
+
+def test_sampling_fields_pass_through(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "seeded"}], max_tokens=8,
+              extra_body={"enable_thinking": False, "ignore_eos": True})
+    a = client.chat.completions.create(**kw, temperature=1.0, seed=7)
+    b = client.chat.completions.create(**kw, temperature=1.0, seed=7)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    lp = client.chat.completions.create(**kw, temperature=0, logprobs=True)
+    assert len(lp.choices[0].logprobs.content) == 8 and all(t.logprob <= 0 for t in lp.choices[0].logprobs.content)
+    text = lp.choices[0].message.content
+    stop = text[2:4] if len(text) >= 4 else text
+    cut = client.chat.completions.create(**kw, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[: text.index(stop)]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kw, n=2)
