@@ -50,7 +50,8 @@ def _up(args: argparse.Namespace) -> int:
         default_model_path()
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=args.verbose)
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (any number of times) means: shut down cleanly
+        signal.signal(sig, lambda *_: stop.update(now=True))
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
@@ -68,13 +69,13 @@ def _up(args: argparse.Namespace) -> int:
                 print(f"q3serve: error: the application failed to deploy: {app.message}", file=sys.stderr)
                 return 1
             time.sleep(0.5)
+        if stop["now"]:
+            return 0
         base = f"http://{cfg.host}:{cfg.http_port}"
         print(f"q3serve is up: OpenAI API {base}/v1 (model '{cfg.served_model_name}'), health {base}/health", flush=True)
         print("Ctrl-C stops it.", flush=True)
         while not stop["now"]:
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         print("stopping ...", flush=True)
         serve.shutdown()
