@@ -37,10 +37,12 @@ def _up(args: argparse.Namespace) -> int:
     from ray import serve
 
     from deployments.app import APP_NAME, build_app
+    from deployments.auth import load_keys
     from deployments.config import AppConfig
 
     cfg = AppConfig.from_yaml(args.config) if args.config else AppConfig()
-    overrides = {k: v for k, v in (("model", args.model), ("host", args.host), ("http_port", args.port)) if v is not None}
+    overrides = {k: v for k, v in (("model", args.model), ("host", args.host), ("http_port", args.port),
+                                   ("grpc_port", args.grpc_port)) if v is not None}
     cfg = cfg.model_copy(update=overrides)
     cfg = AppConfig.model_validate(cfg.model_dump())
     if cfg.model is None:
@@ -53,7 +55,13 @@ def _up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (any number of times) means: shut down cleanly
         signal.signal(sig, lambda *_: stop.update(now=True))
     try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
+        from deployments.grpc_api import SERVICER_FUNCTIONS
+
+        serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
+                    grpc_options={"port": cfg.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS})
+        if not cfg.api_keys and not load_keys([]) and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"q3serve: warning: no API keys are configured and the server listens on {cfg.host}: "
+                  "anyone who can reach it can use it (set api_keys or $Q3SERVE_API_KEYS)", file=sys.stderr)
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         last = ""
         while not stop["now"]:
@@ -72,7 +80,8 @@ def _up(args: argparse.Namespace) -> int:
         if stop["now"]:
             return 0
         base = f"http://{cfg.host}:{cfg.http_port}"
-        print(f"q3serve is up: OpenAI API {base}/v1 (model '{cfg.served_model_name}'), health {base}/health", flush=True)
+        print(f"q3serve is up: OpenAI API {base}/v1 (model '{cfg.served_model_name}'), health {base}/health, "
+              f"gRPC {cfg.host}:{cfg.grpc_port}", flush=True)
         print("Ctrl-C stops it.", flush=True)
         while not stop["now"]:
             time.sleep(0.5)
@@ -144,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=None, help="checkpoint directory (overrides the config)")
     up.add_argument("--host", default=None)
     up.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    up.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000)")
     up.add_argument("--verbose", action="store_true", help="show the actors' logs")
     up.set_defaults(func=_up)
     chat = sub.add_parser("chat", help="a terminal chat client for a running server")

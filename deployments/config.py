@@ -23,7 +23,7 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(4.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
-    look_back_period_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":
@@ -76,12 +76,21 @@ class RouterConfig(_Strict):
     health_timeout_s: float = Field(5.0, gt=0)
 
 
+class LimitsConfig(_Strict):
+    """Request limits applied by the router before any pool is involved."""
+
+    max_prompt_tokens: int | None = Field(None, ge=1)     # None: the pool's context length
+    max_request_bytes: int = Field(1 << 20, ge=1024)     # HTTP body size
+
+
 class AppConfig(_Strict):
     model: str | None = None                      # checkpoint directory; None = the embedded model
     served_model_name: str = "qwen3-moe"
     thinking: PoolConfig = Field(default_factory=_thinking_pool)
     fast: PoolConfig = Field(default_factory=_fast_pool)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    api_keys: list[str] = Field(default_factory=list)  # also from $Q3SERVE_API_KEYS (comma-separated)
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)

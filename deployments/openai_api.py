@@ -19,7 +19,9 @@ from cluster.config import ModelConfig
 from cluster.default_model import default_model_path
 from cluster.tokenizer import load_tokenizer, render_chat
 from deployments.chat import Parsed, StreamingReasoningParser, decide_thinking, split_reasoning
+from deployments.auth import ApiKeys, load_keys
 from deployments.config import AppConfig
+from deployments.grpc_api import GrpcMethods
 from deployments.metrics import RouterMetrics
 from deployments.router import Overloaded, PoolRouter, PoolsUnavailable, RequestError
 
@@ -100,6 +102,19 @@ def build_fastapi() -> FastAPI:
         param = ".".join(loc) or None
         return error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param)
 
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):  # noqa: ANN001, ANN202
+        """API keys and body size for /v1; /health stays open (and Ray's metrics port too)."""
+        state = request.app.state
+        if request.url.path.startswith("/v1/") and hasattr(state, "keys"):
+            if not state.keys.check(request.headers.get("authorization")):
+                return error(401, "authorization: missing or invalid API key (send 'Authorization: Bearer <key>')",
+                             "authorization", "authentication_error")
+            size = request.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > state.max_request_bytes:
+                return error(413, f"body: {size} bytes exceed the limit of {state.max_request_bytes}", "body")
+        return await call_next(request)
+
     return app
 
 
@@ -107,19 +122,22 @@ app = build_fastapi()
 
 
 @serve.ingress(app)
-class OpenAIIngress:
-    """The HTTP face of the router."""
+class OpenAIIngress(GrpcMethods):
+    """The router's front: OpenAI HTTP here, gRPC methods from GrpcMethods (Serve's gRPC proxy
+    calls the ingress deployment's method named after the RPC)."""
 
     def __init__(self, cfg: AppConfig, handles: dict[str, Any], app_name: str = "q3serve") -> None:
         self.cfg = cfg
         self.router = PoolRouter(cfg, handles, app_name)
+        self.keys = ApiKeys(load_keys(cfg.api_keys))
+        app.state.keys = self.keys
+        app.state.max_request_bytes = cfg.limits.max_request_bytes
         model_path = cfg.model or str(default_model_path())
         self.tokenizer = load_tokenizer(model_path)
         mc = ModelConfig.from_pretrained(model_path)
-        self.max_model_len = {
-            name: min(p.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-            for name, p in cfg.pools().items()
-        }
+        context = min(min(p.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+                      for p in cfg.pools().values())
+        self.prompt_limit = min(context - 1, cfg.limits.max_prompt_tokens or context)
         self.created = int(time.time())
         self.metrics = RouterMetrics()
 
@@ -140,9 +158,7 @@ class OpenAIIngress:
         if body.model != self.cfg.served_model_name:
             return error(404, f"model: '{body.model}' does not exist; this server serves '{self.cfg.served_model_name}'", "model", "not_found_error")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        thinking = decide_thinking(body.explicit_thinking(), messages, self.cfg.router.default_thinking)
-        prompt = render_chat(self.tokenizer, messages, enable_thinking=thinking)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        thinking, ids = self.chat_prompt(messages, body.explicit_thinking())
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = body.sampling(max_tokens, body.logprobs, body.budget())
         return await self._serve("chat", body, ids, params, thinking)
@@ -156,24 +172,39 @@ class OpenAIIngress:
         return await self._serve("completion", body, ids, params, thinking=body.thinking_budget is not None)
 
     # -- plumbing -------------------------------------------------------------------------------
+    # -- shared with the gRPC methods --------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict[str, Any]], explicit: bool | None) -> tuple[bool, list[int]]:
+        """Thinking mode and the prompt ids, through Qwen3's own template."""
+        thinking = decide_thinking(explicit, messages, self.cfg.router.default_thinking)
+        prompt = render_chat(self.tokenizer, messages, enable_thinking=thinking)
+        return thinking, self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    async def start(self, ids: list[int], params: dict[str, Any], thinking: bool, param: str
+                    ) -> tuple[str, AsyncIterator[dict[str, Any]]]:
+        """Checks the prompt against the limits and starts it on a pool. Raises RequestError,
+        Overloaded or PoolsUnavailable."""
+        if len(ids) > self.prompt_limit:
+            raise RequestError(f"{param}: the prompt is {len(ids)} tokens, over the limit of {self.prompt_limit}", param)
+        try:
+            return await self.router.stream(ids, params, thinking, f"req-{uuid.uuid4().hex}")
+        except (RequestError, Overloaded, PoolsUnavailable):
+            raise
+        except ValueError as exc:  # a pool rejected the request's content
+            raise RequestError(str(exc).splitlines()[-1]) from None
+
+    # -- plumbing -------------------------------------------------------------------------------
     async def _serve(self, kind: str, body: _Sampling, ids: list[int], params: dict[str, Any], thinking: bool) -> Any:
-        limit = min(self.max_model_len.values())
-        if len(ids) >= limit:
-            return error(400, f"messages: the prompt is {len(ids)} tokens, at or over the context length {limit}",
-                         "messages" if kind == "chat" else "prompt")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         route = "chat" if kind == "chat" else "completions"
         start = time.monotonic()
         try:
-            pool, chunks = await self.router.stream(ids, params, thinking, rid)
+            pool, chunks = await self.start(ids, params, thinking, "messages" if kind == "chat" else "prompt")
         except RequestError as exc:
             return self._failed(route, error(400, str(exc), exc.param))
         except Overloaded as exc:
             return self._failed(route, error(429, str(exc), kind="rate_limit_error"))
         except PoolsUnavailable as exc:
             return self._failed(route, error(503, str(exc), kind="service_unavailable"))
-        except ValueError as exc:  # a pool rejected the request's content
-            return self._failed(route, error(400, str(exc).splitlines()[-1]))
         chunks = self._measured(chunks, {"pool": pool, "route": route}, start)
         headers = {"x-q3serve-pool": pool}
         if body.stream:

@@ -47,6 +47,7 @@ def qwen_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 METRICS_PORT: dict[str, int] = {}
+GRPC_PORT: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,14 @@ def thinker_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_app(cfg: AppConfig, ready_pools: tuple[str, ...] | None = None) -> str:
+    from deployments.grpc_api import SERVICER_FUNCTIONS
+
     port = free_port()
     METRICS_PORT["port"] = free_port()
+    GRPC_PORT["port"] = free_port()
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT["port"])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": GRPC_PORT["port"], "grpc_servicer_functions": SERVICER_FUNCTIONS})
     serve.run(build_app(cfg), name="q3serve", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     wait_healthy(base, ready_pools)

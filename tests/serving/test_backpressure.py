@@ -1,5 +1,5 @@
-"""Spill-over on a full queue: when the fast pool refuses a request (Serve's max_queued_requests
-reached), the thinking pool serves it."""
+"""Full queues: when the fast pool refuses a request (Serve's max_queued_requests reached) the
+thinking pool serves it; when both refuse, HTTP says 429 and gRPC RESOURCE_EXHAUSTED at once."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.serving.conftest import start_app, stop_app
 def server(qwen_vocab_checkpoint: Path):
     cfg = AppConfig.model_validate({
         "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
+        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "max_ongoing_requests": 1, "max_queued_requests": 1},
         "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "max_ongoing_requests": 1, "max_queued_requests": 1},
     })
     yield start_app(cfg)
@@ -30,6 +30,32 @@ def test_full_fast_queue_spills_to_thinking(server: str) -> None:
     with cf.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(httpx.post, f"{server}/v1/chat/completions", json=body, timeout=120) for _ in range(6)]
         responses = [f.result() for f in futures]
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
-    served_by = [r.headers["x-q3serve-pool"] for r in responses]
+    served_by = [r.headers["x-q3serve-pool"] for r in responses if r.status_code == 200]
     assert "fast" in served_by and "thinking" in served_by, served_by
+    refused = [r for r in responses if r.status_code != 200]
+    assert refused and all(r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+    # and the server still serves
+    ok = httpx.post(f"{server}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_grpc_resource_exhausted(server: str) -> None:
+    import grpc
+
+    from deployments.grpc_client import Q3ServeClient
+    from tests.serving.conftest import GRPC_PORT
+
+    def one() -> grpc.StatusCode:
+        client = Q3ServeClient(f"127.0.0.1:{GRPC_PORT['port']}")
+        try:
+            list(client.generate([1, 2, 3], max_tokens=300, ignore_eos=True, timeout=120))
+            return grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            return exc.code()
+        finally:
+            client.close()
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: one(), range(6)))
+    assert grpc.StatusCode.OK in codes and grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes

@@ -24,7 +24,7 @@ def test_up_serves_and_stops_on_ctrl_c(qwen_vocab_checkpoint: Path, tmp_path: Pa
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "up", "--config", str(cfg), "--model", str(qwen_vocab_checkpoint),
-         "--port", str(port)],
+         "--port", str(port), "--grpc-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: list[str] = []

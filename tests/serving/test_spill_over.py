@@ -34,3 +34,14 @@ def test_no_think_spills_to_thinking_pool(server: str) -> None:
     )
     assert raw.headers["x-q3serve-pool"] == "thinking"
     assert raw.parse().choices[0].finish_reason in ("length", "stop")
+
+
+def test_grpc_health_not_serving_until_every_pool_is_ready(server: str) -> None:
+    from deployments.grpc_client import Q3ServeClient
+    from tests.serving.conftest import GRPC_PORT
+
+    client = Q3ServeClient(f"127.0.0.1:{GRPC_PORT['port']}")
+    try:
+        assert client.health() == 2  # NOT_SERVING: the fast pool has no replica
+    finally:
+        client.close()
