@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from cluster import LLM, SamplingParams
+from deployments.auth import load_keys
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -26,6 +27,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def exposure_warning(host: str, keys: list[str]) -> str | None:
+    """Open (no keys) is fine on loopback; beyond it, say so."""
+    if keys or host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"no API keys are configured and the server listens on {host}: anyone who can reach it can use it "
+            "(set api_keys in the config or $Q3SERVE_API_KEYS)")
+
+
 def _up(args: argparse.Namespace) -> int:
     """Starts Ray and Serve here, deploys the app, prints the URLs once every pool is ready,
     and stops everything on Ctrl-C."""
@@ -37,7 +46,6 @@ def _up(args: argparse.Namespace) -> int:
     from ray import serve
 
     from deployments.app import APP_NAME, build_app
-    from deployments.auth import load_keys
     from deployments.config import AppConfig
 
     cfg = AppConfig.from_yaml(args.config) if args.config else AppConfig()
@@ -59,9 +67,9 @@ def _up(args: argparse.Namespace) -> int:
 
         serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
                     grpc_options={"port": cfg.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS})
-        if not cfg.api_keys and not load_keys([]) and cfg.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"q3serve: warning: no API keys are configured and the server listens on {cfg.host}: "
-                  "anyone who can reach it can use it (set api_keys or $Q3SERVE_API_KEYS)", file=sys.stderr)
+        warning = exposure_warning(cfg.host, load_keys(cfg.api_keys))
+        if warning:
+            print(f"q3serve: warning: {warning}", file=sys.stderr)
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         last = ""
         while not stop["now"]:
