@@ -93,3 +93,15 @@ def start_app(cfg: AppConfig, ready_pools: tuple[str, ...] | None = None) -> str
 def stop_app() -> None:
     serve.shutdown()
     ray.shutdown()
+
+
+def pool_idle_stats(pool: str = "fast-pool", timeout_s: float = 30) -> dict:
+    """The pool's stats once nothing runs and every KV block is free (or at the timeout)."""
+    handle = serve.get_deployment_handle(pool, app_name="q3serve")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = handle.stats.remote().result(timeout_s=30)
+        idle = stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        if idle or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)

@@ -3,17 +3,15 @@ the response, Generate equal to LLM.generate, ListModels, health, and every stat
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from ray import serve
 
 from cluster import LLM, SamplingParams
 from deployments.config import AppConfig
 from deployments.grpc_client import Q3ServeClient
-from tests.serving.conftest import GRPC_PORT, start_app, stop_app
+from tests.serving.conftest import GRPC_PORT, pool_idle_stats, start_app, stop_app
 
 KEY = "test-key-123"
 
@@ -92,13 +90,7 @@ def test_cancel_frees_kv_blocks(client: Q3ServeClient) -> None:
     it = iter(call)
     next(it)
     call.cancel()
-    pool = serve.get_deployment_handle("fast-pool", app_name="q3serve")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        st = pool.stats.remote().result(timeout_s=30)
-        if st["running"] == 0 and st["kv_blocks_free"] == st["kv_blocks_total"]:
-            break
-        time.sleep(0.2)
+    st = pool_idle_stats("fast-pool")
     assert st["running"] == 0 and st["kv_blocks_free"] == st["kv_blocks_total"]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.tokenizer import STOP_THINKING
 from deployments.config import AppConfig
-from tests.serving.conftest import start_app, stop_app
+from tests.serving.conftest import pool_idle_stats, start_app, stop_app
 
 MODEL = "qwen3-test"
 
@@ -134,7 +134,6 @@ def test_malformed_json(server: str) -> None:
 
 
 def test_client_cancel_frees_kv_blocks(server: str) -> None:
-    import time
 
     from ray import serve
 
@@ -147,12 +146,7 @@ def test_client_cancel_frees_kv_blocks(server: str) -> None:
         for _ in range(5):
             next(lines)
         assert pool.stats.remote().result(timeout_s=30)["running"] == 1
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        stats = pool.stats.remote().result(timeout_s=30)
-        if stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
-            break
-        time.sleep(0.2)
+    stats = pool_idle_stats("fast-pool")
     assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
