@@ -229,7 +229,8 @@ class ParallelConfig:
 @dataclass
 class EngineConfig:
     """Limits of the scheduler and the KV pool. The KV pool is sized from `kv_cache_memory_gb`
-    unless `num_kv_blocks` pins it (tests use that to force preemption)."""
+    unless `num_kv_blocks` pins it (tests use that to force preemption); with several attention
+    shards, each shard gets a pool of that size for its own sequences."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
