@@ -27,7 +27,8 @@ def _instance_bundles(pool: PoolConfig) -> dict[str, Any]:
     if not _expert_parallel(pool):
         return {}
     p = ParallelConfig(attention_shards=pool.attention_shards, expert_groups=pool.expert_groups, device=pool.device,
-                       actor_resources=pool.actor_resources)
+                       actor_resources=pool.actor_resources, attention_resources=pool.attention_resources,
+                       expert_resources=pool.expert_resources)
     bundles = [{"CPU": 1.0}] + [p.bundle("attention")] * pool.attention_shards + [p.bundle("expert")] * pool.expert_groups
     return {"placement_group_bundles": bundles, "placement_group_strategy": "PACK"}
 

@@ -53,11 +53,14 @@ class PoolConfig(_Strict):
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    actor_resources: dict[str, float] | None = None
+    actor_resources: dict[str, float] | None = None        # each actor's bundle (default 1 GPU / 1 CPU)
+    attention_resources: dict[str, float] = Field(default_factory=dict)  # extra, e.g. a worker group's resource
+    expert_resources: dict[str, float] = Field(default_factory=dict)
 
     def engine_kwargs(self) -> dict[str, Any]:
         keys = ("attention_shards", "expert_groups", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "kv_cache_memory_gb", "block_size", "enable_prefix_caching", "actor_resources")
+                "max_model_len", "kv_cache_memory_gb", "block_size", "enable_prefix_caching", "actor_resources",
+                "attention_resources", "expert_resources")
         return {k: getattr(self, k) for k in keys}
 
 

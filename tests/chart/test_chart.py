@@ -1,0 +1,178 @@
+"""The Helm chart, rendered and linted by a real Helm engine (helm-python-sdk), every document
+validated offline: RayService and ServiceMonitor against their CRDs (as the API server would,
+unknown fields rejected), core kinds with kubernetes-validate in strict mode, and the rendered
+serveConfigV2 loaded by AppConfig unchanged."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from deployments.config import AppConfig
+from deployments.grpc_api import SERVICER_FUNCTIONS
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "q3serve"
+SCHEMAS = Path(os.environ.get("Q3SERVE_K8S_SCHEMAS", ROOT.parent / "shared" / "k8s-schemas"))
+PRESETS = sorted((CHART / "presets").glob("*.yaml"))
+ALL_ON = {"apiKeys": {"keys": ["k1", "k2"]}, "networkPolicy": {"enabled": True}, "serviceMonitor": {"enabled": True}}
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    out = helm_python.Chart.load(str(CHART)).render(values or {}, name="q3", namespace="serving", is_install=True)
+    docs = []
+    for text in out.values():
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def preset(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _strict(schema: Any) -> Any:
+    """additionalProperties: false wherever properties are listed (typos fail), defaults not required."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        props = schema.get("properties")
+        if props and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+            if "required" in schema:
+                schema["required"] = [r for r in schema["required"] if "default" not in props.get(r, {})]
+        return schema
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    return schema
+
+
+def _prune(doc: Any) -> Any:
+    if isinstance(doc, dict):
+        return {k: _prune(v) for k, v in doc.items() if v is not None}
+    if isinstance(doc, list):
+        return [_prune(v) for v in doc]
+    return doc
+
+
+def crd_validator(name: str) -> jsonschema.Draft7Validator:
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"no CRD schemas at {SCHEMAS} (set Q3SERVE_K8S_SCHEMAS to the shared k8s-schemas folder)")
+    crd = yaml.safe_load((SCHEMAS / name).read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def check_documents(docs: list[dict[str, Any]]) -> None:
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("RayService") == 1
+    for doc in docs:
+        if doc["kind"] == "RayService":
+            errors = sorted(crd_validator("ray.io_rayservices.yaml").iter_errors(_prune(doc)), key=str)
+            assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+        elif doc["kind"] == "ServiceMonitor":
+            errors = list(crd_validator("monitoring.coreos.com_servicemonitors.yaml").iter_errors(_prune(doc)))
+            assert not errors, [e.message for e in errors[:5]]
+        else:
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+
+
+def assert_lint_clean(values: dict[str, Any]) -> None:
+    """Strict lint: no errors and no message of warning severity or worse (helm: 2 = warning)."""
+    result = helm_python.lint(str(CHART), values, strict=True)
+    assert result["total_charts_linted"] == 1
+    assert not result["errors"] and all(m["severity"] < 2 for m in result["messages"]), result
+
+
+def serve_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])
+
+
+@pytest.mark.parametrize("values", [{}, ALL_ON], ids=["defaults", "everything-on"])
+def test_default_chart_lints_and_validates(values: dict) -> None:
+    assert_lint_clean(values)
+    docs = render(values)
+    check_documents(docs)
+    kinds = {d["kind"] for d in docs}
+    assert {"RayService", "Service", "PodDisruptionBudget"} <= kinds
+    if values is ALL_ON:
+        assert {"Secret", "NetworkPolicy", "ServiceMonitor"} <= kinds
+    else:
+        assert not {"Secret", "NetworkPolicy", "ServiceMonitor"} & kinds
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_lint_and_validate(path: Path) -> None:
+    values = preset(path)
+    assert_lint_clean(values)
+    docs = render(values)
+    check_documents(docs)
+    cfg = AppConfig.model_validate(serve_config(docs)["applications"][0]["args"])
+    assert cfg.thinking.expert_groups <= values["model"]["numExperts"]
+
+
+@pytest.mark.parametrize("values", [{}, *[preset(p) for p in PRESETS]], ids=["defaults", *[p.stem for p in PRESETS]])
+def test_serve_config_loads_in_app_config_unchanged(values: dict) -> None:
+    sc = serve_config(render(values))
+    app = sc["applications"][0]
+    assert app["import_path"] == "deployments.app:app_builder"
+    cfg = AppConfig.model_validate(app["args"])
+    expected = _merge(yaml.safe_load((CHART / "values.yaml").read_text())["app"], values.get("app", {}))
+    assert cfg.model_dump(exclude_unset=True) == {**expected, "model": _merge(
+        yaml.safe_load((CHART / "values.yaml").read_text())["model"], values.get("model", {}))["mountPath"]}
+    assert sc["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
+    assert sc["grpc_options"]["port"] == 9000 and sc["http_options"]["port"] == 8000
+
+
+def test_ray_cluster_shape() -> None:
+    rs = next(d for d in render() if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    assert rs["enableInTreeAutoscaling"] is True and rs["autoscalerOptions"]["version"] == "v2"
+    assert rs["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    groups = {g["groupName"]: g for g in rs["workerGroupSpecs"]}
+    assert set(groups) == {"attention", "expert"}
+    for name, g in groups.items():
+        c = g["template"]["spec"]["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
+        assert g["resources"] == {f"q3serve_{name}": c["resources"]["limits"]["nvidia.com/gpu"]}
+        assert any(v["name"] == "dshm" and v["emptyDir"]["medium"] == "Memory" for v in g["template"]["spec"]["volumes"])
+    head_ports = {p["name"]: p["containerPort"] for p in rs["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["serve"] == 8000 and head_ports["serve-grpc"] == 9000
+    probe = rs["headGroupSpec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/health", "port": "serve"}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"workerGroups": {"expert": {"minReplicas": 3, "maxReplicas": 2}}}, "workerGroups.expert.maxReplicas"),
+        ({"app": {"thinking": {"attention_shards": 0}}}, "app.thinking.attention_shards"),
+        ({"app": {"fast": {"expert_groups": 200}}}, "app.fast.expert_groups"),
+        ({"model": {"pvc": {"claimName": ""}}}, "model: set model.pvc.claimName or model.hostPath"),
+        ({"app": {"thinking": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}}, "app.thinking.autoscaling"),
+        ({"workerGroups": {"attention": {"gpusPerPod": 0}}}, "gpusPerPod"),
+        ({"unknownKey": 1}, "unknownKey"),
+    ],
+)
+def test_bad_values_fail_with_a_message(values: dict, message: str) -> None:
+    with pytest.raises(helm_python.HelmError) as exc:
+        render(values)
+    assert message in str(exc.value)
+
+
+def test_lint_reports_schema_violations() -> None:
+    result = helm_python.lint(str(CHART), {"image": {"pullPolicy": "Sometimes"}}, strict=True)
+    assert result["errors"] or any(m["severity"] >= 2 for m in result["messages"])
