@@ -176,3 +176,13 @@ def test_bad_values_fail_with_a_message(values: dict, message: str) -> None:
 def test_lint_reports_schema_violations() -> None:
     result = helm_python.lint(str(CHART), {"image": {"pullPolicy": "Sometimes"}}, strict=True)
     assert result["errors"] or any(m["severity"] >= 2 for m in result["messages"])
+
+
+def test_api_key_secret_generated_or_existing() -> None:
+    generated = [d for d in render({"apiKeys": {"generate": True}}) if d["kind"] == "Secret"]
+    assert len(generated) == 1 and len(generated[0]["stringData"]["api-keys"]) == 40
+    existing = render({"apiKeys": {"existingSecret": "mine", "keys": ["ignored"]}})
+    assert not [d for d in existing if d["kind"] == "Secret"]
+    rs = next(d for d in existing if d["kind"] == "RayService")
+    env = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert env == [{"name": "Q3SERVE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "api-keys", "optional": True}}}]
