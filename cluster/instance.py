@@ -92,18 +92,17 @@ class RayExecutor:
         tag = uuid.uuid4().hex[:6]
         self.names: dict[ray.actor.ActorHandle, str] = {}
         self.shards = [
-            self._spawn(AttentionShard, i, f"attention-shard-{i}", bundles[i], tag)
-            .remote(path, cfg, dtype, device, num_blocks, block_size, max_model_len, i, a, e, self.placement, parallel.torch_threads)
+            self._spawn(AttentionShard, i, f"attention-shard-{i}", bundles[i], tag,
+                        path, cfg, dtype, device, num_blocks, block_size, max_model_len, i, a, e, self.placement,
+                        parallel.torch_threads)
             for i in range(a)
         ]
         self.groups = [
-            self._spawn(ExpertGroup, a + j, f"expert-group-{j}", bundles[a + j], tag)
-            .remote(path, cfg, dtype, device, a + j, a, e, self.placement, parallel.torch_threads)
+            self._spawn(ExpertGroup, a + j, f"expert-group-{j}", bundles[a + j], tag,
+                        path, cfg, dtype, device, a + j, a, e, self.placement, parallel.torch_threads)
             for j in range(e)
         ]
         self.actors = self.shards + self.groups
-        for actor, name in zip(self.actors, [f"attention-shard-{i}" for i in range(a)] + [f"expert-group-{j}" for j in range(e)]):
-            self.names[actor] = name
         backend = "nccl" if device == "cuda" else "gloo"
         try:
             addr, port = ray.get(self.shards[0].rendezvous_address.remote(), timeout=600)
@@ -114,13 +113,16 @@ class RayExecutor:
             self.shutdown()
             raise
 
-    def _spawn(self, cls: type, index: int, name: str, bundle: dict[str, float], tag: str):  # noqa: ANN202
-        return ray.remote(cls).options(
+    def _spawn(self, cls: type, index: int, name: str, bundle: dict[str, float], tag: str, *args: object):  # noqa: ANN202
+        """Starts one actor in its bundle and remembers its name for error messages."""
+        actor = ray.remote(cls).options(
             name=f"q3serve-{tag}-{name}",
             num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset + index),
             max_concurrency=2,  # ping and stats answer while a step runs
-        )
+        ).remote(*args)
+        self.names[actor] = name
+        return actor
 
     def _wait(self, futures: dict, timeout_s: float) -> list:
         """Results in the order given; raises InstanceError naming the first actor that failed."""

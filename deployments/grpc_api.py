@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from deployments.chat import StreamingReasoningParser
+from deployments.chat import StreamingReasoningParser, reasoning_tokens
 from deployments.router import Overloaded, PoolsUnavailable, RequestError
 from protos.q3serve.v1 import q3serve_pb2 as pb
 
@@ -81,7 +81,7 @@ class GrpcMethods:
     @staticmethod
     def _grpc_usage(last: dict[str, Any], thinking: bool) -> pb.Usage:
         return pb.Usage(prompt_tokens=last["prompt_tokens"], completion_tokens=last["completion_tokens"],
-                        reasoning_tokens=last.get("reasoning_tokens", 0) if thinking else 0)
+                        reasoning_tokens=reasoning_tokens(last, thinking))
 
     # -- q3serve.v1.ChatService -----------------------------------------------------------------
     async def Chat(self, request: pb.ChatRequest, grpc_context: Any) -> AsyncIterator[pb.ChatChunk]:  # noqa: N802

@@ -18,7 +18,7 @@ from ray import serve
 from cluster.config import ModelConfig
 from cluster.default_model import default_model_path
 from cluster.tokenizer import load_tokenizer, render_chat
-from deployments.chat import Parsed, StreamingReasoningParser, decide_thinking, split_reasoning
+from deployments.chat import Parsed, StreamingReasoningParser, decide_thinking, reasoning_tokens, split_reasoning
 from deployments.auth import ApiKeys, load_keys
 from deployments.config import AppConfig
 from deployments.grpc_api import GrpcMethods
@@ -179,14 +179,14 @@ class OpenAIIngress(GrpcMethods):
         prompt = render_chat(self.tokenizer, messages, enable_thinking=thinking)
         return thinking, self.tokenizer.encode(prompt, add_special_tokens=False)
 
-    async def start(self, ids: list[int], params: dict[str, Any], thinking: bool, param: str
-                    ) -> tuple[str, AsyncIterator[dict[str, Any]]]:
+    async def start(self, ids: list[int], params: dict[str, Any], thinking: bool, param: str,
+                    request_id: str | None = None) -> tuple[str, AsyncIterator[dict[str, Any]]]:
         """Checks the prompt against the limits and starts it on a pool. Raises RequestError,
         Overloaded or PoolsUnavailable."""
         if len(ids) > self.prompt_limit:
             raise RequestError(f"{param}: the prompt is {len(ids)} tokens, over the limit of {self.prompt_limit}", param)
         try:
-            return await self.router.stream(ids, params, thinking, f"req-{uuid.uuid4().hex}")
+            return await self.router.stream(ids, params, thinking, request_id or f"req-{uuid.uuid4().hex}")
         except (RequestError, Overloaded, PoolsUnavailable):
             raise
         except ValueError as exc:  # a pool rejected the request's content
@@ -198,7 +198,7 @@ class OpenAIIngress(GrpcMethods):
         route = "chat" if kind == "chat" else "completions"
         start = time.monotonic()
         try:
-            pool, chunks = await self.start(ids, params, thinking, "messages" if kind == "chat" else "prompt")
+            pool, chunks = await self.start(ids, params, thinking, "messages" if kind == "chat" else "prompt", rid)
         except RequestError as exc:
             return self._failed(route, error(400, str(exc), exc.param))
         except Overloaded as exc:
@@ -241,7 +241,7 @@ class OpenAIIngress(GrpcMethods):
 
     def _usage(self, last: dict[str, Any], thinking: bool) -> dict[str, Any]:
         completion = last["completion_tokens"]
-        reasoning = last.get("reasoning_tokens", 0) if thinking else 0
+        reasoning = reasoning_tokens(last, thinking)
         return {"prompt_tokens": last["prompt_tokens"], "completion_tokens": completion,
                 "total_tokens": last["prompt_tokens"] + completion,
                 "completion_tokens_details": {"reasoning_tokens": reasoning}}
