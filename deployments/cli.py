@@ -1,10 +1,12 @@
-"""The `q3serve` command: `up` (serve the app on a local Ray cluster), `generate` (offline), and
-`chat` (a terminal client for a running server)."""
+"""The `q3serve` command: `up` (serve the app on a local Ray cluster), `generate` (offline),
+`chat` (a terminal client for a running server) and `eval` (held-out accuracy of a running server)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import httpx
 
 from cluster import LLM, SamplingParams
 from deployments.auth import load_keys
@@ -56,9 +58,9 @@ def _up(args: argparse.Namespace) -> int:
     if cfg.model is None:
         from cluster.default_model import default_model_path
 
-        print("preparing the embedded model ...", flush=True)
-        default_model_path()
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=args.verbose)
+        print(f"serving the embedded model {default_model_path()}", flush=True)
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=args.verbose,
+             _metrics_export_port=args.metrics_port)
     stop = {"now": False}
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (any number of times) means: shut down cleanly
         signal.signal(sig, lambda *_: stop.update(now=True))
@@ -89,7 +91,7 @@ def _up(args: argparse.Namespace) -> int:
             return 0
         base = f"http://{cfg.host}:{cfg.http_port}"
         print(f"q3serve is up: OpenAI API {base}/v1 (model '{cfg.served_model_name}'), health {base}/health, "
-              f"gRPC {cfg.host}:{cfg.grpc_port}", flush=True)
+              f"gRPC {cfg.host}:{cfg.grpc_port}, metrics http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
         print("Ctrl-C stops it.", flush=True)
         while not stop["now"]:
             time.sleep(0.5)
@@ -153,6 +155,12 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from deployments.evaluate import main as run_eval
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q3serve", description="Serve Qwen3 MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,8 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default=None)
     up.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     up.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000)")
+    up.add_argument("--metrics-port", type=int, default=8080, help="Prometheus export port (default 8080, as KubeRay)")
     up.add_argument("--verbose", action="store_true", help="show the actors' logs")
     up.set_defaults(func=_up)
+    ev = sub.add_parser("eval", help="held-out task accuracy of a running server, per mode and thinking budget")
+    ev.add_argument("--url", default="http://127.0.0.1:8000")
+    ev.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    ev.add_argument("--api-key", default=None)
+    ev.add_argument("--per-task", type=int, default=20, help="held-out items per task kind")
+    ev.add_argument("--budgets", default="0,8,16,32,64,128", help="thinking budgets, comma-separated")
+    ev.add_argument("--seed", type=int, default=1234, help="seed of the held-out set")
+    ev.add_argument("--concurrency", type=int, default=8)
+    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    ev.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics",
+                    help="Prometheus export to read per-expert counts from ('' to skip)")
+    ev.add_argument("--out", default="benchmarks/results/eval.json")
+    ev.add_argument("--plot", default="benchmarks/results/eval_budget.png", help="PNG path ('' to skip)")
+    ev.set_defaults(func=_eval)
     chat = sub.add_parser("chat", help="a terminal chat client for a running server")
     chat.add_argument("--url", default="http://127.0.0.1:8000")
     chat.add_argument("--model", default=None, help="served model name (default: the server's first)")
@@ -192,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, httpx.HTTPError) as exc:
         print(f"q3serve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,249 @@
+"""`q3serve eval`: the held-out task set (training/tasks.py, fixed seed, never trained on) asked
+through a running server's OpenAI API, in non-thinking mode, thinking mode, and thinking mode at
+several budgets. Reports accuracy per task and mode, mean reasoning tokens and latency as JSON,
+a PNG of accuracy against thinking budget, and the per-expert routing counts the engines counted
+while serving the eval (scraped from the Prometheus export, as an operator would)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from training.tasks import KINDS, MULTI_STEP, Task, check, eval_set
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    thinking: bool
+    budget: int | None = None
+
+
+def conditions(budgets: list[int]) -> list[Condition]:
+    return ([Condition("non-thinking", False), Condition("thinking", True)]
+            + [Condition(f"budget-{b}", True, b) for b in budgets])
+
+
+async def ask(client: httpx.AsyncClient, model: str, task: Task, cond: Condition, max_tokens: int) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model, "messages": [{"role": "user", "content": task.question}], "temperature": 0.0,
+        "max_tokens": max_tokens, "chat_template_kwargs": {"enable_thinking": cond.thinking},
+    }
+    if cond.budget is not None:
+        body["thinking_budget"] = cond.budget
+    start = time.perf_counter()
+    r = await client.post("/v1/chat/completions", json=body)
+    latency = time.perf_counter() - start
+    if r.status_code != 200:
+        raise RuntimeError(f"the server answered {r.status_code} to an eval request: {r.text[:300]}")
+    out = r.json()
+    msg, usage = out["choices"][0]["message"], out["usage"]
+    content = msg.get("content") or ""
+    return {
+        "condition": cond.name, "kind": task.kind, "key": task.key, "question": task.question,
+        "expected": task.answer, "content": content, "correct": check(task, content),
+        "has_reasoning": bool(msg.get("reasoning_content")),
+        "reasoning_tokens": (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0),
+        "completion_tokens": usage["completion_tokens"], "finish_reason": out["choices"][0]["finish_reason"],
+        "latency_s": round(latency, 4), "pool": r.headers.get("x-q3serve-pool"),
+    }
+
+
+async def run_requests(url: str, model: str, tasks: list[Task], conds: list[Condition], concurrency: int,
+                       max_tokens: int, api_key: str | None, timeout_s: float, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limit = asyncio.Semaphore(concurrency)
+    jobs = [(t, c) for c in conds for t in tasks]
+    bar = tqdm(total=len(jobs), desc="eval", unit="req", disable=not progress)
+
+    async def one(client: httpx.AsyncClient, task: Task, cond: Condition) -> dict:
+        async with limit:
+            rec = await ask(client, model, task, cond, max_tokens)
+            bar.update()
+            return rec
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s) as client:
+        try:
+            return list(await asyncio.gather(*(one(client, t, c) for t, c in jobs)))
+        finally:
+            bar.close()
+
+
+def _stats(recs: list[dict]) -> dict[str, Any]:
+    lat = sorted(r["latency_s"] for r in recs)
+    return {
+        "n": len(recs), "accuracy": round(sum(r["correct"] for r in recs) / len(recs), 4),
+        "mean_reasoning_tokens": round(statistics.mean(r["reasoning_tokens"] for r in recs), 2),
+        "mean_completion_tokens": round(statistics.mean(r["completion_tokens"] for r in recs), 2),
+        "with_reasoning": round(sum(r["has_reasoning"] for r in recs) / len(recs), 4),
+        "latency_mean_s": round(statistics.mean(lat), 4), "latency_p50_s": lat[len(lat) // 2],
+        "latency_p90_s": lat[min(len(lat) - 1, int(len(lat) * 0.9))],
+    }
+
+
+def summarize(records: list[dict], conds: list[Condition]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for c in conds:
+        recs = [r for r in records if r["condition"] == c.name]
+        out[c.name] = {k: _stats([r for r in recs if r["kind"] == k]) for k in KINDS}
+        out[c.name]["multi_step"] = _stats([r for r in recs if r["kind"] in MULTI_STEP])
+        out[c.name]["all"] = _stats(recs)
+    return out
+
+
+def scrape_expert_counts(metrics_url: str) -> dict[str, list[list[float]]]:
+    """{pool: [layer][expert]} summed over replicas, from `ray_q3serve_expert_tokens`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(metrics_url, timeout=10).text
+    cells: dict[str, dict[tuple[int, int], float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "ray_q3serve_expert_tokens":
+            continue
+        for s in family.samples:
+            key = (int(s.labels["layer"]), int(s.labels["expert"]))
+            pool = cells.setdefault(s.labels.get("pool", "?"), {})
+            pool[key] = pool.get(key, 0.0) + s.value
+    out = {}
+    for pool, cell in cells.items():
+        layers, experts = max(k[0] for k in cell) + 1, max(k[1] for k in cell) + 1
+        out[pool] = [[cell.get((layer, e), 0.0) for e in range(experts)] for layer in range(layers)]
+    return out
+
+
+def settled_expert_counts(metrics_url: str, timeout_s: float = 90.0, quiet_s: float = 15.0) -> dict:
+    """Counts once they stop changing for quiet_s (the pool publishes every 2 s and Ray exports
+    every few seconds), or the last read at timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    last, since = scrape_expert_counts(metrics_url), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(2.0)
+        now = scrape_expert_counts(metrics_url)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return last
+
+
+def expert_usage(before: dict, after: dict) -> dict[str, Any]:
+    """Per-pool counts over the eval (after - before) and how uneven they are per layer."""
+    counts, unevenness = {}, {}
+    for pool, grid in after.items():
+        base = before.get(pool)
+        diff = [[a - (base[i][j] if base else 0.0) for j, a in enumerate(row)] for i, row in enumerate(grid)]
+        counts[pool] = diff
+        per_layer = []
+        for row in diff:
+            total = sum(row)
+            if total <= 0:
+                continue
+            mean = total / len(row)
+            per_layer.append({"max_over_mean": round(max(row) / mean, 3), "min_over_mean": round(min(row) / mean, 3),
+                              "cv": round(statistics.pstdev(row) / mean, 3)})
+        unevenness[pool] = per_layer
+    return {"counts": counts, "per_layer": unevenness}
+
+
+def plot(summary: dict[str, dict[str, Any]], budgets: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    groups = [*MULTI_STEP, "multi_step"]
+    for g in groups:
+        ys = [summary[f"budget-{b}"][g]["accuracy"] for b in budgets]
+        style = {"linewidth": 3, "color": "black"} if g == "multi_step" else {"linewidth": 1.2, "alpha": 0.8}
+        line, = ax.plot(budgets, ys, marker="o", label=g if g != "multi_step" else "multi-step (all)", **style)
+        if g == "multi_step":
+            ax.axhline(summary["thinking"][g]["accuracy"], color="black", linestyle="--", linewidth=1,
+                       label="multi-step, thinking unlimited")
+            ax.axhline(summary["non-thinking"][g]["accuracy"], color="gray", linestyle=":", linewidth=1.5,
+                       label="multi-step, non-thinking")
+    ax.set_xscale("symlog", linthresh=16)
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("thinking budget (tokens)")
+    ax.set_ylabel("accuracy on held-out tasks")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def machine() -> str:
+    import os
+
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
+
+
+def evaluate(url: str, model: str | None = None, per_task: int = 20, budgets: list[int] | None = None,
+             seed: int = 1234, concurrency: int = 8, max_tokens: int = 512, api_key: str | None = None,
+             metrics_url: str | None = None, timeout_s: float = 300.0, progress: bool = True) -> dict[str, Any]:
+    budgets = sorted(budgets if budgets is not None else [0, 8, 16, 32, 64, 128])
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if model is None:
+        model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    tasks = eval_set(per_task, seed)
+    conds = conditions(budgets)
+    before = settled_expert_counts(metrics_url) if metrics_url else {}
+    start = time.perf_counter()
+    records = asyncio.run(run_requests(url, model, tasks, conds, concurrency, max_tokens, api_key, timeout_s, progress))
+    wall = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "machine": machine(), "server": url, "model": model, "wall_s": round(wall, 1),
+        "settings": {"per_task": per_task, "seed": seed, "budgets": budgets, "concurrency": concurrency,
+                     "max_tokens": max_tokens, "temperature": 0.0, "kinds": list(KINDS), "multi_step": list(MULTI_STEP)},
+        "conditions": [asdict(c) for c in conds],
+        "summary": summarize(records, conds),
+    }
+    if metrics_url:
+        result["expert_usage"] = expert_usage(before, settled_expert_counts(metrics_url))
+    result["records"] = records
+    return result
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    """Accuracy per condition (rows) and task (columns), plus mean reasoning tokens."""
+    cols = [*KINDS, "multi_step", "all"]
+    lines = ["condition".ljust(14) + "".join(c[:10].rjust(11) for c in cols) + "  think_tok".rjust(11)]
+    for name, row in summary.items():
+        lines.append(name.ljust(14) + "".join(f"{row[c]['accuracy']:.2f}".rjust(11) for c in cols)
+                     + f"{row['all']['mean_reasoning_tokens']:.1f}".rjust(11))
+    return "\n".join(lines)
+
+
+def main(args: Any) -> int:  # noqa: ANN401 - the argparse namespace of `q3serve eval`
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    result = evaluate(args.url, args.model, args.per_task, budgets, args.seed, args.concurrency, args.max_tokens,
+                      args.api_key, args.metrics_url or None, args.timeout)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result["summary"]))
+    if args.plot:
+        plot(result["summary"], result["settings"]["budgets"], Path(args.plot),
+             f"{result['model']}: accuracy vs thinking budget ({args.per_task} held-out items per task)")
+    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0

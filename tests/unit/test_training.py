@@ -1,0 +1,93 @@
+"""Training data follows Qwen3's chat rules as the server applies them, and a short training run
+exports a checkpoint that transformers reads, whose full-vocabulary loss is exactly the compact
+loss that was trained (the shared unused row)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cluster.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, load_tokenizer
+from deployments.chat import decide_thinking, soft_switch
+from training.data import _switch_messages, make_example
+from training.tasks import sample
+from training.train import batch, parser, save, train
+
+
+@pytest.fixture(scope="module")
+def tok():  # noqa: ANN201
+    return load_tokenizer()
+
+
+def _learned(ex) -> list[int]:  # noqa: ANN001
+    return [t for t, learn in zip(ex.ids, ex.learn) if learn]
+
+
+def test_modes(tok) -> None:  # noqa: ANN001
+    rng = random.Random(0)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    stop = enc(STOP_THINKING)
+    for _ in range(40):
+        task = sample(rng, held_out=False)
+        answer = enc(task.answer) + [IM_END]
+        ex = make_example(rng, tok, task, "think")
+        learned = _learned(ex)
+        assert learned[0] == THINK_START and THINK_END in learned and learned[-len(answer):] == answer
+        assert tok.decode(learned[1:learned.index(THINK_END)]).strip() == task.steps
+        ex = make_example(rng, tok, task, "cut")
+        i = next(i for i in range(len(ex.ids)) if ex.ids[i:i + len(stop)] == stop)
+        assert not any(ex.learn[i:i + len(stop)])  # the engine forces the stop text: never learned
+        assert ex.ids[i + len(stop):] == answer and all(ex.learn[i + len(stop):])
+        ex = make_example(rng, tok, task, "nothink")
+        prompt = tok.decode([t for t, learn in zip(ex.ids, ex.learn) if not learn])
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and _learned(ex) == answer
+        ex = make_example(rng, tok, task, "soft_no")
+        assert tok.decode(_learned(ex)) == f"<think>\n\n</think>\n\n{task.answer}<|im_end|>"
+        assert ex.learn.index(True) == len(ex.ids) - len(_learned(ex))  # the prompt is never learned
+
+
+def test_soft_switches_agree_with_the_router() -> None:
+    rng = random.Random(1)
+    for _ in range(300):
+        task = sample(rng, held_out=False)
+        for thinking in (True, False):
+            msgs = _switch_messages(rng, task, thinking)
+            assert decide_thinking(None, msgs, default=not thinking) is thinking, msgs
+        assert soft_switch(_switch_messages(rng, task, None)) is None
+
+
+def test_short_training_exports_what_transformers_reads(tmp_path: Path, tok) -> None:  # noqa: ANN001
+    from transformers import AutoModelForCausalLM
+
+    args = parser().parse_args([
+        "--out", str(tmp_path), "--steps", "30", "--batch", "8", "--layers", "2", "--hidden", "32",
+        "--experts", "4", "--top-k", "2", "--moe-intermediate", "16", "--vocab-samples", "400",
+        "--warmup", "5", "--save-every", "0",
+    ])
+    run = train(args)
+    assert sum(run.losses[-5:]) / 5 < run.losses[0] - 1.0
+    save(args, run, dtype=torch.float32)
+    meta = json.loads((tmp_path / "training.json").read_text())
+    assert meta["steps_done"] == 30 and len(meta["expert_counts_train"]) == 2
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM" and hf.config.vocab_size == 151936
+
+    rng = random.Random(5)
+    from training.data import random_example
+
+    examples = [random_example(rng, tok) for _ in range(3)]
+    remap = {t: i for i, t in enumerate(run.used)}
+    for ex in examples:
+        ids, learn = batch([ex], remap)
+        with torch.no_grad():
+            compact, _ = run.model(ids[:, :-1])
+            full = hf(torch.tensor([ex.ids[:-1]])).logits
+        target = learn[0, 1:]
+        mine = F.log_softmax(compact[0], -1)[target].gather(1, ids[0, 1:][target][:, None])
+        theirs = F.log_softmax(full[0], -1)[target].gather(1, torch.tensor(ex.ids[1:])[target][:, None])
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)

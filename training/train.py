@@ -1,0 +1,164 @@
+"""Trains the embedded default model: a small Qwen3-MoE that learned Qwen3's two modes on
+checkable tasks. Plain PyTorch on CPU, seeded, resumable from nothing in about an hour on 2 cores:
+
+    python -m training.train --out models/q3serve-tiny-thinker
+
+Writes a Hugging Face checkpoint (config.json, generation_config.json, model.safetensors in bf16)
+plus training.json (settings, loss curve, time, per-expert routing counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from cluster.tokenizer import ENDOFTEXT, IM_END, IM_START, THINK_END, THINK_START, load_tokenizer
+from training.data import Example, random_example
+from training.model import TinyConfig, TinyQwen3Moe
+from training.tasks import count
+
+GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                     "do_sample": False}
+
+
+def used_token_ids(tokenizer, seed: int, n: int = 40000) -> list[int]:  # noqa: ANN001
+    """Every token the task data can use, found by rendering many examples of both splits."""
+    rng = random.Random(seed)
+    ids = {IM_START, IM_END, ENDOFTEXT, THINK_START, THINK_END}
+    for i in range(n):
+        ids.update(random_example(rng, tokenizer, held_out=i % 5 == 0).ids)
+    for _ in range(n // 2):  # (word, letter, phrasing) is the most varied text
+        ids.update(tokenizer.encode(count(rng).question, add_special_tokens=False))
+    return sorted(ids)
+
+
+def batch(examples: list[Example], remap: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    learn = torch.zeros(len(examples), width, dtype=torch.bool)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.ids)] = torch.tensor([remap.get(t, len(remap)) for t in e.ids])
+        learn[row, :len(e.ids)] = torch.tensor(e.learn)
+    return ids, learn
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Trained:
+    model: TinyQwen3Moe
+    used: list[int]
+    losses: list[float]
+    seconds: float
+
+
+def train(args: argparse.Namespace) -> Trained:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer()
+    used = used_token_ids(tokenizer, args.seed, args.vocab_samples)
+    remap = {t: i for i, t in enumerate(used)}
+    cfg = TinyConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, num_experts=args.experts,
+                     num_experts_per_tok=args.top_k, moe_intermediate_size=args.moe_intermediate)
+    model = TinyQwen3Moe(cfg, used)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    rng = random.Random(args.seed)
+    losses: list[float] = []
+    start = time.monotonic()
+    bar = tqdm(range(args.steps), desc="training", unit="step")
+    for step in bar:
+        ids, learn = batch([random_example(rng, tokenizer) for _ in range(args.batch)], remap)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        logits, aux = model(ids[:, :-1])
+        target = learn[:, 1:]
+        loss = F.cross_entropy(logits[target], ids[:, 1:][target])
+        opt.zero_grad(set_to_none=True)
+        (loss + cfg.router_aux_loss_coef * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", aux=f"{aux.item():.2f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(args, Trained(model, used, losses, time.monotonic() - start))  # a look before the end
+    return Trained(model, used, losses, time.monotonic() - start)
+
+
+def save(args: argparse.Namespace, run: Trained, dtype: torch.dtype = torch.bfloat16) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, losses = run.model, run.losses
+    save_file(model.export(dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(model.c.hf_config(), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    every = max(1, len(losses) // 100)
+    (out / "training.json").write_text(json.dumps({
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": _machine(), "seconds": round(run.seconds, 1), "used_tokens": len(run.used),
+        "steps_done": len(losses), "loss_every": every, "loss": [round(sum(losses[i:i + every]) / len(losses[i:i + every]), 4)
+                                      for i in range(0, len(losses), every)],
+        "expert_counts_train": model.expert_counts.tolist(),
+    }, indent=1) + "\n")
+    return out
+
+
+def _machine() -> str:
+    import os
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="models/q3serve-tiny-thinker")
+    p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--moe-intermediate", type=int, default=128)
+    p.add_argument("--vocab-samples", type=int, default=40000, help="examples rendered to find the used tokens")
+    p.add_argument("--save-every", type=int, default=500, help="also save every N steps (overwritten)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    out = save(args, train(args))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
