@@ -161,7 +161,7 @@ def plot(summary: dict[str, dict[str, Any]], budgets: list[int], path: Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     groups = [*MULTI_STEP, "multi_step"]
     for g in groups:
         ys = [summary[f"budget-{b}"][g]["accuracy"] for b in budgets]
@@ -180,7 +180,7 @@ def plot(summary: dict[str, dict[str, Any]], budgets: list[int], path: Path, tit
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

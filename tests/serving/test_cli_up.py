@@ -1,4 +1,5 @@
-"""`q3serve up` serves the app, prints its URL when ready, and stops cleanly on Ctrl-C."""
+"""`q3serve up` with no model argument serves the embedded trained model, prints its URL when
+ready, and stops cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -7,24 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
 from tests.serving.conftest import free_port
 
 
-def test_up_serves_and_stops_on_ctrl_c(qwen_vocab_checkpoint: Path, tmp_path: Path) -> None:
+def test_up_serves_the_embedded_model_and_stops_on_ctrl_c() -> None:
     port = free_port()
-    cfg = tmp_path / "app.yaml"
-    cfg.write_text(
-        "served_model_name: m\n"
-        "thinking: {dtype: float32, kv_cache_memory_gb: 0.05}\n"
-        "fast: {dtype: float32, kv_cache_memory_gb: 0.05}\n"
-    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.cli", "up", "--config", str(cfg), "--model", str(qwen_vocab_checkpoint),
-         "--port", str(port), "--grpc-port", str(free_port())],
+        [sys.executable, "-m", "deployments.cli", "up", "--port", str(port), "--grpc-port", str(free_port()),
+         "--metrics-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: list[str] = []
@@ -38,8 +32,12 @@ def test_up_serves_and_stops_on_ctrl_c(qwen_vocab_checkpoint: Path, tmp_path: Pa
             if "q3serve is up" in line:
                 break
         assert any(f"http://127.0.0.1:{port}/v1" in l for l in lines), "".join(lines)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 3}, timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert any("q3serve-tiny-thinker" in line for line in lines), "".join(lines)
+        body = {"model": "qwen3-moe", "messages": [{"role": "user", "content": "Add 4524 and 13."}], "temperature": 0}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        msg = r.json()["choices"][0]["message"]
+        assert msg["content"] == "4537" and "4 + 3 + 0 = 7" in msg["reasoning_content"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
