@@ -85,4 +85,6 @@ def test_eval_command(server: str, tmp_path: Path) -> None:
     counts = result["expert_usage"]["counts"]
     assert counts["thinking"] and sum(map(sum, counts["thinking"])) > 0
     assert len(counts["thinking"]) == 6 and len(counts["thinking"][0]) == 16
+    # The router learned uneven expert use: in every layer the busiest expert is well above the mean.
+    assert all(layer["max_over_mean"] > 1.5 for layer in result["expert_usage"]["per_layer"]["thinking"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -60,3 +60,16 @@ def test_transformers_gives_the_same_greedy_outputs() -> None:
     strip = lambda ids: ids[:-1] if ids and ids[-1] in (151645, 151643) else ids  # noqa: E731
     assert [strip(g) for g in got] == [strip(e) for e in expected]
     assert all(len(e) > 1 for e in expected)
+
+    # The unused ids (rows equal to the shared one) never win and carry almost no probability
+    # at any generated position: the compact training loss accounted for all of them.
+    embed = hf.get_input_embeddings().weight
+    rows, counts = torch.unique(embed, dim=0, return_counts=True)
+    shared = rows[counts.argmax()]
+    unused = (embed == shared).all(-1)
+    assert unused.sum() > 150_000
+    for ids, out in zip(prompts, expected):
+        with torch.no_grad():
+            probs = hf(torch.tensor([ids + out])).logits[0, len(ids) - 1:].softmax(-1)
+        assert not unused[probs.argmax(-1)].any()
+        assert probs[:, unused].sum(-1).max() < 1e-3
