@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.model import apply_rope, rms_norm
+from cluster.config import ModelConfig
+from cluster.model import apply_rope, grouped_swiglu, rms_norm, rope_tables, sort_by_expert
 
 
 @dataclass
@@ -93,31 +94,20 @@ class Block(nn.Module):
         return out.transpose(1, 2).reshape(b, t, -1) @ self.o.T
 
     def moe(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax top-k routing renormalised (norm_topk_prob), each expert one matmul over its
-        tokens; returns the output and the Switch-style load-balancing loss."""
+        """Softmax top-k routing renormalised (norm_topk_prob), experts grouped as the engine groups
+        them (cluster.model); returns the output and the Switch-style load-balancing loss."""
         c = self.c
         flat = x.reshape(-1, x.shape[-1])
         probs = torch.softmax((flat @ self.gate.T).float(), dim=-1)
         top_w, top_i = probs.topk(c.num_experts_per_tok, dim=-1)
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(flat.dtype)
-        out = torch.zeros_like(flat)
-        ids = top_i.reshape(-1)
-        order = ids.argsort(stable=True)
-        per_expert = torch.bincount(ids, minlength=c.num_experts)
-        counts += per_expert.detach()
-        rows = order // c.num_experts_per_tok
-        weights = top_w.reshape(-1)[order]
-        start = 0
-        for e, n in enumerate(per_expert.tolist()):
-            if n == 0:
-                continue
-            r = rows[start:start + n]
-            xe = flat.index_select(0, r)
-            y = (F.silu(xe @ self.w_gate[e].T) * (xe @ self.w_up[e].T)) @ self.w_down[e].T
-            out = out.index_add(0, r, y * weights[start:start + n, None])
-            start += n
-        frac = per_expert.float() / ids.numel()
-        aux = c.num_experts * (frac * probs.mean(0)).sum()
+        order, per_expert = sort_by_expert(top_i, c.num_experts)
+        token = order // c.num_experts_per_tok
+        y = grouped_swiglu(flat[token], per_expert, torch.cat((self.w_gate, self.w_up), dim=1), self.w_down)
+        out = torch.zeros_like(flat).index_add(0, token, y * top_w.reshape(-1)[order, None])
+        hits = torch.tensor(per_expert)
+        counts += hits
+        aux = c.num_experts * (hits.float() / order.numel() * probs.mean(0)).sum()
         return out.view_as(x), aux
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, counts: torch.Tensor):  # noqa: ANN201
@@ -135,11 +125,9 @@ class TinyQwen3Moe(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(c.hidden_size))
         self.unused_log_count = math.log(c.vocab_size - len(used_ids))
-        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
-        freqs = torch.outer(torch.arange(c.max_position_embeddings).float(), inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = rope_tables(ModelConfig.from_dict(c.hf_config()), c.max_position_embeddings)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
         self.expert_counts = torch.zeros(c.num_hidden_layers, c.num_experts, dtype=torch.long)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
