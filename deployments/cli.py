@@ -10,6 +10,7 @@ import httpx
 
 from cluster import LLM, SamplingParams
 from deployments.auth import load_keys
+from deployments.http_client import add_server_arguments, auth_headers, served_model
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -112,8 +113,8 @@ def _chat(args: argparse.Namespace) -> int:
 
     import httpx
 
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    headers = auth_headers(args.api_key)
+    model = args.model or served_model(args.url, headers)
     history: list[dict[str, str]] = []
     tty = sys.stdout.isatty()
     try:
@@ -174,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--verbose", action="store_true", help="show the actors' logs")
     up.set_defaults(func=_up)
     ev = sub.add_parser("eval", help="held-out task accuracy of a running server, per mode and thinking budget")
-    ev.add_argument("--url", default="http://127.0.0.1:8000")
-    ev.add_argument("--model", default=None, help="served model name (default: the server's first)")
-    ev.add_argument("--api-key", default=None)
+    add_server_arguments(ev)
     ev.add_argument("--per-task", type=int, default=20, help="held-out items per task kind")
     ev.add_argument("--budgets", default="0,8,16,32,64,128", help="thinking budgets, comma-separated")
     ev.add_argument("--seed", type=int, default=1234, help="seed of the held-out set")
@@ -189,9 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default="benchmarks/results/eval_budget.png", help="PNG path ('' to skip)")
     ev.set_defaults(func=_eval)
     chat = sub.add_parser("chat", help="a terminal chat client for a running server")
-    chat.add_argument("--url", default="http://127.0.0.1:8000")
-    chat.add_argument("--model", default=None, help="served model name (default: the server's first)")
-    chat.add_argument("--api-key", default=None)
+    add_server_arguments(chat)
     chat.add_argument("--no-think", action="store_true", help="enable_thinking=False")
     chat.add_argument("--thinking-budget", type=int, default=None)
     chat.add_argument("--max-tokens", type=int, default=512)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -17,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from cluster.machine import describe_machine
+from deployments.http_client import auth_headers, served_model
 from training.tasks import KINDS, MULTI_STEP, Task, check, eval_set
 
 
@@ -58,10 +59,9 @@ async def ask(client: httpx.AsyncClient, model: str, task: Task, cond: Condition
 
 
 async def run_requests(url: str, model: str, tasks: list[Task], conds: list[Condition], concurrency: int,
-                       max_tokens: int, api_key: str | None, timeout_s: float, progress: bool = True) -> list[dict]:
+                       max_tokens: int, headers: dict[str, str], timeout_s: float, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(concurrency)
     jobs = [(t, c) for c in conds for t in tasks]
     bar = tqdm(total=len(jobs), desc="eval", unit="req", disable=not progress)
@@ -187,32 +187,20 @@ def plot(summary: dict[str, dict[str, Any]], budgets: list[int], path: Path, tit
     plt.close(fig)
 
 
-def machine() -> str:
-    import os
-
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
-
-
 def evaluate(url: str, model: str | None = None, per_task: int = 20, budgets: list[int] | None = None,
              seed: int = 1234, concurrency: int = 8, max_tokens: int = 512, api_key: str | None = None,
              metrics_url: str | None = None, timeout_s: float = 300.0, progress: bool = True) -> dict[str, Any]:
     budgets = sorted(budgets if budgets is not None else [0, 8, 16, 32, 64, 128])
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    if model is None:
-        model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    headers = auth_headers(api_key)
+    model = model or served_model(url, headers)
     tasks = eval_set(per_task, seed)
     conds = conditions(budgets)
     before = settled_expert_counts(metrics_url) if metrics_url else {}
     start = time.perf_counter()
-    records = asyncio.run(run_requests(url, model, tasks, conds, concurrency, max_tokens, api_key, timeout_s, progress))
+    records = asyncio.run(run_requests(url, model, tasks, conds, concurrency, max_tokens, headers, timeout_s, progress))
     wall = time.perf_counter() - start
     result: dict[str, Any] = {
-        "machine": machine(), "server": url, "model": model, "wall_s": round(wall, 1),
+        "machine": describe_machine(), "server": url, "model": model, "wall_s": round(wall, 1),
         "settings": {"per_task": per_task, "seed": seed, "budgets": budgets, "concurrency": concurrency,
                      "max_tokens": max_tokens, "temperature": 0.0, "kinds": list(KINDS), "multi_step": list(MULTI_STEP)},
         "conditions": [asdict(c) for c in conds],

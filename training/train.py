@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from cluster.machine import describe_machine
 from cluster.tokenizer import ENDOFTEXT, IM_END, IM_START, THINK_END, THINK_START, load_tokenizer
 from training.data import Example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
@@ -113,26 +114,12 @@ def save(args: argparse.Namespace, run: Trained, dtype: torch.dtype = torch.bflo
     every = max(1, len(losses) // 100)
     (out / "training.json").write_text(json.dumps({
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": _machine(), "seconds": round(run.seconds, 1), "used_tokens": len(run.used),
+        "machine": describe_machine(), "seconds": round(run.seconds, 1), "used_tokens": len(run.used),
         "steps_done": len(losses), "loss_every": every, "loss": [round(sum(losses[i:i + every]) / len(losses[i:i + every]), 4)
                                       for i in range(0, len(losses), every)],
         "expert_counts_train": model.expert_counts.tolist(),
     }, indent=1) + "\n")
     return out
-
-
-def _machine() -> str:
-    import os
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def parser() -> argparse.ArgumentParser:
