@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from cluster import native
+
 
 @dataclass
 class PrefillChunk:
@@ -28,7 +30,8 @@ class AttentionMetadata:
     sin: torch.Tensor
     num_decodes: int = 0
     decode_block_tables: torch.Tensor | None = None  # [D, max_blocks]
-    decode_mask: torch.Tensor | None = None          # [D, 1, 1, max_blocks * block_size]
+    decode_lens: torch.Tensor | None = None          # [D] context length of each decode
+    decode_mask: torch.Tensor | None = None          # [D, 1, 1, max_blocks * block_size], 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -40,15 +43,12 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
     kv_heads = kv.shape[1] // 2
     group = heads // kv_heads
     kv_cache.view(-1, 2 * kv_heads, dim).index_copy_(0, meta.slot_mapping, kv)
-    out = torch.empty_like(q)
     d = meta.num_decodes
+    if d == t:  # a pure decode step: no output buffer to fill
+        return _decode_attention(q, kv_cache, meta)
+    out = torch.empty_like(q)
     if d:
-        # index_select copies whole blocks; advanced indexing is several times slower on CPU.
-        ctx = kv_cache.index_select(0, meta.decode_block_tables.flatten()).view(d, -1, 2 * kv_heads, dim)
-        keys, values = ctx[:, :, :kv_heads].transpose(1, 2), ctx[:, :, kv_heads:].transpose(1, 2)
-        # The `group` query heads that share a KV head act as `group` queries of that head.
-        o = F.scaled_dot_product_attention(q[:d].view(d, kv_heads, group, dim), keys, values, attn_mask=meta.decode_mask)
-        out[:d] = o.reshape(d, heads, dim)
+        out[:d] = _decode_attention(q[:d], kv_cache, meta)
     for c in meta.prefills:
         rows = slice(c.start, c.start + c.length)
         if c.context_len == c.length:  # no cached prefix: attend to the chunk's own k/v
@@ -64,3 +64,18 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
         )
         out[rows] = o[0].transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """One query per sequence, batched over the gathered block tables; q [D, H, d]. The native
+    kernel reads the blocks in place; the PyTorch path gathers them first."""
+    d, heads, dim = q.shape
+    if (kernels := native.kernels()) is not None:
+        return kernels.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
+    kv_heads = kv_cache.shape[2] // 2
+    # index_select copies whole blocks; advanced indexing is several times slower on CPU.
+    ctx = kv_cache.index_select(0, meta.decode_block_tables.flatten()).view(d, -1, 2 * kv_heads, dim)
+    keys, values = ctx[:, :, :kv_heads].transpose(1, 2), ctx[:, :, kv_heads:].transpose(1, 2)
+    # The query heads that share a KV head act as that many queries of that head.
+    o = F.scaled_dot_product_attention(q.view(d, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=meta.decode_mask)
+    return o.reshape(d, heads, dim)

@@ -110,7 +110,7 @@ class Exchange:
     # -- expert-group side ---------------------------------------------------------------------
     def serve(self, layer: int, w_gate_up: torch.Tensor, w_down: torch.Tensor, dtype: torch.dtype) -> None:
         """Receives every shard's rows for this layer, runs the local experts, sends results."""
-        hidden = w_gate_up.shape[2]
+        hidden = w_gate_up.shape[1]
         send = torch.zeros(self.world, dtype=torch.long, device=self.device)
         splits = self._counts(send)
         zeros = [0] * self.world

@@ -210,7 +210,7 @@ class LLM:
         bar = tqdm(total=len(reqs), desc="Generating", disable=not use_tqdm)
         try:
             while self.core.has_work():
-                for out in self.core.step():
+                for out in self.core.step(final_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)

@@ -174,7 +174,9 @@ class EngineCore:
         return any(s.has_work() for s in self.shards)
 
     # -- stepping --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One scheduler + model step. Returns an output per request that got tokens, or with
+        `final_only` (offline generation) only for requests that finished."""
         batches = [s.schedule() for s in self.shards]
         if not any(b.entries for b in batches):
             return []
@@ -206,6 +208,8 @@ class EngineCore:
             if seq.finished:
                 self._release(req)
                 del self.requests[seq.request_id]
+            elif final_only:
+                continue
             outputs.append(self._output(req, tokens, delta))
         return outputs
 
@@ -236,7 +240,7 @@ class EngineCore:
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids),
+            token_ids=seq.output_token_ids,  # a fresh slice: later tokens never show up in it
             text=req.detok.text[: req.detok.emitted],
             delta_text=delta_text,
             delta_token_ids=delta_ids,

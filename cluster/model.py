@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cluster import native
 from cluster.attention import AttentionMetadata, paged_attention
 from cluster.config import ModelConfig
 from cluster.profiler import section
@@ -42,7 +43,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_len, head_dim] (float32), YaRN-scaled when the config asks for it."""
+    """cos/sin tables [max_len, head_dim] (float32), YaRN-scaled when the config asks for it.
+    The sin table's first half is negated, the form `apply_rope` takes."""
     dim = cfg.head_dim
     base = cfg.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
@@ -55,7 +57,9 @@ def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Ten
         inv_freq, scale = _yarn(rs, dim, base, pos_freqs)
     freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos() * scale, emb.sin() * scale
+    sin = emb.sin() * scale
+    sin[:, : dim // 2] *= -1  # rotate_half's negation, folded in once (see apply_rope)
+    return emb.cos() * scale, sin
 
 
 def _yarn(rs: dict, dim: int, base: float, pos_freqs: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -89,10 +93,11 @@ def _yarn(rs: dict, dim: int, base: float, pos_freqs: torch.Tensor) -> tuple[tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d]; cos/sin [T, 1, d] already in x's dtype."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x [T, heads, d]; cos/sin [T, 1, d] from `rope_tables`, already in x's dtype.
+
+    x * cos + rotate_half(x) * sin, with rotate_half's sign already in the sin table, so the
+    rotation is one roll: the same products and sums as transformers, bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):
@@ -108,15 +113,14 @@ class Attention(nn.Module):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        # q_norm's weight repeated for each q head, then k_norm's for each kv head (weights.py).
+        self.qk_norm = nn.Parameter(torch.ones(self.num_heads + self.num_kv_heads, self.head_dim))
         self.kv_cache = torch.empty(0)  # [blocks, block_size, 2 * kv_heads, head_dim]
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t, h, kvh = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
-        norm_w = torch.cat([self.q_norm.weight.expand(h, -1), self.k_norm.weight.expand(kvh, -1)])
-        qk = apply_rope(rms_norm(qkv[:, : h + kvh], norm_w, self.eps), meta.cos, meta.sin)
+        qk = apply_rope(rms_norm(qkv[:, : h + kvh], self.qk_norm, self.eps), meta.cos, meta.sin)
         kv = torch.cat([qk[:, h:], qkv[:, h + kvh:]], dim=1)
         out = paged_attention(qk[:, :h], kv, self.kv_cache, meta)
         return self.o_proj(out.view(t, h * self.head_dim))
@@ -135,43 +139,62 @@ class DenseMlp(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over the fused last dim; in place when no gradient is being recorded."""
+    inter = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :inter], gate_up[..., inter:]
+    return F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate).mul_(up)
+
+
+def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """One expert: x [N, H], w_gate_up [H, 2I], w_down [I, H] (input-major, see LocalExperts)."""
+    return _silu_mul(x @ w_gate_up) @ w_down
+
+
+def use_padded(counts: list[int], n: int) -> bool:
+    """Whether one padded batched matmul over all experts beats one matmul per expert.
+
+    With few rows per expert (decode) per-expert calls cost more than their arithmetic, so
+    padding every expert to the fullest one pays off while most experts are hit and the padding
+    wastes little. From about 64 rows per expert on (prefill), per-expert matmuls are as fast
+    and padding is pure waste (measured crossover on model (a)'s shapes, 2 cores)."""
+    e = len(counts)
+    cap = max(counts, default=0)
+    hit = sum(1 for c in counts if c)
+    return 0 < n < 64 * e and 2 * hit >= e and e * cap <= 3 * n
+
+
+def padded_swiglu(
+    rows: torch.Tensor, expert: torch.Tensor, slot: torch.Tensor, cap: int,
+    w_gate_up: torch.Tensor, w_down: torch.Tensor,
+) -> torch.Tensor:
+    """All experts as one batched matmul: row r goes to padded slot `slot[r]` of expert
+    `expert[r]` (each expert has `cap` slots); returns each row's expert output, in row order."""
+    buf = rows.new_zeros(w_gate_up.shape[0], cap, rows.shape[1])
+    buf[expert, slot] = rows
+    act = _silu_mul(torch.bmm(buf, w_gate_up))
+    return torch.bmm(act, w_down)[expert, slot]
+
+
 def grouped_swiglu(
     xs: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:
     """SwiGLU experts over rows already sorted by expert: `counts[e]` consecutive rows go to local
-    expert e (weights w_gate_up [E, 2I, H], w_down [E, H, I]). Never a loop over tokens.
-
-    With few rows per expert (decode), per-expert matmuls are dominated by call overhead, so when
-    most experts are hit and padding to the fullest expert wastes little, all experts run as one
-    padded batched matmul; otherwise each expert runs one matmul over its rows."""
-    n, e = xs.shape[0], len(counts)
-    cap = max(counts, default=0)
-    hit = sum(1 for c in counts if c)
-    if n and 2 * hit >= e and e * cap <= 3 * n:
-        return _padded_swiglu(xs, counts, cap, w_gate_up, w_down)
+    expert e (weights w_gate_up [E, H, 2I], w_down [E, I, H]). Never a loop over tokens: either
+    one matmul per expert over its rows, or one padded batched matmul (see `use_padded`)."""
+    n = xs.shape[0]
+    if use_padded(counts, n):
+        counts_t = torch.tensor(counts, device=xs.device)
+        expert = torch.repeat_interleave(torch.arange(len(counts), device=xs.device), counts_t)
+        slot = torch.arange(n, device=xs.device) - (counts_t.cumsum(0) - counts_t)[expert]
+        return padded_swiglu(xs, expert, slot, max(counts), w_gate_up, w_down)
     out = torch.empty_like(xs)
     start = 0
     for i, rows in enumerate(counts):
-        if rows == 0:
-            continue
-        end = start + rows
-        gate, up = F.linear(xs[start:end], w_gate_up[i]).chunk(2, dim=-1)
-        out[start:end] = F.linear(F.silu(gate) * up, w_down[i])
-        start = end
+        if rows:
+            out[start : start + rows] = swiglu(xs[start : start + rows], w_gate_up[i], w_down[i])
+            start += rows
     return out
-
-
-def _padded_swiglu(
-    xs: torch.Tensor, counts: list[int], cap: int, w_gate_up: torch.Tensor, w_down: torch.Tensor
-) -> torch.Tensor:
-    e = len(counts)
-    counts_t = torch.tensor(counts, device=xs.device)
-    expert = torch.repeat_interleave(torch.arange(e, device=xs.device), counts_t)
-    slot = torch.arange(xs.shape[0], device=xs.device) - (counts_t.cumsum(0) - counts_t)[expert]
-    buf = xs.new_zeros(e, cap, xs.shape[1])
-    buf[expert, slot] = xs
-    gate, up = torch.bmm(buf, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)
-    return torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))[expert, slot]
 
 
 def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
@@ -181,17 +204,45 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, l
 
 
 class LocalExperts(nn.Module):
-    """All experts of one layer held in this process (single-process engine)."""
+    """All experts of one layer held in this process (single-process engine). Weights are
+    input-major: w_gate_up [E, H, 2I] (gate then up), w_down [E, I, H].
+
+    Decode-sized batches (under 64 rows per expert on average) go to the native fused kernel
+    when it is built (cluster/native). Otherwise, by batch size, with as few kernel launches as
+    possible: one token runs its k experts directly; a decode batch goes into the padded batched
+    matmul without sorting (each pair's slot is its rank among the pairs of its expert); large
+    batches are sorted by expert and run one matmul per expert."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.w_down = nn.Parameter(torch.empty(e, h, i))
+        self.w_gate_up = nn.Parameter(torch.empty(e, h, 2 * i))
+        self.w_down = nn.Parameter(torch.empty(e, i, h))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        order, counts = sort_by_expert(ids, self.w_gate_up.shape[0])
-        token = order // ids.shape[1]
+        t, k = ids.shape
+        e = self.w_gate_up.shape[0]
+        if t * k < 64 * e and not torch.is_grad_enabled() and (kernels := native.kernels()) is not None:
+            return kernels.moe_experts(x, ids, weights, self.w_gate_up, self.w_down)
+        return self.forward_torch(x, ids, weights)
+
+    def forward_torch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The PyTorch path (and the native kernel's reference)."""
+        t, k = ids.shape
+        if t == 1:
+            ys = torch.cat([swiglu(x, self.w_gate_up[e], self.w_down[e]) for e in ids[0].tolist()])
+            return weights @ ys
+        e, n = self.w_gate_up.shape[0], t * k
+        flat = ids.reshape(-1)
+        if n < 64 * e:
+            rank = torch.zeros(n, e, dtype=torch.int32, device=x.device).scatter_(1, flat[:, None], 1).cumsum_(0)
+            counts = rank[-1].tolist()
+            if use_padded(counts, n):
+                slot = rank.gather(1, flat[:, None]).squeeze(1).sub_(1)
+                y = padded_swiglu(x.repeat_interleave(k, 0), flat, slot, max(counts), self.w_gate_up, self.w_down)
+                return torch.bmm(weights[:, None], y.view(t, k, -1)).squeeze(1)
+        order, counts = sort_by_expert(ids, e)
+        token = order // k
         out = grouped_swiglu(x[token], counts, self.w_gate_up, self.w_down)
         out.mul_(weights.reshape(-1)[order, None])
         return torch.zeros_like(x).index_add_(0, token, out)

@@ -66,8 +66,10 @@ class ModelRunner:
             meta.decode_block_tables = torch.tensor(
                 [t + [0] * (width - len(t)) for t in decode_tables], device=self.device
             )
-            lens = torch.tensor(decode_lens, device=self.device)
-            meta.decode_mask = (torch.arange(width * bs, device=self.device) < lens[:, None])[:, None, None, :]
+            meta.decode_lens = lens = torch.tensor(decode_lens, device=self.device)
+            # Additive, in the model's dtype: attention would otherwise convert a boolean mask per layer.
+            pad = torch.arange(width * bs, device=self.device) >= lens[:, None]
+            meta.decode_mask = torch.zeros(pad.shape, dtype=self.dtype, device=self.device).masked_fill_(pad, float("-inf"))[:, None, None, :]
         return torch.tensor(ids, dtype=torch.long, device=self.device), meta, sample_rows
 
     @torch.inference_mode()

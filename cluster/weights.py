@@ -59,12 +59,14 @@ def expert_tensors(cfg: ModelConfig, layer: int, experts: Iterable[int]) -> dict
 def stack_experts(
     t: Mapping[str, torch.Tensor], layer: int, experts: Iterable[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-expert hub tensors -> (w_gate_up [E, 2I, H], w_down [E, H, I]) in the order given."""
+    """Per-expert hub tensors -> (w_gate_up [E, H, 2I], w_down [E, I, H]) in the order given:
+    input-major (the hub's matrices transposed), so that rows @ weights is a plain matmul, the
+    layout both MKL and the native kernel stream fastest."""
     gate_up, down = [], []
     for e in experts:
         p = f"model.layers.{layer}.mlp.experts.{e}."
-        gate_up.append(torch.cat([t[p + "gate_proj.weight"], t[p + "up_proj.weight"]], dim=0))
-        down.append(t[p + "down_proj.weight"])
+        gate_up.append(torch.cat([t[p + "gate_proj.weight"], t[p + "up_proj.weight"]], dim=0).t())
+        down.append(t[p + "down_proj.weight"].t())
     return torch.stack(gate_up), torch.stack(down)
 
 
@@ -86,8 +88,9 @@ def load_attention_weights(model: Qwen3MoeModel, t: Mapping[str, torch.Tensor]) 
             if cfg.attention_bias:
                 attn.qkv_proj.bias.copy_(torch.cat([t[p + f"self_attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")]))
                 attn.o_proj.bias.copy_(t[p + "self_attn.o_proj.bias"])
-            attn.q_norm.weight.copy_(t[p + "self_attn.q_norm.weight"])
-            attn.k_norm.weight.copy_(t[p + "self_attn.k_norm.weight"])
+            h = cfg.num_attention_heads
+            attn.qk_norm[:h] = t[p + "self_attn.q_norm.weight"]
+            attn.qk_norm[h:] = t[p + "self_attn.k_norm.weight"]
             if isinstance(layer.mlp, SparseMoe):
                 layer.mlp.gate.weight.copy_(t[p + "mlp.gate.weight"])
             elif isinstance(layer.mlp, DenseMlp):

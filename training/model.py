@@ -103,7 +103,7 @@ class Block(nn.Module):
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(flat.dtype)
         order, per_expert = sort_by_expert(top_i, c.num_experts)
         token = order // c.num_experts_per_tok
-        y = grouped_swiglu(flat[token], per_expert, torch.cat((self.w_gate, self.w_up), dim=1), self.w_down)
+        y = grouped_swiglu(flat[token], per_expert, torch.cat((self.w_gate, self.w_up), dim=1).transpose(1, 2), self.w_down.transpose(1, 2))
         out = torch.zeros_like(flat).index_add(0, token, y * top_w.reshape(-1)[order, None])
         hits = torch.tensor(per_expert)
         counts += hits

@@ -37,7 +37,9 @@ def _run_staggered(core: EngineCore, prompts: list[list[int]], arrive_at: list[i
     return done
 
 
-def test_continuous_batching_chunked_prefill_preemption(moe_checkpoint: Path) -> None:
+@pytest.mark.parametrize("native_kernels", ["1", "0"], ids=["native", "pytorch"])
+def test_continuous_batching_chunked_prefill_preemption(moe_checkpoint: Path, monkeypatch, native_kernels: str) -> None:
+    monkeypatch.setenv("Q3SERVE_NATIVE", native_kernels)
     prompts = _prompts([5, 37, 20, 3, 45, 12])
     # 4-token blocks, a 7-token step budget (every long prompt is prefilled in chunks) and a pool
     # of 24 blocks, far less than the ~60 the six sequences need together: preemption must happen.

@@ -65,3 +65,10 @@ def test_logits_match_transformers(tmp_path: Path, name: str, legacy: bool) -> N
     for step, (a, b) in enumerate(zip(ours, ref)):
         assert _rel_err(a, b) < 1e-4, f"{name}: step {step} logits differ (rel {_rel_err(a, b):.2e})"
     assert tokens == ref.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("name", ["gqa2-e8-top2-norm", "hd32-mqa-e16-top4-nonorm-tied"])
+def test_logits_match_transformers_without_native_kernels(tmp_path: Path, monkeypatch, name: str) -> None:
+    """The PyTorch twins of the native kernels (decode attention, experts) stay exact too."""
+    monkeypatch.setenv("Q3SERVE_NATIVE", "0")
+    test_logits_match_transformers(tmp_path, name, False)

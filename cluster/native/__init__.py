@@ -1,0 +1,50 @@
+"""Native CPU kernels, compiled on first use with torch's extension builder and cached
+(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR). Each has a PyTorch twin that stays the
+reference: the engine uses a kernel when it builds and falls back, with one warning, when it
+does not (no compiler). Q3SERVE_NATIVE=0 turns them off.
+
+`moe.cpp`: fused decode-size MoE experts; `attention.cpp`: decode attention reading the paged KV
+cache in place (each file's header says why)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_tried = False
+_SOURCES = ("bindings.cpp", "moe.cpp", "attention.cpp")
+# -ffast-math lets gcc vectorise exp and reductions; it is given to the compiler only, never the
+# linker, so the library does not switch the process's floating-point mode (flush-to-zero).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+
+
+def enabled() -> bool:
+    return os.environ.get("Q3SERVE_NATIVE", "1") != "0"
+
+
+def kernels() -> ModuleType | None:
+    """The compiled kernels, or None when turned off or the build failed."""
+    global _module, _tried
+    if _tried or not enabled():
+        return _module if enabled() else None
+    with _lock:
+        if not _tried:
+            _module = build()
+            _tried = True
+    return _module
+
+
+def build() -> ModuleType | None:
+    from torch.utils.cpp_extension import load
+
+    try:
+        sources = [str(Path(__file__).with_name(f)) for f in _SOURCES]
+        return load("q3serve_native", sources, extra_cflags=_CFLAGS, verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
+        warnings.warn(f"q3serve native kernels unavailable ({type(e).__name__}: {e}); using PyTorch", stacklevel=2)
+        return None

@@ -1,0 +1,179 @@
+"""Native CPU kernels (cluster/native) against their PyTorch twins, and the PyTorch expert paths
+against a plain per-token reference. The engine-level checks against transformers run with the
+kernels on (test_logits_vs_hf, test_batching_vs_hf) and off (test_logits_vs_hf)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cluster import native
+from cluster.attention import AttentionMetadata, _decode_attention
+from cluster.model import LocalExperts, use_padded
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = native.kernels()
+    # This machine kind has a C++ compiler: a kernel that fails to build is a failure here, not
+    # a silent fallback.
+    assert k is not None, "native kernels did not build"
+    return k
+
+
+class _Cfg:
+    def __init__(self, experts: int, hidden: int, inter: int) -> None:
+        self.num_experts, self.hidden_size, self.moe_intermediate_size = experts, hidden, inter
+
+
+def _experts(e: int, h: int, i: int, dtype: torch.dtype, seed: int = 0) -> LocalExperts:
+    g = torch.Generator().manual_seed(seed)
+    m = LocalExperts(_Cfg(e, h, i))
+    with torch.no_grad():
+        m.w_gate_up.copy_(torch.randn(e, h, 2 * i, generator=g) * h**-0.5)
+        m.w_down.copy_(torch.randn(e, i, h, generator=g) * i**-0.5)
+    return m.to(dtype).requires_grad_(False)
+
+
+def _routing(t: int, e: int, k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids [t, k] and their softmax weights, as a router gives them."""
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(seed))
+    weights, ids = logits.softmax(-1).topk(k, dim=-1)
+    return ids, weights
+
+
+def _naive(m: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One token and one expert at a time, in float64."""
+    wgu, wd = m.w_gate_up.double(), m.w_down.double()
+    inter = wd.shape[1]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gu = x[t].double() @ wgu[e]
+            out[t] += float(weights[t, j]) * ((F.silu(gu[:inter]) * gu[inter:]) @ wd[e])
+    return out
+
+
+# (tokens, experts, top-k, hidden, inter): decode sizes, a single token, every expert busy,
+# experts left idle, sizes that are not multiples of the kernel's 32-column blocks.
+MOE_CASES = [
+    (1, 16, 4, 64, 32), (2, 8, 2, 64, 32), (5, 4, 2, 48, 40), (16, 16, 4, 64, 32),
+    (64, 16, 4, 96, 64), (3, 64, 8, 32, 16), (40, 4, 1, 40, 24), (200, 8, 2, 32, 32),
+]
+
+
+@pytest.mark.parametrize("case", MOE_CASES, ids=[f"t{c[0]}-e{c[1]}-k{c[2]}-h{c[3]}-i{c[4]}" for c in MOE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_moe_kernel_matches_torch(kernels, case: tuple[int, ...], dtype: torch.dtype) -> None:
+    t, e, k, h, i = case
+    m = _experts(e, h, i, dtype)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ids, weights = _routing(t, e, k)
+    weights = weights.to(dtype)
+    got = kernels.moe_experts(x, ids, weights, m.w_gate_up, m.w_down)
+    ref = m.forward_torch(x, ids, weights)
+    exact = _naive(m, x, ids, weights)
+    assert got.dtype == dtype and got.shape == x.shape
+    scale = exact.abs().max().item()
+    if dtype == torch.float32:
+        assert (got.double() - exact).abs().max().item() < 1e-5 * scale
+        assert (ref.double() - exact).abs().max().item() < 1e-5 * scale
+    else:  # bf16: the kernel is no further from the exact result than the PyTorch path
+        err_got = (got.double() - exact).abs().max().item()
+        err_ref = (ref.double() - exact).abs().max().item()
+        assert err_got <= max(2 * err_ref, 0.02 * scale), (err_got, err_ref)
+
+
+@torch.inference_mode()
+def test_torch_expert_paths_match_naive() -> None:
+    """Each of LocalExperts' PyTorch paths (one token, padded batched matmul, sorted per-expert
+    matmuls) against the per-token reference; the cases are checked to take each path."""
+    m = _experts(8, 32, 16, torch.float32)
+    seen = set()
+    for t, k in [(1, 2), (6, 2), (20, 2), (400, 2), (3, 1)]:
+        x = torch.randn(t, 32, generator=torch.Generator().manual_seed(t))
+        ids, weights = _routing(t, 8, k, seed=t)
+        counts = torch.bincount(ids.flatten(), minlength=8).tolist()
+        seen.add("single" if t == 1 else "padded" if use_padded(counts, t * k) else "sorted")
+        got = m.forward_torch(x, ids, weights)
+        assert (got.double() - _naive(m, x, ids, weights)).abs().max().item() < 1e-5
+    assert seen == {"single", "padded", "sorted"}
+
+
+def _paged_case(seqs: int, heads: int, kv_heads: int, dim: int, block: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, 5 * block, (seqs,), generator=g)
+    lens[0] = 1  # a sequence at its first token
+    width = int((lens.max() + block - 1) // block)
+    num_blocks = seqs * width + 3
+    cache = torch.randn(num_blocks, block, 2 * kv_heads, dim, generator=g).to(dtype)
+    tables = torch.randperm(num_blocks, generator=g)[: seqs * width].view(seqs, width)  # scattered blocks
+    q = torch.randn(seqs, heads, dim, generator=g).to(dtype)
+    pad = torch.arange(width * block) >= lens[:, None]
+    mask = torch.zeros(pad.shape, dtype=dtype).masked_fill_(pad, float("-inf"))[:, None, None, :]
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long), cos=torch.empty(0), sin=torch.empty(0), num_decodes=seqs,
+        decode_block_tables=tables, decode_lens=lens, decode_mask=mask,
+    )
+    return q, cache, meta
+
+
+ATTN_CASES = [(7, 4, 2, 64, 16), (3, 8, 1, 128, 8), (5, 4, 4, 32, 4), (2, 6, 3, 16, 16)]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=[f"s{c[0]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}" for c in ATTN_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_decode_attention_kernel_matches_torch(kernels, monkeypatch, case: tuple[int, ...], dtype: torch.dtype) -> None:
+    q, cache, meta = _paged_case(*case, dtype=dtype)
+    got = kernels.paged_decode_attention(q, cache, meta.decode_block_tables, meta.decode_lens, q.shape[-1] ** -0.5)
+    monkeypatch.setenv("Q3SERVE_NATIVE", "0")
+    ref = _decode_attention(q, cache, meta)  # gather + SDPA
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.float() - ref.float()).abs().max().item() < tol * ref.float().abs().max().item()
+
+
+@torch.inference_mode()
+def test_kernels_do_not_depend_on_thread_count(kernels) -> None:
+    m = _experts(16, 64, 32, torch.float32)
+    x = torch.randn(24, 64)
+    ids, weights = _routing(24, 16, 4)
+    q, cache, meta = _paged_case(9, 4, 2, 64, 16, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, 2, 3):
+        torch.set_num_threads(n)
+        try:
+            results.append((
+                kernels.moe_experts(x, ids, weights, m.w_gate_up, m.w_down),
+                kernels.paged_decode_attention(q, cache, meta.decode_block_tables, meta.decode_lens, 0.125),
+            ))
+        finally:
+            torch.set_num_threads(threads)
+    for moe, attn in results[1:]:
+        assert torch.equal(moe, results[0][0]) and torch.equal(attn, results[0][1])
+
+
+def test_kernels_reject_bad_input(kernels) -> None:
+    m = _experts(4, 32, 16, torch.float32)
+    x = torch.randn(2, 32)
+    with pytest.raises(RuntimeError, match="expert id 4 outside"):
+        kernels.moe_experts(x, torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2), m.w_gate_up, m.w_down)
+    with pytest.raises(RuntimeError, match="w_gate_up"):
+        kernels.moe_experts(x, torch.tensor([[0, 1]] * 2), torch.ones(2, 2), m.w_down, m.w_down)
+    q, cache, meta = _paged_case(2, 4, 2, 32, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="context length"):
+        kernels.paged_decode_attention(q, cache, meta.decode_block_tables, meta.decode_lens + 1000, 1.0)
+    with pytest.raises(RuntimeError, match="block id"):
+        kernels.paged_decode_attention(q, cache, meta.decode_block_tables + 10_000, meta.decode_lens, 1.0)
+
+
+def test_native_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setenv("Q3SERVE_NATIVE", "0")
+    assert native.kernels() is None
+    monkeypatch.setenv("Q3SERVE_NATIVE", "1")
+    assert native.kernels() is not None
