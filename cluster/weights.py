@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cluster import native
 from cluster.checkpoint import load_tensors
 from cluster.config import ModelConfig
 from cluster.model import DenseMlp, LocalExperts, Qwen3MoeModel, SparseMoe
@@ -76,38 +77,39 @@ def load_attention_weights(model: Qwen3MoeModel, t: Mapping[str, torch.Tensor]) 
     with torch.no_grad():
         model.embed_tokens.weight.copy_(t["model.embed_tokens.weight"])
         model.norm.weight.copy_(t["model.norm.weight"])
-        if not cfg.tie_word_embeddings:
-            model.lm_head.weight.copy_(t["lm_head.weight"])
+        if model.lm_head is not None:
+            model.lm_head.load(t["lm_head.weight"])
         for i, layer in enumerate(model.layers):
             p = f"model.layers.{i}."
             layer.input_layernorm.weight.copy_(t[p + "input_layernorm.weight"])
             layer.post_attention_layernorm.weight.copy_(t[p + "post_attention_layernorm.weight"])
             attn = layer.self_attn
-            attn.qkv_proj.weight.copy_(torch.cat([t[p + f"self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]))
-            attn.o_proj.weight.copy_(t[p + "self_attn.o_proj.weight"])
-            if cfg.attention_bias:
-                attn.qkv_proj.bias.copy_(torch.cat([t[p + f"self_attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")]))
-                attn.o_proj.bias.copy_(t[p + "self_attn.o_proj.bias"])
+            qkv = [p + f"self_attn.{n}_proj." for n in "qkv"]
+            bias = cfg.attention_bias
+            attn.qkv_proj.load(torch.cat([t[n + "weight"] for n in qkv]), torch.cat([t[n + "bias"] for n in qkv]) if bias else None)
+            attn.o_proj.load(t[p + "self_attn.o_proj.weight"], t[p + "self_attn.o_proj.bias"] if bias else None)
             h = cfg.num_attention_heads
             attn.qk_norm[:h] = t[p + "self_attn.q_norm.weight"]
             attn.qk_norm[h:] = t[p + "self_attn.k_norm.weight"]
             if isinstance(layer.mlp, SparseMoe):
-                layer.mlp.gate.weight.copy_(t[p + "mlp.gate.weight"])
+                layer.mlp.gate.load(t[p + "mlp.gate.weight"])
             elif isinstance(layer.mlp, DenseMlp):
-                layer.mlp.gate_up_proj.weight.copy_(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]))
-                layer.mlp.down_proj.weight.copy_(t[p + "mlp.down_proj.weight"])
+                layer.mlp.gate_up_proj.load(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]))
+                layer.mlp.down_proj.load(t[p + "mlp.down_proj.weight"])
 
 
 def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None) -> Qwen3MoeModel:  # noqa: ANN001
-    """A model with uninitialised weights (allocated once, on the target device)."""
+    """A model with uninitialised weights (allocated once, on the target device). On CPU the
+    native kernels are built (or loaded from the build cache) here, at startup, so that the
+    first step does not pay for a compile under its step timeout."""
+    if torch.device(device).type == "cpu":
+        native.kernels()
     with torch.device("meta"):
         model = Qwen3MoeModel(cfg, experts)
     model = model.to_empty(device=device).to(dtype)
     for m in model.modules():
         if isinstance(m, SparseMoe):
             m.expert_counts.zero_()
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     return model
 
 

@@ -3,8 +3,9 @@
 reference: the engine uses a kernel when it builds and falls back, with one warning, when it
 does not (no compiler). Q3SERVE_NATIVE=0 turns them off.
 
-`moe.cpp`: fused decode-size MoE experts; `attention.cpp`: decode attention reading the paged KV
-cache in place (each file's header says why)."""
+`gemm.h`: the register-blocked matmul they share; `linear.cpp`: linear layers; `moe.cpp`: fused
+MoE experts; `attention.cpp`: decode attention reading the paged KV cache in place (each file's
+header says why)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from types import ModuleType
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
-_SOURCES = ("bindings.cpp", "moe.cpp", "attention.cpp")
+_SOURCES = ("bindings.cpp", "linear.cpp", "moe.cpp", "attention.cpp")
 # -ffast-math lets gcc vectorise exp and reductions; it is given to the compiler only, never the
 # linker, so the library does not switch the process's floating-point mode (flush-to-zero).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
@@ -44,7 +45,7 @@ def build() -> ModuleType | None:
 
     try:
         sources = [str(Path(__file__).with_name(f)) for f in _SOURCES]
-        return load("q3serve_native", sources, extra_cflags=_CFLAGS, verbose=False)
+        return load("q3serve_native", sources, extra_cflags=_CFLAGS, extra_include_paths=[str(Path(__file__).parent)], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
         warnings.warn(f"q3serve native kernels unavailable ({type(e).__name__}: {e}); using PyTorch", stacklevel=2)
         return None

@@ -3,88 +3,25 @@
 //
 // Why: at decode a layer's experts each see a handful of rows, so the work is streaming every
 // expert's weights once. Padded batched matmuls stream them but compute on padding; per-expert
-// matmuls pay a call each. Here each expert gathers its rows, and a register-blocked kernel
-// multiplies them while the weights pass through cache once; experts run in parallel on torch's
-// own thread pool. Every (token, slot) pair's output lands in its own row and a token sums its
+// matmuls pay a call each. Here each expert gathers its rows and multiplies them with the
+// register-blocked matmul of gemm.h while its weights pass through cache once; experts run in
+// parallel on torch's own thread pool. Every (token, slot) pair's output lands in its own row and a token sums its
 // k rows in a fixed order, so results do not depend on the thread count. Intermediates are
 // rounded to the model's dtype where the PyTorch path rounds them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <type_traits>
 #include <vector>
+
+#include "gemm.h"
 
 namespace {
 
-constexpr int64_t NB = 32;  // output columns per block: two 16-float vectors per row
-
-// GCC/Clang vector extension: one AVX-512 register here, split in two on AVX2 machines.
-typedef float v16 __attribute__((vector_size(64)));
+using q3native::gemm;
 
 template <typename T>
 inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
-
-template <typename W>
-inline v16 load16(const W* p) {
-  v16 v;
-  if constexpr (std::is_same_v<W, float>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
-  }
-  return v;
-}
-
-// y[r, n0:n0+NB] = x[r, :] @ w[:, n0:n0+NB] for MR rows; w is [K, N] row-major. The 2*MR
-// accumulators are plain locals so that they live in registers for the whole K loop.
-template <int MR, typename W>
-inline void block(const W* w, int64_t K, int64_t N, int64_t n0, const float* x, float* y, int64_t ldy) {
-  v16 lo[MR], hi[MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) { lo[r] = v16{}; hi[r] = v16{}; }
-  for (int64_t c = 0; c < K; ++c) {
-    const v16 w0 = load16(w + c * N + n0), w1 = load16(w + c * N + n0 + 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const float xv = x[r * K + c];
-      lo[r] += xv * w0;
-      hi[r] += xv * w1;
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    std::memcpy(y + r * ldy + n0, &lo[r], sizeof(v16));
-    std::memcpy(y + r * ldy + n0 + 16, &hi[r], sizeof(v16));
-  }
-}
-
-// y [m, N] = x [m, K] @ w [K, N].
-template <typename W>
-void skinny_gemm(const W* w, int64_t K, int64_t N, const float* x, int64_t m, float* y) {
-  const int64_t full = N / NB * NB;
-  for (int64_t n0 = 0; n0 < full; n0 += NB) {
-    int64_t r = 0;
-    for (; r + 8 <= m; r += 8) block<8>(w, K, N, n0, x + r * K, y + r * N, N);
-    switch (m - r) {
-      case 7: block<7>(w, K, N, n0, x + r * K, y + r * N, N); break;
-      case 6: block<6>(w, K, N, n0, x + r * K, y + r * N, N); break;
-      case 5: block<5>(w, K, N, n0, x + r * K, y + r * N, N); break;
-      case 4: block<4>(w, K, N, n0, x + r * K, y + r * N, N); break;
-      case 3: block<3>(w, K, N, n0, x + r * K, y + r * N, N); break;
-      case 2: block<2>(w, K, N, n0, x + r * K, y + r * N, N); break;
-      case 1: block<1>(w, K, N, n0, x + r * K, y + r * N, N); break;
-      default: break;
-    }
-  }
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t n = full; n < N; ++n) {
-      float s = 0.f;
-      for (int64_t c = 0; c < K; ++c) s += x[r * K + c] * static_cast<float>(w[c * N + n]);
-      y[r * N + n] = s;
-    }
-}
 
 template <typename T>
 void moe_impl(const T* x, const int64_t* ids, const T* weights, const T* w_gu, const T* w_dn, T* out,
@@ -108,14 +45,14 @@ void moe_impl(const T* x, const int64_t* ids, const T* weights, const T* w_gu, c
         const T* src = x + (order[start[e] + r] / k) * hidden;
         for (int64_t c = 0; c < hidden; ++c) xs[r * hidden + c] = static_cast<float>(src[c]);
       }
-      skinny_gemm(w_gu + e * hidden * 2 * inter, hidden, 2 * inter, xs.data(), m, gu.data());
+      gemm(w_gu + e * hidden * 2 * inter, hidden, 2 * inter, xs.data(), m, gu.data());
       for (int64_t r = 0; r < m; ++r)
         for (int64_t c = 0; c < inter; ++c) {
           const float g = round_to<T>(gu[r * 2 * inter + c]);
           const float u = round_to<T>(gu[r * 2 * inter + inter + c]);
           act[r * inter + c] = round_to<T>(round_to<T>(g / (1.f + std::exp(-g))) * u);
         }
-      skinny_gemm(w_dn + e * inter * hidden, inter, hidden, act.data(), m, y.data());
+      gemm(w_dn + e * inter * hidden, inter, hidden, act.data(), m, y.data());
       for (int64_t r = 0; r < m; ++r) {
         float* dst = pair_out.data() + order[start[e] + r] * hidden;
         for (int64_t c = 0; c < hidden; ++c) dst[c] = round_to<T>(y[r * hidden + c]);

@@ -56,6 +56,29 @@ def _naive(m: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.T
     return out
 
 
+# (rows, in, out, bias): decode and prefill sizes, a router gate narrower than one 32-column
+# block, sizes that leave partial blocks and partial 8-row groups.
+LINEAR_CASES = [(1, 64, 96, False), (16, 64, 256, True), (64, 256, 16, False), (300, 48, 70, True), (7, 40, 33, True)]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[f"m{c[0]}-k{c[1]}-n{c[2]}{'-bias' if c[3] else ''}" for c in LINEAR_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_linear_kernel_matches_torch(kernels, case: tuple, dtype: torch.dtype) -> None:
+    m, k, n, bias = case
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)  # the hub's [out, in]
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    got = kernels.linear(x, w.t().contiguous(), b)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the output
+    assert (got.double() - exact).abs().max().item() < tol * exact.abs().max().item()
+    # Leading dimensions are kept, as F.linear keeps them.
+    assert kernels.linear(x.view(1, m, k), w.t().contiguous(), b).shape == (1, m, n)
+
+
 # (tokens, experts, top-k, hidden, inter): decode sizes, a single token, every expert busy,
 # experts left idle, sizes that are not multiples of the kernel's 32-column blocks.
 MOE_CASES = [
@@ -163,6 +186,8 @@ def test_kernels_reject_bad_input(kernels) -> None:
     x = torch.randn(2, 32)
     with pytest.raises(RuntimeError, match="expert id 4 outside"):
         kernels.moe_experts(x, torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2), m.w_gate_up, m.w_down)
+    with pytest.raises(RuntimeError, match="do not match"):
+        kernels.linear(x, torch.randn(31, 8))
     with pytest.raises(RuntimeError, match="w_gate_up"):
         kernels.moe_experts(x, torch.tensor([[0, 1]] * 2), torch.ones(2, 2), m.w_down, m.w_down)
     q, cache, meta = _paged_case(2, 4, 2, 32, 8, torch.float32)
