@@ -90,22 +90,32 @@ def step_breakdown(llm: LLM, batch: list[list[int]]) -> dict:
     }
 
 
+def _seconds(fn, n: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
 def machine_floor(spec: dict) -> dict:
-    """Matmul rate and memory bandwidth of this machine, and what they imply for the lm_head."""
+    """Matmul rate and memory bandwidth of this machine, and what they imply for the lm_head:
+    PyTorch's float32 matmul (MKL, what transformers runs) and the engine's native one."""
     h, v = spec["hidden_size"], spec["vocab_size"]
     w = torch.randn(v, h)
+    w_t = w.t().contiguous()
+    kernels = native.kernels()
     out = {}
     for batch in (1, 16, 64):
         x = torch.randn(batch, h)
-        for _ in range(3):
-            torch.nn.functional.linear(x, w)
-        n = 20
-        t = time.perf_counter()
-        for _ in range(n):
-            torch.nn.functional.linear(x, w)
-        dt = (time.perf_counter() - t) / n
+        dt = _seconds(lambda: torch.nn.functional.linear(x, w))
         out[f"lm_head_ms_batch{batch}"] = round(dt * 1e3, 3)
         out[f"lm_head_gflops_batch{batch}"] = round(2 * batch * h * v / dt / 1e9, 1)
+        if kernels is not None:
+            dt = _seconds(lambda: kernels.linear(x, w_t))
+            out[f"native_lm_head_ms_batch{batch}"] = round(dt * 1e3, 3)
+            out[f"native_lm_head_gflops_batch{batch}"] = round(2 * batch * h * v / dt / 1e9, 1)
     big = torch.empty(64 << 20)  # 256 MB
     dst = torch.empty_like(big)
     t = time.perf_counter()

@@ -44,7 +44,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
     group = heads // kv_heads
     kv_cache.view(-1, 2 * kv_heads, dim).index_copy_(0, meta.slot_mapping, kv)
     d = meta.num_decodes
-    if d == t:  # a pure decode step: no output buffer to fill
+    if d and d == t:  # a pure decode step: no output buffer to fill
         return _decode_attention(q, kv_cache, meta)
     out = torch.empty_like(q)
     if d:

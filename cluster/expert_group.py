@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cluster import native
 from cluster.checkpoint import load_tensors
 from cluster.config import ModelConfig
 from cluster.instance_actor import InstanceActor, param_bytes
@@ -30,6 +31,8 @@ class ExpertGroup(InstanceActor):
             expected.update(expert_tensors(cfg, layer, sorted(set(mine[ordinal]))))
         t = load_tensors(path, expected, dtype=dtype, device=device)
         self.weights = [stack_experts(t, layer, mine[ordinal]) for ordinal, layer in enumerate(layers)]
+        if torch.device(device).type == "cpu":
+            native.kernels()  # built (or loaded) now, not under the first step's timeout
 
     @torch.inference_mode()
     def serve_step(self, _tick: object = None) -> None:

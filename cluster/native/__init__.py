@@ -1,5 +1,5 @@
 """Native CPU kernels, compiled on first use with torch's extension builder and cached
-(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR). Each has a PyTorch twin that stays the
+(under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR). Each has a PyTorch twin that stays the
 reference: the engine uses a kernel when it builds and falls back, with one warning, when it
 does not (no compiler). Q3SERVE_NATIVE=0 turns them off.
 
@@ -10,7 +10,9 @@ header says why)."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +24,7 @@ _SOURCES = ("bindings.cpp", "linear.cpp", "moe.cpp", "attention.cpp")
 # -ffast-math lets gcc vectorise exp and reductions; it is given to the compiler only, never the
 # linker, so the library does not switch the process's floating-point mode (flush-to-zero).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+_STALE_LOCK_S = 600
 
 
 def enabled() -> bool:
@@ -40,12 +43,39 @@ def kernels() -> ModuleType | None:
     return _module
 
 
+def build_directory() -> Path:
+    """One directory per Python and torch version (a build links against both)."""
+    import torch
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
+    path = root / f"q3serve_native_{tag}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _clear_stale_lock(directory: Path) -> None:
+    """torch's builder waits, without a timeout, for the lock file of a build in progress; a
+    build killed midway leaves it behind. A build takes about a minute, so an old lock is stale."""
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except OSError:
+        pass
+
+
 def build() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     try:
+        directory = build_directory()
+        _clear_stale_lock(directory)
         sources = [str(Path(__file__).with_name(f)) for f in _SOURCES]
-        return load("q3serve_native", sources, extra_cflags=_CFLAGS, extra_include_paths=[str(Path(__file__).parent)], verbose=False)
+        return load(
+            "q3serve_native", sources, extra_cflags=_CFLAGS, extra_include_paths=[str(Path(__file__).parent)],
+            build_directory=str(directory), verbose=False,
+        )
     except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
         warnings.warn(f"q3serve native kernels unavailable ({type(e).__name__}: {e}); using PyTorch", stacklevel=2)
         return None

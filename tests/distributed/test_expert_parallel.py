@@ -90,6 +90,9 @@ def test_actors_hold_only_their_share(moe_checkpoint: Path) -> None:
         shard_bytes = ex.call_all("param_bytes", actors=ex.shards)
         group_bytes = ex.call_all("param_bytes", actors=ex.groups)
         attn = sum(torch.Size(s).numel() * 4 for s in attention_tensors(cfg).values())
+        # q_norm and k_norm are held repeated per head, one [heads + kv_heads, head_dim] weight per layer
+        heads = cfg.num_attention_heads + cfg.num_key_value_heads
+        attn += cfg.num_hidden_layers * (heads - 2) * cfg.head_dim * 4
         assert shard_bytes == [attn, attn]
         assert group_bytes == [3 * _expert_bytes(cfg), 2 * _expert_bytes(cfg), 3 * _expert_bytes(cfg)]  # 8 experts as 3 + 2 + 3
     finally:

@@ -181,6 +181,16 @@ def test_kernels_do_not_depend_on_thread_count(kernels) -> None:
         assert torch.equal(moe, results[0][0]) and torch.equal(attn, results[0][1])
 
 
+@torch.inference_mode()
+def test_kernels_take_empty_batches(kernels) -> None:
+    """An attention shard with no sequences still runs every layer (its expert exchange needs
+    it): zero rows in, zero rows out."""
+    m = _experts(4, 32, 16, torch.float32)
+    x = torch.empty(0, 32)
+    assert kernels.linear(x, torch.randn(32, 48)).shape == (0, 48)
+    assert kernels.moe_experts(x, torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2), m.w_gate_up, m.w_down).shape == (0, 32)
+
+
 def test_kernels_reject_bad_input(kernels) -> None:
     m = _experts(4, 32, 16, torch.float32)
     x = torch.randn(2, 32)
@@ -202,3 +212,20 @@ def test_native_can_be_turned_off(monkeypatch) -> None:
     assert native.kernels() is None
     monkeypatch.setenv("Q3SERVE_NATIVE", "1")
     assert native.kernels() is not None
+
+
+def test_stale_build_lock_is_cleared(tmp_path, monkeypatch) -> None:
+    """A build killed midway leaves torch's lock file, which later builds would wait on forever."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    directory = native.build_directory()
+    lock = directory / "lock"
+    lock.touch()
+    native._clear_stale_lock(directory)
+    assert lock.exists(), "a fresh lock belongs to a build in progress"
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    native._clear_stale_lock(directory)
+    assert not lock.exists()
