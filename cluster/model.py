@@ -25,7 +25,10 @@ ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """In float32, cast back, then scaled: the order transformers uses, so bf16 matches too."""
+    """In float32, cast back, then scaled: the order transformers uses, so bf16 matches too.
+    `weight` is [D] or [heads, D] for x [..., heads, D]. On CPU, inference, the native kernel."""
+    if x.is_cpu and not torch.is_grad_enabled() and (kernels := native.kernels()) is not None:
+        return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

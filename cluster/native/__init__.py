@@ -4,8 +4,8 @@ reference: the engine uses a kernel when it builds and falls back, with one warn
 does not (no compiler). Q3SERVE_NATIVE=0 turns them off.
 
 `gemm.h`: the register-blocked matmul they share; `linear.cpp`: linear layers; `moe.cpp`: fused
-MoE experts; `attention.cpp`: decode attention reading the paged KV cache in place (each file's
-header says why)."""
+MoE experts; `attention.cpp`: decode attention reading the paged KV cache in place; `norm.cpp`:
+RMSNorm in one pass (each file's header says why)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from types import ModuleType
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
-_SOURCES = ("bindings.cpp", "linear.cpp", "moe.cpp", "attention.cpp")
+_SOURCES = ("bindings.cpp", "linear.cpp", "moe.cpp", "attention.cpp", "norm.cpp")
 # -ffast-math lets gcc vectorise exp and reductions; it is given to the compiler only, never the
 # linker, so the library does not switch the process's floating-point mode (flush-to-zero).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]

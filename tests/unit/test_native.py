@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cluster import native
 from cluster.attention import AttentionMetadata, _decode_attention
-from cluster.model import LocalExperts, use_padded
+from cluster.model import LocalExperts, rms_norm, use_padded
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,28 @@ def test_linear_kernel_matches_torch(kernels, case: tuple, dtype: torch.dtype) -
     assert (got.double() - exact).abs().max().item() < tol * exact.abs().max().item()
     # Leading dimensions are kept, as F.linear keeps them.
     assert kernels.linear(x.view(1, m, k), w.t().contiguous(), b).shape == (1, m, n)
+
+
+NORM_CASES = [((1, 256), (256,)), ((64, 6, 64), (6, 64)), ((300, 40), (40,)), ((3, 5, 2, 16), (2, 16))]
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=[f"x{'x'.join(map(str, c[0]))}-w{'x'.join(map(str, c[1]))}" for c in NORM_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_rms_norm_kernel_matches_torch(kernels, monkeypatch, case: tuple, dtype: torch.dtype) -> None:
+    shape, wshape = case
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    w = torch.randn(wshape, generator=g).to(dtype)
+    got = kernels.rms_norm(x, w, 1e-6)
+    monkeypatch.setenv("Q3SERVE_NATIVE", "0")
+    ref = rms_norm(x, w, 1e-6)  # the PyTorch order of operations
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        assert (got - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    else:  # same roundings in the same order: equal but for rare one-ulp ties from the float sum
+        assert (got != ref).float().mean().item() < 1e-3
+        assert (got.float() - ref.float()).abs().max().item() <= 2 ** -6 * ref.float().abs().max().item()
 
 
 # (tokens, experts, top-k, hidden, inter): decode sizes, a single token, every expert busy,
@@ -198,6 +220,8 @@ def test_kernels_reject_bad_input(kernels) -> None:
         kernels.moe_experts(x, torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2), m.w_gate_up, m.w_down)
     with pytest.raises(RuntimeError, match="do not match"):
         kernels.linear(x, torch.randn(31, 8))
+    with pytest.raises(RuntimeError, match="rows do not cycle"):
+        kernels.rms_norm(torch.randn(5, 16), torch.ones(2, 16), 1e-6)
     with pytest.raises(RuntimeError, match="w_gate_up"):
         kernels.moe_experts(x, torch.tensor([[0, 1]] * 2), torch.ones(2, 2), m.w_down, m.w_down)
     q, cache, meta = _paged_case(2, 4, 2, 32, 8, torch.float32)
