@@ -2,7 +2,7 @@
 invocation, same threads, same prompts (64 random ids), 128 greedy output tokens each; each
 engine runs `--repeats` times, alternating, and its best run counts.
 
-    python benchmarks/engine_throughput.py [--models a b] [--concurrency 1 16 64] [--out PATH]
+    python -m benchmarks.engine_throughput [--models a b] [--concurrency 1 16 64] [--out PATH]
 
 (a) overhead-bound: hidden 256, 4 layers, 16 experts top-4, moe_intermediate 128, vocab 4096.
 (b) realistic: Qwen3's vocabulary (151,936), hidden 512, 8 layers, 32 experts top-4.

@@ -4,7 +4,7 @@ same checkpoint and load, with each step's time split into compute, dispatch/com
 collectives beyond the experts' own compute) and control (engine-to-actor round trips,
 scheduling, pickling plans).
 
-    python benchmarks/expert_parallel.py [--concurrency 16] [--out PATH]
+    python -m benchmarks.expert_parallel [--concurrency 16] [--out PATH]
 
 On 2 CPU cores parallelism cannot speed this up: the figures show what the exchange costs.
 """
