@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from cluster import native
-from cluster.model import grouped_swiglu
+from cluster.experts import grouped_swiglu
 from cluster.placement import ExpertPlacement
 
 

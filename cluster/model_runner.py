@@ -8,7 +8,8 @@ import torch
 
 from cluster.attention import AttentionMetadata, PrefillChunk
 from cluster.config import ModelConfig
-from cluster.model import Qwen3MoeModel, rope_tables
+from cluster.layers import rope_tables
+from cluster.model import Qwen3MoeModel
 from cluster.plan import Sampled, StepPlan
 from cluster.profiler import section
 from cluster.sampler import sample

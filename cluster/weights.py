@@ -12,7 +12,8 @@ import torch
 from cluster import native
 from cluster.checkpoint import load_tensors
 from cluster.config import ModelConfig
-from cluster.model import DenseMlp, LocalExperts, Qwen3MoeModel, SparseMoe
+from cluster.experts import LocalExperts
+from cluster.model import DenseMlp, Qwen3MoeModel, SparseMoe
 
 Shape = tuple[int, ...]
 

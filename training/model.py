@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.config import ModelConfig
-from cluster.model import apply_rope, grouped_swiglu, rms_norm, rope_tables, sort_by_expert
+from cluster.experts import grouped_swiglu, sort_by_expert
+from cluster.layers import apply_rope, rms_norm, rope_tables
 
 
 @dataclass

@@ -1,5 +1,5 @@
 // Linear layers on CPU with input-major weights: y = x @ w_t (+ bias), the native twin of
-// cluster.model's Linear (see gemm.h for why a hand-written matmul). Decode-sized inputs are
+// cluster.layers' Linear (see gemm.h for why a hand-written matmul). Decode-sized inputs are
 // split over output columns, large ones (prefill) over row chunks that stay in cache while the
 // weight columns stream past.
 #include <torch/extension.h>

@@ -1,12 +1,13 @@
-// Fused MoE experts for decode-sized batches on CPU: the native twin of cluster.model's
-// LocalExperts (same layout: w_gate_up [E, H, 2I], w_down [E, I, H], input-major).
+// Fused MoE experts on CPU: the native twin of cluster.experts' LocalExperts (same layout:
+// w_gate_up [E, H, 2I], w_down [E, I, H], input-major).
 //
 // Why: at decode a layer's experts each see a handful of rows, so the work is streaming every
 // expert's weights once. Padded batched matmuls stream them but compute on padding; per-expert
 // matmuls pay a call each. Here each expert gathers its rows and multiplies them with the
-// register-blocked matmul of gemm.h while its weights pass through cache once; experts run in
-// parallel on torch's own thread pool. Every (token, slot) pair's output lands in its own row and a token sums its
-// k rows in a fixed order, so results do not depend on the thread count. Intermediates are
+// register-blocked matmul of gemm.h while its weights pass through cache once (at prefill sizes
+// that matmul also beats MKL's on this project's CPUs); experts run in parallel on torch's own
+// thread pool. Every (token, slot) pair's output lands in its own row and a token sums its k
+// rows in a fixed order, so results do not depend on the thread count. Intermediates are
 // rounded to the model's dtype where the PyTorch path rounds them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

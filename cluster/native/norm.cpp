@@ -1,4 +1,4 @@
-// RMSNorm on CPU: the native twin of cluster.model.rms_norm, one pass per row instead of the
+// RMSNorm on CPU: the native twin of cluster.layers.rms_norm, one pass per row instead of the
 // six elementwise ops (and their temporaries) of the PyTorch version. Row i of x [N, D] uses
 // weight row i % W, so one call also normalises every q and k head with its own weight.
 // The order of roundings is transformers': normalise in float, round to x's dtype, then scale.

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from cluster import native
 from cluster.attention import AttentionMetadata, _decode_attention
-from cluster.model import LocalExperts, rms_norm, use_padded
+from cluster.experts import LocalExperts, use_padded
+from cluster.layers import rms_norm
 
 
 @pytest.fixture(scope="module")

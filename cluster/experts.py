@@ -1,0 +1,121 @@
+"""Routed experts: SwiGLU over rows grouped by expert (per-expert matmuls or one padded batched
+matmul, never a loop over tokens), and `LocalExperts`, all of a layer's experts in this process.
+Expert weights are input-major: w_gate_up [E, H, 2I] (gate then up), w_down [E, I, H]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster import native
+from cluster.config import ModelConfig
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over the fused last dim; in place when no gradient is being recorded."""
+    inter = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :inter], gate_up[..., inter:]
+    return F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate).mul_(up)
+
+
+def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """One expert: x [N, H], w_gate_up [H, 2I], w_down [I, H] (input-major, see LocalExperts)."""
+    return _silu_mul(x @ w_gate_up) @ w_down
+
+
+def use_padded(counts: list[int], n: int) -> bool:
+    """Whether one padded batched matmul over all experts beats one matmul per expert.
+
+    With few rows per expert (decode) per-expert calls cost more than their arithmetic, so
+    padding every expert to the fullest one pays off while most experts are hit and the padding
+    wastes little. From about 64 rows per expert on (prefill), per-expert matmuls are as fast
+    and padding is pure waste (measured crossover on model (a)'s shapes, 2 cores)."""
+    e = len(counts)
+    cap = max(counts, default=0)
+    hit = sum(1 for c in counts if c)
+    return 0 < n < 64 * e and 2 * hit >= e and e * cap <= 3 * n
+
+
+def padded_swiglu(
+    rows: torch.Tensor, expert: torch.Tensor, slot: torch.Tensor, cap: int,
+    w_gate_up: torch.Tensor, w_down: torch.Tensor,
+) -> torch.Tensor:
+    """All experts as one batched matmul: row r goes to padded slot `slot[r]` of expert
+    `expert[r]` (each expert has `cap` slots); returns each row's expert output, in row order."""
+    buf = rows.new_zeros(w_gate_up.shape[0], cap, rows.shape[1])
+    buf[expert, slot] = rows
+    act = _silu_mul(torch.bmm(buf, w_gate_up))
+    return torch.bmm(act, w_down)[expert, slot]
+
+
+def grouped_swiglu(
+    xs: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU experts over rows already sorted by expert: `counts[e]` consecutive rows go to local
+    expert e (weights w_gate_up [E, H, 2I], w_down [E, I, H]). Never a loop over tokens: either
+    one matmul per expert over its rows, or one padded batched matmul (see `use_padded`)."""
+    n = xs.shape[0]
+    if use_padded(counts, n):
+        counts_t = torch.tensor(counts, device=xs.device)
+        expert = torch.repeat_interleave(torch.arange(len(counts), device=xs.device), counts_t)
+        slot = torch.arange(n, device=xs.device) - (counts_t.cumsum(0) - counts_t)[expert]
+        return padded_swiglu(xs, expert, slot, max(counts), w_gate_up, w_down)
+    out = torch.empty_like(xs)
+    start = 0
+    for i, rows in enumerate(counts):
+        if rows:
+            out[start : start + rows] = swiglu(xs[start : start + rows], w_gate_up[i], w_down[i])
+            start += rows
+    return out
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """Stable order of flattened (token, slot) pairs by expert id, and the count per expert."""
+    flat = ids.reshape(-1)
+    return flat.argsort(stable=True), torch.bincount(flat, minlength=num_experts).tolist()
+
+
+class LocalExperts(nn.Module):
+    """All experts of one layer held in this process (single-process engine). Weights are
+    input-major: w_gate_up [E, H, 2I] (gate then up), w_down [E, I, H].
+
+    On CPU the native fused kernel runs them when it is built (cluster/native; measured 2-3x
+    faster than the PyTorch path at every batch size in float32). The PyTorch path picks, by
+    batch size, the way with the fewest kernel launches: one token runs its k experts directly; a decode batch goes into the padded batched
+    matmul without sorting (each pair's slot is its rank among the pairs of its expert); large
+    batches are sorted by expert and run one matmul per expert."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w_gate_up = nn.Parameter(torch.empty(e, h, 2 * i))
+        self.w_down = nn.Parameter(torch.empty(e, i, h))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        t, k = ids.shape
+        e = self.w_gate_up.shape[0]
+        if x.is_cpu and not torch.is_grad_enabled() and (kernels := native.kernels()) is not None:
+            return kernels.moe_experts(x, ids, weights, self.w_gate_up, self.w_down)
+        return self.forward_torch(x, ids, weights)
+
+    def forward_torch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The PyTorch path (and the native kernel's reference)."""
+        t, k = ids.shape
+        if t == 1:
+            ys = torch.cat([swiglu(x, self.w_gate_up[e], self.w_down[e]) for e in ids[0].tolist()])
+            return weights @ ys
+        e, n = self.w_gate_up.shape[0], t * k
+        flat = ids.reshape(-1)
+        if n < 64 * e:
+            rank = torch.zeros(n, e, dtype=torch.int32, device=x.device).scatter_(1, flat[:, None], 1).cumsum_(0)
+            counts = rank[-1].tolist()
+            if use_padded(counts, n):
+                slot = rank.gather(1, flat[:, None]).squeeze(1).sub_(1)
+                y = padded_swiglu(x.repeat_interleave(k, 0), flat, slot, max(counts), self.w_gate_up, self.w_down)
+                return torch.bmm(weights[:, None], y.view(t, k, -1)).squeeze(1)
+        order, counts = sort_by_expert(ids, e)
+        token = order // k
+        out = grouped_swiglu(x[token], counts, self.w_gate_up, self.w_down)
+        out.mul_(weights.reshape(-1)[order, None])
+        return torch.zeros_like(x).index_add_(0, token, out)
