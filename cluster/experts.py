@@ -82,9 +82,10 @@ class LocalExperts(nn.Module):
 
     On CPU the native fused kernel runs them when it is built (cluster/native; measured 2-3x
     faster than the PyTorch path at every batch size in float32). The PyTorch path picks, by
-    batch size, the way with the fewest kernel launches: one token runs its k experts directly; a decode batch goes into the padded batched
-    matmul without sorting (each pair's slot is its rank among the pairs of its expert); large
-    batches are sorted by expert and run one matmul per expert."""
+    batch size, the way with the fewest kernel launches: one token runs its k experts directly;
+    a decode batch goes into the padded batched matmul without sorting (each pair's slot is its
+    rank among the pairs of its expert); large batches are sorted by expert and run one matmul
+    per expert."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -93,8 +94,6 @@ class LocalExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, i, h))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        t, k = ids.shape
-        e = self.w_gate_up.shape[0]
         if x.is_cpu and not torch.is_grad_enabled() and (kernels := native.kernels()) is not None:
             return kernels.moe_experts(x, ids, weights, self.w_gate_up, self.w_down)
         return self.forward_torch(x, ids, weights)
