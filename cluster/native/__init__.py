@@ -9,7 +9,9 @@ RMSNorm in one pass (each file's header says why)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 import threading
 import time
@@ -43,12 +45,27 @@ def kernels() -> ModuleType | None:
     return _module
 
 
+def cpu_tag() -> str:
+    """A short fingerprint of this CPU's model and instruction sets. Builds use -march=native, so
+    a build made on one CPU (say, a warm cache baked into an image) must not be loaded on another
+    that lacks its instructions."""
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        text += "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def build_directory() -> Path:
-    """One directory per Python and torch version (a build links against both)."""
+    """One directory per Python version, torch version (a build links against both) and CPU."""
     import torch
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    tag = f"{python}_torch{torch.__version__}_host{cpu_tag()}".replace("+", "_")
     path = root / f"q3serve_native_{tag}"
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -239,6 +239,15 @@ def test_native_can_be_turned_off(monkeypatch) -> None:
     assert native.kernels() is not None
 
 
+def test_build_directory_is_per_cpu(tmp_path, monkeypatch) -> None:
+    """-march=native builds are tied to the CPU they were made on."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = native.build_directory()
+    assert native.cpu_tag() in here.name and here.parent == tmp_path
+    monkeypatch.setattr(native, "cpu_tag", lambda: "othercpu00")
+    assert native.build_directory() != here
+
+
 def test_stale_build_lock_is_cleared(tmp_path, monkeypatch) -> None:
     """A build killed midway leaves torch's lock file, which later builds would wait on forever."""
     import os
