@@ -12,7 +12,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from ray import serve
 
 from cluster.config import ModelConfig
@@ -29,8 +29,20 @@ from deployments.router import Overloaded, PoolRouter, PoolsUnavailable, Request
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None
+    content: str | None = Field(None, validate_default=True)
     reasoning_content: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str | None, info: ValidationInfo) -> str:
+        """Qwen3's template reads every message's content; as in OpenAI's API, only an assistant
+        turn (one that made tool calls) may leave it out."""
+        if value is not None:
+            return value
+        role = info.data.get("role")
+        if role != "assistant":
+            raise ValueError(f"required for a '{role}' message")
+        return ""
 
 
 class StreamOptions(BaseModel):

@@ -116,6 +116,8 @@ def test_completions(client: openai.OpenAI) -> None:
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, 400, "max_tokens"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}, {"role": "tool"}]}, 400, "messages.1.content"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 1100}]}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),
     ],
@@ -126,6 +128,13 @@ def test_bad_requests_get_openai_errors(server: str, body: dict, status: int, pa
     err = r.json()["error"]
     assert err["param"] == param and err["message"]
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+
+
+def test_assistant_turn_may_omit_content(server: str) -> None:
+    """OpenAI allows a null assistant content (a turn that only made tool calls)."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "x"}]
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_malformed_json(server: str) -> None:
