@@ -70,7 +70,7 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     """One query per sequence, batched over the gathered block tables; q [D, H, d]. The native
     kernel reads the blocks in place; the PyTorch path gathers them first."""
     d, heads, dim = q.shape
-    if q.is_cpu and (kernels := native.kernels()) is not None:
+    if (kernels := native.for_tensor(q)) is not None:
         return kernels.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
     kv_heads = kv_cache.shape[2] // 2
     # index_select copies whole blocks; advanced indexing is several times slower on CPU.

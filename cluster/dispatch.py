@@ -121,7 +121,7 @@ class Exchange:
         self._a2a(packed, packed.new_empty(0, width), splits, zeros)
         rows, slots = unpack_rows(packed, hidden, dtype)
         start = time.perf_counter()
-        if rows.is_cpu and (kernels := native.kernels()) is not None:
+        if (kernels := native.for_tensor(rows)) is not None:
             # The fused kernel with one "routed expert" per row and weight 1: each row's output.
             out = kernels.moe_experts(rows, slots[:, None], rows.new_ones(n, 1), w_gate_up, w_down)
         else:

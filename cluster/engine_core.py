@@ -96,8 +96,7 @@ class EngineCore:
         args = (self.model_path, self.model_config, self.dtype, p.device, num_blocks, self.config.block_size, self.max_model_len)
         if p.attention_shards == 1 and p.expert_groups == 1 and not p.use_ray:
             return LocalExecutor(*args)
-        if torch.device(p.device).type == "cpu":
-            native.kernels()  # built here once, so that the instance's actors only load it
+        native.prepare(p.device)  # built here once, so that the instance's actors only load it
         from cluster.instance import RayExecutor  # Ray is imported only when used
 
         return RayExecutor(*args, parallel=p)

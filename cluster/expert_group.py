@@ -31,8 +31,7 @@ class ExpertGroup(InstanceActor):
             expected.update(expert_tensors(cfg, layer, sorted(set(mine[ordinal]))))
         t = load_tensors(path, expected, dtype=dtype, device=device)
         self.weights = [stack_experts(t, layer, mine[ordinal]) for ordinal, layer in enumerate(layers)]
-        if torch.device(device).type == "cpu":
-            native.kernels()  # built (or loaded) now, not under the first step's timeout
+        native.prepare(device)
 
     @torch.inference_mode()
     def serve_step(self, _tick: object = None) -> None:

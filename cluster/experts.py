@@ -5,23 +5,16 @@ Expert weights are input-major: w_gate_up [E, H, 2I] (gate then up), w_down [E, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cluster import native
 from cluster.config import ModelConfig
-
-
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up over the fused last dim; in place when no gradient is being recorded."""
-    inter = gate_up.shape[-1] // 2
-    gate, up = gate_up[..., :inter], gate_up[..., inter:]
-    return F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate).mul_(up)
+from cluster.layers import silu_mul
 
 
 def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """One expert: x [N, H], w_gate_up [H, 2I], w_down [I, H] (input-major, see LocalExperts)."""
-    return _silu_mul(x @ w_gate_up) @ w_down
+    return silu_mul(x @ w_gate_up) @ w_down
 
 
 def use_padded(counts: list[int], n: int) -> bool:
@@ -45,7 +38,7 @@ def padded_swiglu(
     `expert[r]` (each expert has `cap` slots); returns each row's expert output, in row order."""
     buf = rows.new_zeros(w_gate_up.shape[0], cap, rows.shape[1])
     buf[expert, slot] = rows
-    act = _silu_mul(torch.bmm(buf, w_gate_up))
+    act = silu_mul(torch.bmm(buf, w_gate_up))
     return torch.bmm(act, w_down)[expert, slot]
 
 
@@ -94,7 +87,7 @@ class LocalExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, i, h))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and not torch.is_grad_enabled() and (kernels := native.kernels()) is not None:
+        if (kernels := native.for_tensor(x)) is not None:
             return kernels.moe_experts(x, ids, weights, self.w_gate_up, self.w_down)
         return self.forward_torch(x, ids, weights)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cluster import native
@@ -16,7 +17,7 @@ from cluster.config import ModelConfig
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """In float32, cast back, then scaled: the order transformers uses, so bf16 matches too.
     `weight` is [D] or [heads, D] for x [..., heads, D]. On CPU, inference, the native kernel."""
-    if x.is_cpu and not torch.is_grad_enabled() and (kernels := native.kernels()) is not None:
+    if (kernels := native.for_tensor(x)) is not None:
         return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     x = x.float()
@@ -92,14 +93,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up over a fused last dim (gate then up); in place when no gradient
+    is being recorded."""
+    inter = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :inter], gate_up[..., inter:]
+    return F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate).mul_(up)
+
+
 def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w_t (+ bias) with input-major weights [in, out]. The native matmul takes float32 at
     every size and half types for decode-sized inputs; beyond ~16 rows oneDNN's bf16 matmul
     (hardware bf16 dot products) is faster (measured on an AVX-512 EPYC, cluster/native/gemm.h)."""
-    if (
-        x.is_cpu and not torch.is_grad_enabled() and (x.dtype == torch.float32 or x.numel() < 16 * x.shape[-1])
-        and (kernels := native.kernels()) is not None
-    ):
+    kernels = native.for_tensor(x)
+    if kernels is not None and (x.dtype == torch.float32 or x.numel() < 16 * x.shape[-1]):
         return kernels.linear(x, w_t, bias)
     out = x @ w_t
     return out if bias is None else out + bias

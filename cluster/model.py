@@ -18,7 +18,7 @@ from torch import nn
 from cluster.attention import AttentionMetadata, paged_attention
 from cluster.config import ModelConfig
 from cluster.experts import LocalExperts
-from cluster.layers import Linear, RMSNorm, apply_rope, rms_norm
+from cluster.layers import Linear, RMSNorm, apply_rope, rms_norm, silu_mul
 from cluster.profiler import section
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,8 +59,7 @@ class DenseMlp(nn.Module):
         self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class SparseMoe(nn.Module):

@@ -103,8 +103,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None)
     """A model with uninitialised weights (allocated once, on the target device). On CPU the
     native kernels are built (or loaded from the build cache) here, at startup, so that the
     first step does not pay for a compile under its step timeout."""
-    if torch.device(device).type == "cpu":
-        native.kernels()
+    native.prepare(device)
     with torch.device("meta"):
         model = Qwen3MoeModel(cfg, experts)
     model = model.to_empty(device=device).to(dtype)

@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
@@ -45,6 +47,19 @@ def kernels() -> ModuleType | None:
     return _module
 
 
+def for_tensor(x: torch.Tensor) -> ModuleType | None:
+    """The kernels to run on `x`, or None for the PyTorch path: they are CPU-only and have no
+    backward, so a CUDA tensor or recorded autograd takes PyTorch."""
+    return kernels() if x.is_cpu and not torch.is_grad_enabled() else None
+
+
+def prepare(device: str | torch.device) -> None:
+    """Builds (or loads) the kernels when `device` is the CPU: called at startup, so that no
+    step pays for a compile under its timeout."""
+    if torch.device(device).type == "cpu":
+        kernels()
+
+
 def cpu_tag() -> str:
     """A short fingerprint of this CPU's model and instruction sets. Builds use -march=native, so
     a build made on one CPU (say, a warm cache baked into an image) must not be loaded on another
@@ -61,8 +76,6 @@ def cpu_tag() -> str:
 
 def build_directory() -> Path:
     """One directory per Python version, torch version (a build links against both) and CPU."""
-    import torch
-
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     tag = f"{python}_torch{torch.__version__}_host{cpu_tag()}".replace("+", "_")

@@ -15,26 +15,33 @@
 
 namespace {
 
+// Calls fn(p, row) for each cached token p < len: `row` is the token's cache row (keys of every
+// kv head, then values), found through the sequence's block table.
+template <typename T, typename Fn>
+inline void for_each_token(const T* cache, const int64_t* table, int64_t len, int64_t block_size, int64_t row, Fn&& fn) {
+  for (int64_t b0 = 0; b0 < len; b0 += block_size) {
+    const T* base = cache + table[b0 / block_size] * block_size * row;
+    const int64_t n = std::min(block_size, len - b0);
+    for (int64_t t = 0; t < n; ++t) fn(b0 + t, base + t * row);
+  }
+}
+
 // One (sequence, kv head): the `group` query heads that share it, over `len` cached tokens.
 // DIM > 0 fixes the head size at compile time (the common sizes), 0 reads it from `dim`.
 template <typename T, int DIM>
 void attend_one(const float* qf, const T* cache, const int64_t* table, int64_t len, int64_t group, int64_t dim,
                 int64_t row, int64_t key_off, int64_t val_off, int64_t block_size, float* scores, float* acc) {
   const int64_t d = DIM > 0 ? DIM : dim;
-  for (int64_t b0 = 0; b0 < len; b0 += block_size) {
-    const T* base = cache + table[b0 / block_size] * block_size * row;
-    const int64_t n = std::min(block_size, len - b0);
-    for (int64_t t = 0; t < n; ++t) {
-      const T* key = base + t * row + key_off;
-      for (int64_t j = 0; j < group; ++j) {
-        const float* qj = qf + j * d;
-        float dot = 0.f;
+  for_each_token(cache, table, len, block_size, row, [&](int64_t p, const T* token) {
+    const T* key = token + key_off;
+    for (int64_t j = 0; j < group; ++j) {
+      const float* qj = qf + j * d;
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < d; ++c) dot += qj[c] * static_cast<float>(key[c]);
-        scores[j * len + b0 + t] = dot;
-      }
+      for (int64_t c = 0; c < d; ++c) dot += qj[c] * static_cast<float>(key[c]);
+      scores[j * len + p] = dot;
     }
-  }
+  });
   for (int64_t j = 0; j < group; ++j) {
     float* sj = scores + j * len;
     float mx = -std::numeric_limits<float>::infinity();
@@ -45,19 +52,15 @@ void attend_one(const float* qf, const T* cache, const int64_t* table, int64_t l
     const float inv = 1.f / sum;
     for (int64_t p = 0; p < len; ++p) sj[p] *= inv;
   }
-  for (int64_t b0 = 0; b0 < len; b0 += block_size) {
-    const T* base = cache + table[b0 / block_size] * block_size * row;
-    const int64_t n = std::min(block_size, len - b0);
-    for (int64_t t = 0; t < n; ++t) {
-      const T* val = base + t * row + val_off;
-      for (int64_t j = 0; j < group; ++j) {
-        const float pj = scores[j * len + b0 + t];
-        float* aj = acc + j * d;
+  for_each_token(cache, table, len, block_size, row, [&](int64_t p, const T* token) {
+    const T* val = token + val_off;
+    for (int64_t j = 0; j < group; ++j) {
+      const float pj = scores[j * len + p];
+      float* aj = acc + j * d;
 #pragma omp simd
-        for (int64_t c = 0; c < d; ++c) aj[c] += pj * static_cast<float>(val[c]);
-      }
+      for (int64_t c = 0; c < d; ++c) aj[c] += pj * static_cast<float>(val[c]);
     }
-  }
+  });
 }
 
 template <typename T>
