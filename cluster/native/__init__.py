@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -95,10 +96,22 @@ def _clear_stale_lock(directory: Path) -> None:
         pass
 
 
+def _ensure_ninja() -> None:
+    """torch's builder runs `ninja` from PATH; the PyPI `ninja` package (a dependency) puts one in
+    this Python's scripts folder, which a pyenv or venv Python need not have on PATH."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def build() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     try:
+        _ensure_ninja()
         directory = build_directory()
         _clear_stale_lock(directory)
         sources = [str(Path(__file__).with_name(f)) for f in _SOURCES]
