@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster import native, profiler
+from cluster import native
+from cluster.model import profiler
 
 MODELS = {
     "a": dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

@@ -189,7 +189,7 @@ class ParallelConfig:
     kind (`attention_resources` / `expert_resources`, e.g. a custom node resource), and may be
     pinned to nodes by label (`attention_labels` / `expert_labels`, Ray node labels matched by
     the bundle's label selector), e.g. to put expert groups on one GPU node pool. `placement` is "contiguous" or a load-balanced
-    `ExpertPlacement` built by `cluster.placement.load_balanced`."""
+    `ExpertPlacement` built by `cluster.parallel.placement.load_balanced`."""
 
     attention_shards: int = 1
     expert_groups: int = 1

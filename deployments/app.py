@@ -23,7 +23,7 @@ def _expert_parallel(pool: PoolConfig) -> bool:
 
 def _instance_bundles(pool: PoolConfig) -> dict[str, Any]:
     """An expert-parallel replica reserves its instance with it: bundle 0 for the replica, then
-    one bundle per attention shard and expert group (what cluster.instance places them in)."""
+    one bundle per attention shard and expert group (what cluster.parallel.instance places them in)."""
     if not _expert_parallel(pool):
         return {}
     p = ParallelConfig(attention_shards=pool.attention_shards, expert_groups=pool.expert_groups, device=pool.device,

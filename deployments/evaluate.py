@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from cluster.machine import describe_machine
+from benchmarks.machine import describe_machine
 from deployments.http_client import auth_headers, served_model
 from training.tasks import KINDS, MULTI_STEP, Task, check, eval_set
 

@@ -17,7 +17,7 @@ from ray import serve
 
 from cluster.config import ModelConfig
 from cluster.default_model import default_model_path
-from cluster.tokenizer import load_tokenizer, render_chat
+from cluster.engine.tokenizer import load_tokenizer, render_chat
 from deployments.chat import Parsed, StreamingReasoningParser, decide_thinking, reasoning_tokens, split_reasoning
 from deployments.auth import ApiKeys, load_keys
 from deployments.config import AppConfig

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster import Engine, SamplingParams
-from cluster.tokenizer import THINK_END, THINK_START
+from cluster.engine.tokenizer import THINK_END, THINK_START
 from deployments.config import PoolConfig
 from deployments.metrics import PoolMetrics
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from cluster.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, render_chat
+from cluster.engine.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, render_chat
 from training.tasks import Task, sample
 
 MODES = {"think": 0.42, "cut": 0.18, "nothink": 0.25, "soft_no": 0.15}

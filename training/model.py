@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.config import ModelConfig
-from cluster.experts import grouped_swiglu, sort_by_expert
-from cluster.layers import apply_rope, rms_norm, rope_tables
+from cluster.model.experts import grouped_swiglu, sort_by_expert
+from cluster.model.layers import apply_rope, rms_norm, rope_tables
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Block(nn.Module):
 
     def moe(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax top-k routing renormalised (norm_topk_prob), experts grouped as the engine groups
-        them (cluster.model); returns the output and the Switch-style load-balancing loss."""
+        them (cluster.model.qwen3_moe); returns the output and the Switch-style load-balancing loss."""
         c = self.c
         flat = x.reshape(-1, x.shape[-1])
         probs = torch.softmax((flat @ self.gate.T).float(), dim=-1)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cluster.machine import describe_machine
-from cluster.tokenizer import ENDOFTEXT, IM_END, IM_START, THINK_END, THINK_START, load_tokenizer
+from benchmarks.machine import describe_machine
+from cluster.engine.tokenizer import ENDOFTEXT, IM_END, IM_START, THINK_END, THINK_START, load_tokenizer
 from training.data import Example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
 from training.tasks import count

@@ -12,9 +12,9 @@ import torch
 
 from cluster import LLM, SamplingParams
 from cluster.config import ModelConfig
-from cluster.engine_core import EngineCore, RequestOutput
-from cluster.placement import load_balanced
-from cluster.weights import attention_tensors
+from cluster.engine.core import EngineCore, RequestOutput
+from cluster.parallel.placement import load_balanced
+from cluster.model.weights import attention_tensors
 from tests.conftest import hf_greedy, hf_model
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

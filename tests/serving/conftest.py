@@ -59,7 +59,7 @@ def thinker_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from cluster.tokenizer import THINK_START
+    from cluster.engine.tokenizer import THINK_START
 
     path = make_checkpoint(
         tmp_path_factory.mktemp("thinker"), vocab_size=151936, hidden_size=32, head_dim=8, num_hidden_layers=2,

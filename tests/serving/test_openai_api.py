@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from cluster.tokenizer import STOP_THINKING
+from cluster.engine.tokenizer import STOP_THINKING
 from deployments.config import AppConfig
 from tests.serving.conftest import pool_idle_stats, start_app, stop_app
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster.config import EngineConfig, SamplingParams
-from cluster.engine_core import EngineCore, RequestOutput
+from cluster.engine.core import EngineCore, RequestOutput
 from tests.conftest import hf_greedy, hf_model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

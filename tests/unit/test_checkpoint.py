@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cluster import LLM, SamplingParams
-from cluster.checkpoint import load_tensors
+from cluster.model.checkpoint import load_tensors
 from cluster.config import ModelConfig
-from cluster.weights import attention_tensors, expert_tensors
+from cluster.model.weights import attention_tensors, expert_tensors
 from tests.conftest import hf_greedy, hf_model, make_checkpoint
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from cluster import LLM, SamplingParams
 from cluster.default_model import default_model_path
-from cluster.tokenizer import load_tokenizer, render_chat
+from cluster.engine.tokenizer import load_tokenizer, render_chat
 
 PROMPTS = [
     ("Add 4524 and 13.", True),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cluster.dispatch import pack_rows, unpack_rows
+from cluster.parallel.dispatch import pack_rows, unpack_rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from cluster import LLM, SamplingParams
-from cluster.checkpoint import CheckpointError
+from cluster.model.checkpoint import CheckpointError
 from cluster.config import ConfigError, ModelConfig
 from tests.conftest import make_checkpoint
 

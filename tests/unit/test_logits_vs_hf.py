@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cluster.config import EngineConfig, SamplingParams
-from cluster.engine_core import EngineCore
+from cluster.engine.core import EngineCore
 from tests.conftest import hf_model, make_checkpoint, to_legacy_config
 
 CONFIGS = {

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from cluster import native
-from cluster.attention import AttentionMetadata, _decode_attention
-from cluster.experts import LocalExperts, use_padded
-from cluster.layers import rms_norm
+from cluster.model.attention import AttentionMetadata, _decode_attention
+from cluster.model.experts import LocalExperts, use_padded
+from cluster.model.layers import rms_norm
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.placement import ExpertPlacement, contiguous, load_balanced
+from cluster.parallel.placement import ExpertPlacement, contiguous, load_balanced
 
 
 def test_contiguous_uneven_split() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.sampler import sample
+from cluster.model.sampler import sample
 
 
 def _draws(logits: torch.Tensor, params: SamplingParams, n: int = 400) -> set[int]:

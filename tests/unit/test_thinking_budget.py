@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cluster import LLM, SamplingParams
-from cluster.thinking import ThinkingBudget, ThinkingState
-from cluster.tokenizer import STOP_THINKING, THINK_END, THINK_START
+from cluster.engine.thinking import ThinkingBudget, ThinkingState
+from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START
 from tests.conftest import make_checkpoint
 
 

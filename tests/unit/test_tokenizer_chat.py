@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.tokenizer import IM_END, IM_START, THINK_END, THINK_START, load_tokenizer, render_chat, wheel_tokenizer_dir
+from cluster.engine.tokenizer import IM_END, IM_START, THINK_END, THINK_START, load_tokenizer, render_chat, wheel_tokenizer_dir
 
 TEXTS = [
     "Hello, world! The quick brown fox.",

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, load_tokenizer
+from cluster.engine.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, load_tokenizer
 from deployments.chat import decide_thinking, soft_switch
 from training.data import _switch_messages, make_example
 from training.tasks import sample

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.attention import AttentionMetadata, paged_attention
+from cluster.model.attention import AttentionMetadata, paged_attention
 from cluster.config import ModelConfig
-from cluster.experts import LocalExperts
-from cluster.layers import Linear, RMSNorm, apply_rope, rms_norm, silu_mul
-from cluster.profiler import section
+from cluster.model.experts import LocalExperts
+from cluster.model.layers import Linear, RMSNorm, apply_rope, rms_norm, silu_mul
+from cluster.model.profiler import section
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

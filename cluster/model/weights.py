@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from cluster import native
-from cluster.checkpoint import load_tensors
+from cluster.model.checkpoint import load_tensors
 from cluster.config import ModelConfig
-from cluster.experts import LocalExperts
-from cluster.model import DenseMlp, Qwen3MoeModel, SparseMoe
+from cluster.model.experts import LocalExperts
+from cluster.model.qwen3_moe import DenseMlp, Qwen3MoeModel, SparseMoe
 
 Shape = tuple[int, ...]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from cluster.sequence import Sequence
+from cluster.engine.sequence import Sequence
 
 
 @dataclass

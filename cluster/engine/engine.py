@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from cluster.config import EngineConfig, ParallelConfig, SamplingParams
 from cluster.default_model import default_model_path
-from cluster.engine_core import EngineCore, RequestOutput
-from cluster.tokenizer import render_chat
+from cluster.engine.core import EngineCore, RequestOutput
+from cluster.engine.tokenizer import render_chat
 
 log = logging.getLogger(__name__)
 

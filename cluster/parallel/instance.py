@@ -20,11 +20,11 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.attention_shard import AttentionShard
+from cluster.parallel.actors import AttentionShard
 from cluster.config import ModelConfig, ParallelConfig
-from cluster.expert_group import ExpertGroup
-from cluster.placement import ExpertPlacement, contiguous
-from cluster.plan import Sampled, StepPlan
+from cluster.parallel.actors import ExpertGroup
+from cluster.parallel.placement import ExpertPlacement, contiguous
+from cluster.engine.plan import Sampled, StepPlan
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.config import SamplingParams
-from cluster.scheduler import ScheduledBatch
+from cluster.engine.scheduler import ScheduledBatch
 
 
 @dataclass

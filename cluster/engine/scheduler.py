@@ -13,8 +13,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from cluster.config import EngineConfig
-from cluster.kv_cache import BlockManager
-from cluster.sequence import Sequence, Status
+from cluster.engine.kv_cache import BlockManager
+from cluster.engine.sequence import Sequence, Status
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Executors run step plans on a model instance. `LocalExecutor` holds the whole model in this
-process; `RayExecutor` (cluster/instance.py) spreads it over attention-shard and expert-group
+process; `RayExecutor` (cluster/parallel/instance.py) spreads it over attention-shard and expert-group
 actors. The engine core talks to either through this interface."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Protocol
 import torch
 
 from cluster.config import ModelConfig
-from cluster.model_runner import ModelRunner
-from cluster.plan import Sampled, StepPlan
-from cluster.weights import load_model
+from cluster.model.runner import ModelRunner
+from cluster.engine.plan import Sampled, StepPlan
+from cluster.model.weights import load_model
 
 
 class Executor(Protocol):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from cluster.attention import AttentionMetadata, PrefillChunk
+from cluster.model.attention import AttentionMetadata, PrefillChunk
 from cluster.config import ModelConfig
-from cluster.layers import rope_tables
-from cluster.model import Qwen3MoeModel
-from cluster.plan import Sampled, StepPlan
-from cluster.profiler import section
-from cluster.sampler import sample
+from cluster.model.layers import rope_tables
+from cluster.model.qwen3_moe import Qwen3MoeModel
+from cluster.engine.plan import Sampled, StepPlan
+from cluster.model.profiler import section
+from cluster.model.sampler import sample
 
 
 class ModelRunner:

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from cluster import native
-from cluster.experts import grouped_swiglu
-from cluster.placement import ExpertPlacement
+from cluster.model.experts import grouped_swiglu
+from cluster.parallel.placement import ExpertPlacement
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 
 from cluster import native
 from cluster.config import ModelConfig
-from cluster.layers import silu_mul
+from cluster.model.layers import silu_mul
 
 
 def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

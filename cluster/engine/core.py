@@ -13,14 +13,14 @@ import torch
 
 from cluster import native
 from cluster.config import EngineConfig, ModelConfig, ParallelConfig, SamplingParams, parse_dtype
-from cluster.detokenizer import Detokenizer
-from cluster.executor import Executor, LocalExecutor
-from cluster.kv_cache import BlockManager
-from cluster.plan import plan_from_batch
-from cluster.scheduler import Scheduler
-from cluster.sequence import Sequence
-from cluster.thinking import ThinkingBudget, ThinkingState
-from cluster.tokenizer import STOP_THINKING, THINK_END, THINK_START, load_tokenizer
+from cluster.engine.detokenizer import Detokenizer
+from cluster.engine.executor import Executor, LocalExecutor
+from cluster.engine.kv_cache import BlockManager
+from cluster.engine.plan import plan_from_batch
+from cluster.engine.scheduler import Scheduler
+from cluster.engine.sequence import Sequence
+from cluster.engine.thinking import ThinkingBudget, ThinkingState
+from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START, load_tokenizer
 
 
 @dataclass
@@ -97,7 +97,7 @@ class EngineCore:
         if p.attention_shards == 1 and p.expert_groups == 1 and not p.use_ray:
             return LocalExecutor(*args)
         native.prepare(p.device)  # built here once, so that the instance's actors only load it
-        from cluster.instance import RayExecutor  # Ray is imported only when used
+        from cluster.parallel.instance import RayExecutor  # Ray is imported only when used
 
         return RayExecutor(*args, parallel=p)
 

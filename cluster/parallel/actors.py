@@ -1,0 +1,135 @@
+"""The actors of one model instance. Every actor has its rank in the instance's process group
+and the exchange (`InstanceActor`); an `AttentionShard` holds embeddings, attention, router gates,
+norms, lm_head, its sequences' KV cache and sampling, and reaches each MoE layer's experts through
+the exchange; an `ExpertGroup` holds, for every MoE layer, the experts the placement gives it
+(stacked in local-slot order; a redundant copy is just another slot) and serves dispatches in
+lock-step with the shards. Expert groups own no request state and no attention weights."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cluster import native
+from cluster.config import ModelConfig
+from cluster.engine.plan import Sampled, StepPlan
+from cluster.model.checkpoint import load_tensors
+from cluster.model.runner import ModelRunner
+from cluster.model.weights import expert_tensors, load_attention_model, stack_experts
+from cluster.parallel.dispatch import DispatchedExperts, Exchange
+from cluster.parallel.placement import ExpertPlacement
+
+
+def param_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct tensors (tied weights count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class InstanceActor:
+    def __init__(self, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, device: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.rank = rank
+        self.step_s = 0.0  # seconds spent in steps since the last stats reset
+        self.exchange = Exchange(rank, num_shards, num_groups, placement, device)
+
+    def join(self, backend: str, addr: str, port: int, world: int, timeout_s: float) -> None:
+        """Joins the instance's process group; the timeout bounds every collective, so a lost
+        peer turns into an error rather than a hang."""
+        dist.init_process_group(
+            backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+        )
+
+    def exchange_stats(self, reset: bool = False) -> dict:
+        """Exchange bytes per MoE layer and seconds in steps, collectives and expert matmuls."""
+        s = self.exchange.stats
+        out = {"hidden_bytes": list(s.hidden_bytes), "index_bytes": list(s.index_bytes), "comm_s": s.comm_s,
+               "experts_s": s.experts_s, "step_s": self.step_s}
+        if reset:
+            s.reset(len(s.hidden_bytes))
+            self.step_s = 0.0
+        return out
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class AttentionShard(InstanceActor):
+    def __init__(
+        self, path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, num_blocks: int, block_size: int,
+        max_model_len: int, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, threads: int,
+    ) -> None:
+        super().__init__(rank, num_shards, num_groups, placement, device, threads)
+        ordinal = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        model = load_attention_model(path, cfg, dtype, device, lambda layer: DispatchedExperts(self.exchange, ordinal[layer]))
+        self.runner = ModelRunner(model, cfg, num_blocks, block_size, max_model_len, dtype, device)
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port on it, for rank 0 to host the rendezvous."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def execute(self, plan: StepPlan) -> list[Sampled]:
+        start = time.perf_counter()
+        try:
+            return self.runner.execute(plan)
+        finally:
+            self.step_s += time.perf_counter() - start
+
+    def expert_counts(self) -> torch.Tensor:
+        return self.runner.model.expert_counts()
+
+    def param_bytes(self) -> int:
+        return param_bytes(self.runner.model.parameters())
+
+
+class ExpertGroup(InstanceActor):
+    def __init__(
+        self, path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, rank: int, num_shards: int,
+        num_groups: int, placement: ExpertPlacement, threads: int,
+    ) -> None:
+        super().__init__(rank, num_shards, num_groups, placement, device, threads)
+        self.dtype = dtype
+        mine = placement.experts_of(rank - num_shards)
+        layers = cfg.moe_layers
+        expected: dict[str, tuple[int, ...]] = {}
+        for ordinal, layer in enumerate(layers):
+            expected.update(expert_tensors(cfg, layer, sorted(set(mine[ordinal]))))
+        t = load_tensors(path, expected, dtype=dtype, device=device)
+        self.weights = [stack_experts(t, layer, mine[ordinal]) for ordinal, layer in enumerate(layers)]
+        native.prepare(device)
+
+    @torch.inference_mode()
+    def serve_step(self, _tick: object = None) -> None:
+        """Serves one engine step: every MoE layer's exchange, in order. (`_tick` is the step's
+        input in the compiled graph; groups need nothing from it.)"""
+        start = time.perf_counter()
+        for ordinal, (w_gate_up, w_down) in enumerate(self.weights):
+            self.exchange.serve(ordinal, w_gate_up, w_down, self.dtype)
+        self.step_s += time.perf_counter() - start
+
+    def param_bytes(self) -> int:
+        return param_bytes(t for pair in self.weights for t in pair)
