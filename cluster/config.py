@@ -30,6 +30,20 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+class RequestError(ValueError):
+    """A request field with a value the engine cannot serve; `param` names the field, so that the
+    APIs answer HTTP 400 with it in OpenAI's `param` / gRPC INVALID_ARGUMENT. Pickles with its
+    field, so it crosses Ray and Serve handles intact."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(param, message)
+        self.param = param
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.param}: {self.message}" if self.param else self.message
+
+
 class ConfigError(ValueError):
     """A checkpoint's config.json cannot be served; the message names the field."""
 
@@ -203,7 +217,6 @@ class ParallelConfig:
     placement: Any = "contiguous"
     use_ray: bool = False          # run even a 1 x 1 instance as actors
     step_timeout_s: float = 60.0   # a step (and each collective) that takes longer fails the instance
-    compiled_graph: bool = True    # drive steps through a Ray compiled graph (else one task per actor)
     torch_threads: int = 1         # intra-op threads per actor
 
     def __post_init__(self) -> None:
@@ -263,7 +276,7 @@ class EngineConfig:
 class SamplingParams:
     """Per-request decoding controls, named as in vLLM. temperature 0 means greedy."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16      # None: up to the context length (a server applies its pool's default)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -282,20 +295,21 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens: must be a positive integer, got {self.max_tokens!r}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: must be >= 0 (0 disables it), got {self.top_k!r}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p: must be in [0, 1], got {self.min_p!r}")
-        if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int) or self.thinking_budget < 0):
-            raise ValueError(f"thinking_budget: must be a non-negative integer, got {self.thinking_budget!r}")
+        checks = [
+            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens > 0),
+             "must be a positive integer"),
+            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("thinking_budget", self.thinking_budget is None
+             or (isinstance(self.thinking_budget, int) and self.thinking_budget >= 0), "must be a non-negative integer"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise RequestError(name, f"{rule}, got {getattr(self, name)!r}")
         if any(not s for s in self.stop):
-            raise ValueError("stop: stop strings must be non-empty")
+            raise RequestError("stop", "stop strings must be non-empty")
 
     @property
     def greedy(self) -> bool:

@@ -5,16 +5,14 @@ sampled tokens into outputs (stop checks, detokenization). `Engine` drives it fr
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from cluster import native
-from cluster.config import EngineConfig, ModelConfig, ParallelConfig, SamplingParams, parse_dtype
+from cluster.config import EngineConfig, ModelConfig, ParallelConfig, RequestError, SamplingParams, parse_dtype
 from cluster.engine.detokenizer import Detokenizer
-from cluster.engine.executor import Executor, LocalExecutor
+from cluster.engine.executor import build_executor
 from cluster.engine.kv_cache import BlockManager
 from cluster.engine.plan import plan_from_batch
 from cluster.engine.scheduler import Scheduler
@@ -25,19 +23,26 @@ from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START, load
 
 @dataclass
 class RequestOutput:
-    """A request's state after a step: cumulative text and ids, plus the delta since the last."""
+    """What a step did for one request. The deltas (new ids, text, logprobs) and running counts
+    are always set; the cumulative fields (`prompt_token_ids`, `token_ids`, `text`, `logprobs`)
+    only on the final output, so that streaming a long answer costs the same per token however
+    long it already is."""
 
     request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    delta_text: str = ""
-    delta_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] | None = None
+    delta_token_ids: list[int]
+    delta_text: str
+    delta_logprobs: list[float] | None = None  # when the request asked for logprobs
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_reasoning_tokens: int = 0    # output tokens of the <think> part, tags included
+    num_cached_tokens: int = 0
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
+    prompt_token_ids: list[int] | None = None  # final output only
+    token_ids: list[int] | None = None         # final output only: every output id
+    text: str | None = None                    # final output only: the whole text
+    logprobs: list[float] | None = None        # final output only, when asked for
 
 
 @dataclass
@@ -71,7 +76,10 @@ class EngineCore:
         eos = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
         torch.manual_seed(self.config.seed)
-        self.executor = self._build_executor(num_blocks)
+        self.executor = build_executor(
+            self.model_path, self.model_config, self.dtype, self.parallel, num_blocks, self.config.block_size,
+            self.max_model_len,
+        )
         # One scheduler and block manager per attention shard: each shard owns its sequences' KV.
         self.shards = [
             Scheduler(self.config, BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching))
@@ -90,16 +98,6 @@ class EngineCore:
         if max(THINK_START, THINK_END, *stop) >= self.model_config.vocab_size:
             return None
         return ThinkingBudget(THINK_START, THINK_END, stop)
-
-    def _build_executor(self, num_blocks: int) -> Executor:
-        p = self.parallel
-        args = (self.model_path, self.model_config, self.dtype, p.device, num_blocks, self.config.block_size, self.max_model_len)
-        if p.attention_shards == 1 and p.expert_groups == 1 and not p.use_ray:
-            return LocalExecutor(*args)
-        native.prepare(p.device)  # built here once, so that the instance's actors only load it
-        from cluster.parallel.instance import RayExecutor  # Ray is imported only when used
-
-        return RayExecutor(*args, parallel=p)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -123,24 +121,24 @@ class EngineCore:
         else:
             ids = [int(t) for t in prompt]
         if not ids:
-            raise ValueError("prompt: must not be empty")
+            raise RequestError("prompt", "must not be empty")
         if not isinstance(params, SamplingParams):
             raise TypeError("sampling_params: expected cluster.SamplingParams")
         vocab = self.model_config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
+            raise RequestError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
         thinking = ThinkingState()
-        if params.thinking_budget is not None:
-            if self.thinking is None:
-                raise ValueError("thinking_budget: this model's vocabulary has no <think> / </think> tokens")
+        if params.thinking_budget is not None and self.thinking is None:
+            raise RequestError("thinking_budget", "this model's vocabulary has no <think> / </think> tokens")
+        if self.thinking is not None:
             thinking = ThinkingState.from_prompt(ids, self.thinking.start, self.thinking.end)
             if thinking.inside and params.thinking_budget == 0:  # nothing may be thought: close it now
                 ids = ids + self.thinking.stop_ids
                 thinking = ThinkingState(done=True)
         if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}"
+            raise RequestError(
+                "prompt", f"{len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}"
             )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         seq = Sequence(rid, ids, params)
@@ -149,7 +147,7 @@ class EngineCore:
     def add(self, req: _Request) -> None:
         rid = req.seq.request_id
         if rid in self.requests:
-            raise ValueError(f"request_id: {rid!r} is already running")
+            raise RequestError("request_id", f"{rid!r} is already running")
         # Data parallel over sequences: the shard with the fewest sequences takes the new one.
         req.shard = min(range(len(self.shards)), key=lambda i: len(self.shards[i].running) + len(self.shards[i].waiting))
         self.requests[rid] = req
@@ -166,7 +164,7 @@ class EngineCore:
             return None
         req.seq.finish("abort")
         self._release(req)
-        return self._output(req, [], "")
+        return self._output(req, [], "", [])
 
     def _release(self, req: _Request) -> None:
         self.shards[req.shard].finish(req.seq)
@@ -187,32 +185,30 @@ class EngineCore:
         self._forget = [[] for _ in self.shards]
         results = [r for shard in self.executor.execute(plans) for r in shard]
         self.num_steps += 1
-        for i, batch in enumerate(batches):
-            for seq, n in batch.entries:
-                seq.num_computed_tokens += n
-                self.num_computed_tokens += n
-                self.shards[i].blocks.commit(seq)
-        now = time.monotonic()
+        for shard, batch in zip(self.shards, batches):
+            self.num_computed_tokens += shard.advance(batch)
         outputs = []
         for r in results:
             req = self.requests[r.request_id]
             seq = req.seq
-            if seq.first_token_time is None:
-                seq.first_token_time = now
             tokens = [r.token]
+            lps = [r.logprob] if r.logprob is not None else []
             delta = self._append(req, r.token, r.logprob)
-            if self.thinking is not None and seq.params.thinking_budget is not None:
-                for forced in self.thinking.after_token(req.thinking, r.token, seq.params.thinking_budget):
-                    if seq.finished:
-                        break
-                    tokens.append(forced)
-                    delta += self._append(req, forced, 0.0)  # forced: probability 1 by construction
+            forced = self.thinking.after_token(req.thinking, r.token, seq.params.thinking_budget) if self.thinking else []
+            for f in forced:
+                if seq.finished:
+                    break
+                tokens.append(f)
+                if seq.params.logprobs:
+                    lps.append(0.0)  # forced: probability 1 by construction
+                delta += self._append(req, f, 0.0)
+                self.thinking.after_token(req.thinking, f, seq.params.thinking_budget)
             if seq.finished:
                 self._release(req)
                 del self.requests[seq.request_id]
             elif final_only:
                 continue
-            outputs.append(self._output(req, tokens, delta))
+            outputs.append(self._output(req, tokens, delta, lps))
         return outputs
 
     def _append(self, req: _Request, token: int, logprob: float | None) -> str:
@@ -234,24 +230,30 @@ class EngineCore:
             seq.finish("stop")
         elif token in p.stop_token_ids:
             seq.finish("stop", token)
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
 
-    def _output(self, req: _Request, delta_ids: list[int], delta_text: str) -> RequestOutput:
+    def _output(self, req: _Request, delta_ids: list[int], delta_text: str, delta_lps: list[float]) -> RequestOutput:
         seq = req.seq
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids,  # a fresh slice: later tokens never show up in it
-            text=req.detok.text[: req.detok.emitted],
-            delta_text=delta_text,
             delta_token_ids=delta_ids,
-            logprobs=list(seq.logprobs) if seq.params.logprobs else None,
+            delta_text=delta_text,
+            delta_logprobs=delta_lps if seq.params.logprobs else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_reasoning_tokens=req.thinking.reasoning_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
-            num_cached_tokens=seq.num_cached_tokens,
         )
+        if seq.finished:
+            out.prompt_token_ids = seq.prompt_token_ids
+            out.token_ids = seq.output_token_ids
+            out.text = req.detok.text
+            out.logprobs = list(seq.logprobs) if seq.params.logprobs else None
+        return out
 
     def expert_counts(self) -> torch.Tensor:
         """[layers, experts] tokens routed to each expert since start, summed over shards."""

@@ -2,7 +2,9 @@
 
 Text is emitted only once it is stable: a token that ends in the middle of a UTF-8 character
 decodes to U+FFFD and waits for the next one, and with stop strings the last few characters are
-held back until they cannot start a stop string.
+held back until they cannot start a stop string. Only the text not yet emitted is kept as one
+string (the emitted text is kept as pieces), so each token costs the same however long the
+output already is.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ class Detokenizer:
         self.ids = list(prompt_ids[-6:])  # a little context so leading spaces decode correctly
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""
-        self.emitted = 0
+        self.emitted: list[str] = []  # text handed out so far, in pieces
+        self.pending = ""             # decoded, not yet handed out (held back for stop strings)
         self.stopped: str | None = None
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far (joined on demand: for final outputs)."""
+        return "".join(self.emitted)
 
     def decode(self, ids: list[int]) -> str:
         if self._decode is not None:
@@ -36,29 +43,34 @@ class Detokenizer:
         """Adds one token; returns the text delta that is now safe to emit. Sets `stopped`
         to the stop string when one appears (the text is then cut there)."""
         self.ids.append(token)
-        prefix = self.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.decode(self.ids[self.prefix_offset:])
+        window = self.ids[self.prefix_offset:]
+        prefix = self.decode(window[: self.read_offset - self.prefix_offset])
+        full = self.decode(window)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix):]
-            search_from = max(0, len(self.text) - self.hold)
-            self.text += new
+            search_from = max(0, len(self.pending) - self.hold)
+            self.pending += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            # the window only ever needs the ids from prefix_offset on
+            del self.ids[: self.prefix_offset]
+            self.read_offset -= self.prefix_offset
+            self.prefix_offset = 0
             if self.stop:
                 self._check_stop(search_from)
         elif finished and full.endswith("\ufffd"):
-            self.text += full[len(prefix):]  # the output ends mid-character: flush what there is
-        if self.stopped is not None or finished:
-            end = len(self.text)
+            self.pending += full[len(prefix):]  # the output ends mid-character: flush what there is
+        if self.stopped is not None or finished or not self.stop:
+            cut = len(self.pending)
         else:
-            end = max(self.emitted, len(self.text) - self.hold) if self.stop else len(self.text)
-        delta = self.text[self.emitted:end]
-        self.emitted = end
+            cut = max(0, len(self.pending) - self.hold)
+        delta, self.pending = self.pending[:cut], self.pending[cut:]
+        if delta:
+            self.emitted.append(delta)
         return delta
 
     def _check_stop(self, start: int) -> None:
-        hits = [(self.text.find(s, start), s) for s in self.stop]
+        hits = [(self.pending.find(s, start), s) for s in self.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
             pos, s = min(hits)
             self.stopped = s
-            self.text = self.text[: pos + len(s)] if self.include_stop else self.text[:pos]
+            self.pending = self.pending[: pos + len(s)] if self.include_stop else self.pending[:pos]

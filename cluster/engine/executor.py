@@ -1,6 +1,8 @@
 """Executors run step plans on a model instance. `LocalExecutor` holds the whole model in this
 process; `RayExecutor` (cluster/parallel/instance.py) spreads it over attention-shard and expert-group
-actors. The engine core talks to either through this interface."""
+actors. The engine core talks to either through this interface, and `build_executor` picks one:
+the engine's only reach into `cluster.parallel` is that function's lazy import, so that Ray is
+imported only by instances that use it (vLLM's executor selection works the same way)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from typing import Protocol
 
 import torch
 
-from cluster.config import ModelConfig
-from cluster.model.runner import ModelRunner
+from cluster import native
+from cluster.config import ModelConfig, ParallelConfig
 from cluster.engine.plan import Sampled, StepPlan
+from cluster.model.runner import ModelRunner
 from cluster.model.weights import load_model
 
 
@@ -47,3 +50,17 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         self.runner = None  # type: ignore[assignment]
+
+
+def build_executor(
+    path: Path, cfg: ModelConfig, dtype: torch.dtype, parallel: ParallelConfig, num_blocks: int, block_size: int,
+    max_model_len: int,
+) -> Executor:
+    """In-process for a 1 x 1 instance, else over Ray actors."""
+    args = (path, cfg, dtype, parallel.device, num_blocks, block_size, max_model_len)
+    if parallel.attention_shards == 1 and parallel.expert_groups == 1 and not parallel.use_ray:
+        return LocalExecutor(*args)
+    native.prepare(parallel.device)  # built here once, so that the instance's actors only load it
+    from cluster.parallel.instance import RayExecutor
+
+    return RayExecutor(*args, parallel=parallel)

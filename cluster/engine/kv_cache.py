@@ -33,7 +33,6 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
-        self.prefix_hits = 0  # blocks served from the cache, since start
 
     @property
     def num_blocks(self) -> int:
@@ -42,9 +41,6 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         return len(self.free)
-
-    def usage(self) -> float:
-        return 1.0 - self.num_free / self.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -69,7 +65,6 @@ class BlockManager:
             seq.block_table.append(bid)
             seq.block_hashes.append(h)
             prev = h
-        self.prefix_hits += len(seq.block_table)
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 

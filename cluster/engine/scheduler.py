@@ -86,9 +86,17 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def advance(self, batch: ScheduledBatch) -> int:
+        """After the step ran: each sequence's computed tokens move on and the blocks that became
+        full are committed to the prefix cache. The scheduler is the one owner of that state.
+        Returns the tokens computed."""
+        for seq, n in batch.entries:
+            seq.num_computed_tokens += n
+            self.blocks.commit(seq)
+        return batch.num_tokens
 
     def finish(self, seq: Sequence) -> None:
         """Frees a finished or aborted sequence, wherever it is."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from cluster.config import SamplingParams
@@ -20,7 +19,6 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0   # tokens whose K/V are in the cache
     num_cached_tokens: int = 0     # of those, taken from the prefix cache at admission
@@ -30,8 +28,6 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[float] = field(default_factory=list)
-    first_token_time: float | None = None
-    num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -46,6 +42,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
+        """A copy: built for final outputs only."""
         return self.token_ids[len(self.prompt_token_ids):]
 
     @property

@@ -4,7 +4,7 @@ an expert-group actor reads only its experts and an attention shard never touche
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,6 +65,3 @@ def load_tensors(
     bar.close()
     return out
 
-
-def checkpoint_names(path: str | Path) -> Iterable[str]:
-    return tensor_index(path).keys()

@@ -152,10 +152,6 @@ class RayExecutor:
     def execute(self, plans: list[StepPlan]) -> list[list[Sampled]]:
         if self.failed:
             raise InstanceError(f"model instance failed: {self.failed}")
-        if not self.parallel.compiled_graph:
-            futures = {s.execute.remote(p): s for s, p in zip(self.shards, plans)}
-            futures.update({g.serve_step.remote(): g for g in self.groups})
-            return self._wait(futures, self.parallel.step_timeout_s)[: self.num_shards]
         if self.dag is None:
             self.dag = self._compile()
         try:

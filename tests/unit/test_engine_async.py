@@ -56,7 +56,7 @@ def test_abort_on_early_exit_frees_blocks(engine: Engine) -> None:
     async def main():
         gen = engine.generate([1, 2, 3, 4, 5], SamplingParams(max_tokens=500, ignore_eos=True))
         async for out in gen:
-            if len(out.token_ids) >= 3:
+            if out.num_output_tokens >= 3:
                 break
         await gen.aclose()
         await _wait_idle(engine)
@@ -115,3 +115,17 @@ def test_engine_failure_reaches_streams(moe_checkpoint: Path) -> None:
     with pytest.raises(Exception, match="not running"):
         asyncio.run(_collect(eng, [1]))
     eng.shutdown()
+
+
+def test_stream_outputs_carry_deltas_and_counts_only(engine: Engine) -> None:
+    """Only the final output of a stream holds the cumulative lists; every other one has this
+    step's delta and the running counts, so a long answer costs the same per token."""
+    async def main():
+        return await asyncio.wait_for(_collect(engine, [4, 5, 6], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=True)), 60)
+
+    outs = asyncio.run(main())
+    assert all(o.token_ids is None and o.text is None and o.logprobs is None for o in outs[:-1])
+    assert [o.num_output_tokens for o in outs] == [1, 2, 3, 4, 5, 6]
+    assert all(o.num_prompt_tokens == 3 and len(o.delta_logprobs) == 1 for o in outs)
+    assert outs[-1].token_ids == [t for o in outs for t in o.delta_token_ids]
+    assert outs[-1].logprobs == [lp for o in outs for lp in o.delta_logprobs]

@@ -81,3 +81,16 @@ def test_budget_needs_think_tokens(moe_checkpoint: Path) -> None:
         small.generate([[1, 2]], SamplingParams(thinking_budget=4))
     with pytest.raises(ValueError, match="thinking_budget"):
         SamplingParams(thinking_budget=-1)
+
+
+def test_reasoning_tokens_are_counted_for_every_request(llm: LLM) -> None:
+    """The engine tracks the <think> part of every request, budget or not: the count runs to the
+    closing </think> (forced text included) and stops there."""
+    stop_ids = llm.tokenizer.encode(STOP_THINKING, add_special_tokens=False)
+    prompt = _prompt(llm, open_think=True)
+    cut = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, thinking_budget=5))[0]
+    assert cut.num_reasoning_tokens == 5 + stop_ids.index(THINK_END) + 1 < cut.num_output_tokens == 40
+    free = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert free.num_reasoning_tokens == 12  # never closed: all of it is reasoning
+    closed = _prompt(llm, open_think=False) + llm.tokenizer.encode("<think>\n\n</think>\n\n", add_special_tokens=False)
+    assert llm.generate(closed, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].num_reasoning_tokens == 0
