@@ -1,6 +1,6 @@
 """Builds the Serve application from an AppConfig (Ray Serve LLM's config-plus-builder pattern):
-one ModelPool deployment per enabled pool, each with its own autoscaling, behind the router's
-OpenAI ingress. `serve run deployments.app:app_builder key=value ...` uses `app_builder`."""
+one ModelPool deployment per enabled pool, each with its own autoscaling, behind the
+ingress (HTTP and gRPC). `serve run deployments.app:app_builder key=value ...` uses `app_builder`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ray.serve import Application
 
 from cluster.config import ParallelConfig
 from deployments.config import AppConfig, PoolConfig
-from deployments.openai_api import OpenAIIngress
+from deployments.ingress import Ingress
 from deployments.pool import ModelPool
 
 APP_NAME = "q3serve"
@@ -49,7 +49,7 @@ def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
             graceful_shutdown_timeout_s=10,
         )
         handles[name] = deployment.bind(name, cfg.model, pool)
-    ingress = serve.deployment(OpenAIIngress, name="router", num_replicas=1,
+    ingress = serve.deployment(Ingress, name="ingress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1000)
     return ingress.bind(cfg, handles, app_name)
 

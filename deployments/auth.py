@@ -19,10 +19,6 @@ class ApiKeys:
     def __init__(self, keys: list[str]) -> None:
         self.keys = [k.encode() for k in keys]
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.keys)
-
     def check(self, authorization: str | None) -> bool:
         """True when auth is off, or the header is `Bearer <a configured key>`."""
         if not self.keys:

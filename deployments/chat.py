@@ -106,8 +106,3 @@ def _partial_suffix(text: str, tag: str) -> int:
             return n
     return 0
 
-
-def reasoning_tokens(last_chunk: dict[str, Any], thinking: bool) -> int:
-    """Usage's reasoning tokens: what the pool counted inside <think>, and none when thinking is
-    off (the template closed thinking in the prompt, so everything generated is content)."""
-    return last_chunk.get("reasoning_tokens", 0) if thinking else 0

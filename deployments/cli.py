@@ -111,8 +111,6 @@ def _chat(args: argparse.Namespace) -> int:
     dimmed, then the answer. EOF or Ctrl-C ends it."""
     import json
 
-    import httpx
-
     headers = auth_headers(args.api_key)
     model = args.model or served_model(args.url, headers)
     history: list[dict[str, str]] = []

@@ -1,9 +1,12 @@
-"""gRPC servicer methods behind Ray Serve's gRPC proxy: q3serve.v1.ChatService (Chat, Generate),
-q3serve.v1.ModelService (ListModels) and grpc.health.v1.Health (Check). The proxy calls the
-ingress deployment's method named after the RPC; the status codes are the ones gRPC users
-expect: INVALID_ARGUMENT naming the field, UNAUTHENTICATED, RESOURCE_EXHAUSTED when queues are
-full, UNAVAILABLE when no pool can serve. A client deadline or cancel ends the request on the
-pool, which frees its KV blocks."""
+"""gRPC over the Frontend, behind Ray Serve's gRPC proxy: q3serve.v1.ChatService (Chat, Generate),
+q3serve.v1.ModelService (ListModels) and grpc.health.v1.Health (Check). The ingress exposes
+these as its methods named after the RPCs (which is how the proxy finds them) and hands them to
+`GrpcApi`. Status codes are the ones gRPC users expect: INVALID_ARGUMENT naming the field,
+UNAUTHENTICATED, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED when queues are full,
+UNAVAILABLE when no pool can serve. A client deadline or cancel ends the request on the pool,
+which frees its KV blocks."""
+
+from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,8 +14,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from deployments.chat import StreamingReasoningParser, reasoning_tokens
-from deployments.router import Overloaded, PoolsUnavailable, RequestError
+from deployments.chat import StreamingReasoningParser
+from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Unauthenticated
+from deployments.pool import PoolChunk
 from protos.q3serve.v1 import q3serve_pb2 as pb
 
 SERVICER_FUNCTIONS = [
@@ -21,122 +25,111 @@ SERVICER_FUNCTIONS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 ROLES = ("system", "user", "assistant")
+STATUS = {
+    RequestError: grpc.StatusCode.INVALID_ARGUMENT, ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED, Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PoolsUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
 
 
 class GrpcAbort(Exception):
     """Ends an RPC with the status code already set on the context."""
 
 
-def _abort(ctx: Any, code: grpc.StatusCode, message: str) -> GrpcAbort:
+def _abort(ctx: Any, exc: Exception) -> GrpcAbort:
+    """Sets the status of a Frontend error on the context (Serve then keeps it)."""
+    code = next(c for t, c in STATUS.items() if isinstance(exc, t))
     ctx.set_code(code)
-    ctx.set_details(message)
-    return GrpcAbort(message)
+    ctx.set_details(str(exc))
+    return GrpcAbort(str(exc))
 
 
 def _opt(msg: Any, field: str) -> Any:
     return getattr(msg, field) if msg.HasField(field) else None
 
 
-class GrpcMethods:
-    """Mixed into the router's ingress, which provides cfg, keys, chat_prompt, start, tokenizer."""
+def _usage(frontend: Frontend, last: PoolChunk, thinking: bool) -> pb.Usage:
+    u = frontend.usage(last, thinking)
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                    reasoning_tokens=u.reasoning_tokens)
 
-    def _authorize(self, ctx: Any) -> None:
+
+class GrpcApi:
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    def _begin(self, ctx: Any, model: str) -> None:
         metadata = dict(ctx.invocation_metadata())
-        if not self.keys.check(metadata.get("authorization")):  # type: ignore[attr-defined]
-            raise _abort(ctx, grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or invalid API key")
-
-    def _check_model(self, ctx: Any, model: str) -> None:
-        served = self.cfg.served_model_name  # type: ignore[attr-defined]
-        if model and model != served:
-            raise _abort(ctx, grpc.StatusCode.NOT_FOUND, f"model: '{model}' does not exist; this server serves '{served}'")
-
-    def _sampling(self, ctx: Any, req: Any, max_tokens: int | None) -> dict[str, Any]:
-        budget = _opt(req, "thinking_budget")
-        checks = [("max_tokens", max_tokens is not None and max_tokens <= 0),
-                  ("thinking_budget", budget is not None and budget < 0),
-                  ("temperature", req.HasField("temperature") and not 0 <= req.temperature <= 2),
-                  ("top_p", req.HasField("top_p") and not 0 < req.top_p <= 1),
-                  ("top_k", req.HasField("top_k") and req.top_k < 0),
-                  ("stop", any(not s for s in req.stop))]
-        for field, bad in checks:
-            if bad:
-                raise _abort(ctx, grpc.StatusCode.INVALID_ARGUMENT, f"{field}: invalid value")
-        return dict(
-            max_tokens=max_tokens, temperature=req.temperature if req.HasField("temperature") else 1.0,
-            top_p=req.top_p if req.HasField("top_p") else 1.0, top_k=req.top_k if req.HasField("top_k") else 0,
-            seed=_opt(req, "seed"), stop=list(req.stop), thinking_budget=budget,
-        )
-
-    async def _open(self, ctx: Any, ids: list[int], params: dict[str, Any], thinking: bool, param: str
-                    ) -> tuple[str, AsyncIterator[dict[str, Any]]]:
-        try:
-            return await self.start(ids, params, thinking, param)  # type: ignore[attr-defined]
-        except RequestError as exc:
-            raise _abort(ctx, grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        except Overloaded as exc:
-            raise _abort(ctx, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        except PoolsUnavailable as exc:
-            raise _abort(ctx, grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        self.frontend.authorize(metadata.get("authorization"))
+        self.frontend.check_model(model)
 
     @staticmethod
-    def _grpc_usage(last: dict[str, Any], thinking: bool) -> pb.Usage:
-        return pb.Usage(prompt_tokens=last["prompt_tokens"], completion_tokens=last["completion_tokens"],
-                        reasoning_tokens=reasoning_tokens(last, thinking))
+    def _sampling(req: Any, **extra: Any) -> Any:
+        return Frontend.sampling(
+            max_tokens=_opt(req, "max_tokens"), temperature=_opt(req, "temperature"), top_p=_opt(req, "top_p"),
+            top_k=_opt(req, "top_k"), seed=_opt(req, "seed"), stop=list(req.stop),
+            thinking_budget=_opt(req, "thinking_budget"), **extra,
+        )
 
     # -- q3serve.v1.ChatService -----------------------------------------------------------------
-    async def Chat(self, request: pb.ChatRequest, grpc_context: Any) -> AsyncIterator[pb.ChatChunk]:  # noqa: N802
-        self._authorize(grpc_context)
-        self._check_model(grpc_context, request.model)
-        if not request.messages:
-            raise _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, "messages: at least one message is required")
-        for i, m in enumerate(request.messages):
-            if m.role not in ROLES:
-                raise _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"messages[{i}].role: '{m.role}' is not one of {', '.join(ROLES)}")
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        params = self._sampling(grpc_context, request, _opt(request, "max_tokens"))
-        thinking, ids = self.chat_prompt(messages, _opt(request, "enable_thinking"))  # type: ignore[attr-defined]
-        pool, chunks = await self._open(grpc_context, ids, params, thinking, "messages")
+    async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatChunk]:
+        try:
+            self._begin(ctx, request.model)
+            if not request.messages:
+                raise RequestError("messages", "at least one message is required")
+            for i, m in enumerate(request.messages):
+                if m.role not in ROLES:
+                    raise RequestError(f"messages[{i}].role", f"'{m.role}' is not one of {', '.join(ROLES)}")
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            params = self._sampling(request)
+            thinking, ids = self.frontend.chat_prompt(messages, _opt(request, "enable_thinking"))
+            pool, chunks = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
+        except tuple(STATUS) as exc:
+            raise _abort(ctx, exc) from None
         parser = StreamingReasoningParser()
         async for c in chunks:
-            done = c["finished"]
-            reasoning, content = parser.feed(c["delta_text"], final=done) if thinking else ("", c["delta_text"])
+            done = c.finished
+            reasoning, content = parser.feed(c.delta_text, final=done) if thinking else ("", c.delta_text)
             if not (reasoning or content or done):
                 continue
             chunk = pb.ChatChunk(reasoning_content=reasoning, content=content, pool=pool)
             if done:
-                chunk.finish_reason = c["finish_reason"] or ""
-                chunk.usage.CopyFrom(self._grpc_usage(c, thinking))
+                chunk.finish_reason = c.finish_reason or ""
+                chunk.usage.CopyFrom(_usage(self.frontend, c, thinking))
             yield chunk
 
-    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> AsyncIterator[pb.GenerateChunk]:  # noqa: N802
-        self._authorize(grpc_context)
-        self._check_model(grpc_context, request.model)
-        if request.token_ids:
-            ids = list(request.token_ids)
-        elif request.prompt:
-            ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)  # type: ignore[attr-defined]
-        else:
-            raise _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, "prompt: give prompt text or token_ids")
-        params = self._sampling(grpc_context, request, _opt(request, "max_tokens"))
-        params.update(stop_token_ids=list(request.stop_token_ids), ignore_eos=request.ignore_eos)
-        thinking = params["thinking_budget"] is not None
-        pool, chunks = await self._open(grpc_context, ids, params, thinking, "token_ids" if request.token_ids else "prompt")
+    async def generate(self, request: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            self._begin(ctx, request.model)
+            if request.token_ids:
+                ids, param = list(request.token_ids), "token_ids"
+            elif request.prompt:
+                ids, param = self.frontend.encode(request.prompt), "prompt"
+            else:
+                raise RequestError("prompt", "give prompt text or token_ids")
+            params = self._sampling(request, stop_token_ids=list(request.stop_token_ids), ignore_eos=request.ignore_eos)
+            thinking = params.thinking_budget is not None
+            pool, chunks = await self.frontend.start("grpc_generate", ids, params, thinking, param)
+        except tuple(STATUS) as exc:
+            raise _abort(ctx, exc) from None
         async for c in chunks:
-            chunk = pb.GenerateChunk(token_ids=c["delta_token_ids"], text=c["delta_text"], pool=pool)
-            if c["finished"]:
-                chunk.finish_reason = c["finish_reason"] or ""
-                chunk.usage.CopyFrom(self._grpc_usage(c, thinking))
+            chunk = pb.GenerateChunk(token_ids=c.delta_token_ids, text=c.delta_text, pool=pool)
+            if c.finished:
+                chunk.finish_reason = c.finish_reason or ""
+                chunk.usage.CopyFrom(_usage(self.frontend, c, thinking))
             yield chunk
 
     # -- q3serve.v1.ModelService ----------------------------------------------------------------
-    async def ListModels(self, request: pb.ListModelsRequest, grpc_context: Any) -> pb.ListModelsResponse:  # noqa: N802
-        self._authorize(grpc_context)
-        return pb.ListModelsResponse(models=[pb.Model(id=self.cfg.served_model_name, owned_by="q3serve")])  # type: ignore[attr-defined]
+    async def list_models(self, request: pb.ListModelsRequest, ctx: Any) -> pb.ListModelsResponse:
+        try:
+            self._begin(ctx, "")
+        except Unauthenticated as exc:
+            raise _abort(ctx, exc) from None
+        return pb.ListModelsResponse(models=[pb.Model(id=self.frontend.model_name, owned_by="q3serve")])
 
     # -- grpc.health.v1.Health (open, like /health) -----------------------------------------------
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any) -> health_pb2.HealthCheckResponse:  # noqa: N802
-        ready = await self.router.ready()  # type: ignore[attr-defined]
+    async def check(self, request: health_pb2.HealthCheckRequest, ctx: Any) -> health_pb2.HealthCheckResponse:
+        ready = await self.frontend.router.ready()
         serving = bool(ready) and all(ready.values())
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)

@@ -1,24 +1,55 @@
-"""ModelPool: one Serve replica = one Engine (and, for an expert-parallel pool, its actors). The
-router streams requests through `generate`, which yields plain dicts, one per engine step."""
+"""ModelPool: one Serve replica = one Engine (one model instance, possibly spread over Ray actors).
+A typed `PoolRequest` comes in; typed `PoolChunk`s stream back, each holding only what is new
+since the last one (ids, text, logprobs) plus the running counts. When the engine got ahead of
+the consumer, everything it produced since the last chunk goes out as one chunk, so per-token
+messaging never caps throughput."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from cluster import Engine, SamplingParams
-from cluster.engine.tokenizer import THINK_END, THINK_START
+from cluster import Engine, RequestOutput, SamplingParams
 from deployments.config import PoolConfig
 from deployments.metrics import PoolMetrics
 
 
-def reasoning_tokens(ids: list[int]) -> int:
-    """Output tokens of the thinking part: from <think> through </think> (or to the end when the
-    output was cut inside it); 0 when the model did not think."""
-    if THINK_START not in ids:
-        return 0
-    return ids.index(THINK_END) + 1 if THINK_END in ids else len(ids)
+@dataclass
+class PoolRequest:
+    """The one form a request takes from the front end to the engine."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # validated once, by the front end; the router applies the pool's limits
+    thinking: bool          # the mode the router chose the pool by
+
+
+@dataclass
+class PoolChunk:
+    """What a request got since its last chunk, with running counts; the last has `finished`."""
+
+    pool: str
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+    delta_logprobs: list[float] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_reasoning_tokens: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+
+    def absorb(self, out: RequestOutput) -> None:
+        """Adds one engine output (a later step) to this chunk."""
+        self.delta_token_ids += out.delta_token_ids
+        self.delta_text += out.delta_text
+        self.delta_logprobs += out.delta_logprobs or []
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_output_tokens = out.num_output_tokens
+        self.num_reasoning_tokens = out.num_reasoning_tokens
+        self.finished = out.finished
+        self.finish_reason = out.finish_reason
 
 
 class ModelPool:
@@ -46,23 +77,10 @@ class ModelPool:
                 pass
             await asyncio.sleep(period_s)
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """request: {"prompt": str | list[int], "params": SamplingParams fields, "request_id": str}.
-        Yields {"delta_text", "delta_token_ids", "logprobs", "finished", "finish_reason",
-        "prompt_tokens", "completion_tokens", "pool", and at the end "reasoning_tokens"}."""
-        params = SamplingParams(**request["params"])
-        sent_lp = 0
-        async for out in self.engine.generate(request["prompt"], params, request.get("request_id")):
-            lps = out.logprobs or []
-            chunk = {
-                "delta_text": out.delta_text, "delta_token_ids": out.delta_token_ids,
-                "logprobs": lps[sent_lp:], "finished": out.finished, "finish_reason": out.finish_reason,
-                "pool": self.name, "prompt_tokens": len(out.prompt_token_ids),
-                "completion_tokens": len(out.token_ids),
-            }
-            sent_lp = len(lps)
-            if out.finished:
-                chunk["reasoning_tokens"] = reasoning_tokens(out.token_ids)
+    async def generate(self, request: PoolRequest) -> AsyncIterator[PoolChunk]:
+        """Streams the request's chunks; a bad request raises cluster.RequestError naming the field."""
+        stream = self.engine.generate(request.prompt_token_ids, request.params, request.request_id)
+        async for chunk in coalesce(stream, self.name):
             yield chunk
 
     def stats(self) -> dict[str, Any]:
@@ -88,3 +106,39 @@ class ModelPool:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout_s=5)
+
+
+async def coalesce(outputs: AsyncIterator[RequestOutput], pool: str) -> AsyncIterator[PoolChunk]:
+    """One chunk per turn of the consumer: the engine's outputs are pulled as one task, and what
+    arrived while the last chunk was being sent is merged into the next."""
+    ready: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
+
+    async def pull() -> None:
+        try:
+            async for out in outputs:
+                ready.put_nowait(out)
+            ready.put_nowait(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            ready.put_nowait(exc)
+
+    task = asyncio.get_running_loop().create_task(pull())
+    try:
+        while True:
+            item = await ready.get()  # the engine's own request timeout bounds this wait
+            chunk = PoolChunk(pool)
+            while True:
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                chunk.absorb(item)
+                if chunk.finished or ready.empty():
+                    break
+                item = ready.get_nowait()
+            yield chunk
+            if chunk.finished:
+                return
+    finally:
+        task.cancel()  # a consumer that left early: the engine stream closes and aborts the request
+        await asyncio.gather(task, return_exceptions=True)
+        await outputs.aclose()

@@ -1,9 +1,11 @@
-"""Router: picks the pool for a request (thinking -> thinking pool, else fast), applies that
-pool's limits (max_tokens, thinking budget), and spills over to the other pool when the chosen
-one has no running replica or refuses the request (queue full, replica lost)."""
+"""Router: the pool choice. A request's mode picks the pool (thinking -> thinking pool, else
+fast), that pool's limits apply (max_tokens, thinking budget), and the request spills over to
+the other pool when the chosen one has no running replica or refuses it (queue full, replica
+lost). `pool_order` and `apply_limits` are pure functions; `PoolRouter` talks to Serve."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,17 +14,11 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
+from cluster import RequestError, SamplingParams
 from deployments.config import AppConfig, PoolConfig
+from deployments.pool import PoolChunk, PoolRequest
 
 _REFUSALS = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, ActorUnavailableError, RayActorError)
-
-
-class RequestError(ValueError):
-    """A request the pools cannot take; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class PoolsUnavailable(RuntimeError):
@@ -42,17 +38,16 @@ def pool_order(cfg: AppConfig, thinking: bool) -> list[str]:
     return order
 
 
-def apply_limits(pool: PoolConfig, params: dict[str, Any], thinking: bool) -> dict[str, Any]:
+def apply_limits(pool: PoolConfig, params: SamplingParams, thinking: bool) -> SamplingParams:
     """The pool's defaults for what the request left out, its caps for what it asked."""
-    out = dict(params)
-    max_tokens = out.get("max_tokens")
+    max_tokens = params.max_tokens
     if max_tokens is None:
-        out["max_tokens"] = pool.default_max_tokens
+        max_tokens = pool.default_max_tokens
     elif max_tokens > pool.max_tokens_limit:
-        raise RequestError(f"max_tokens: {max_tokens} exceeds this pool's limit of {pool.max_tokens_limit}", "max_tokens")
-    budget = out.get("thinking_budget")
+        raise RequestError("max_tokens", f"{max_tokens} exceeds this pool's limit of {pool.max_tokens_limit}")
+    budget = params.thinking_budget
     if not thinking:
-        out["thinking_budget"] = None
+        budget = None
     else:
         if budget is None:
             budget = pool.default_thinking_budget
@@ -60,8 +55,7 @@ def apply_limits(pool: PoolConfig, params: dict[str, Any], thinking: bool) -> di
             budget = min(budget, pool.max_thinking_budget)
         elif budget is None:
             budget = pool.max_thinking_budget
-        out["thinking_budget"] = budget
-    return out
+    return dataclasses.replace(params, max_tokens=max_tokens, thinking_budget=budget)
 
 
 class PoolRouter:
@@ -86,28 +80,29 @@ class PoolRouter:
         self._running[pool] = (now, count)
         return count
 
-    async def stream(self, prompt: str | list[int], params: dict[str, Any], thinking: bool, request_id: str
-                     ) -> tuple[str, AsyncIterator[dict[str, Any]]]:
+    async def stream(self, request: PoolRequest) -> tuple[str, AsyncIterator[PoolChunk]]:
         """Starts the request on the first pool that takes it; returns the pool's name and the
-        stream of its chunks."""
+        stream of its chunks. Raises RequestError (the pool refused its content), Overloaded or
+        PoolsUnavailable."""
         refused: list[str] = []
         overloaded = False
-        order = pool_order(self.cfg, thinking)
+        order = pool_order(self.cfg, request.thinking)
         for name in order:
             pool = self.cfg.pools()[name]
-            limited = apply_limits(pool, params, thinking)
+            limited = dataclasses.replace(request, params=apply_limits(pool, request.params, request.thinking))
             if len(order) > 1 and self.running_replicas(name) == 0:
                 refused.append(f"{name}: no running replica")
                 continue
-            gen = self.handles[name].options(stream=True).generate.remote(
-                {"prompt": prompt, "params": limited, "request_id": request_id}
-            )
+            gen = self.handles[name].options(stream=True).generate.remote(limited)
             try:
                 first = await gen.__anext__()
             except _REFUSALS as exc:
                 overloaded = overloaded or isinstance(exc, BackPressureError)
                 refused.append(f"{name}: {type(exc).__name__}")
                 continue
+            except ValueError as exc:  # raised in the replica: Ray hands back the original as `cause`
+                cause = getattr(exc, "cause", exc)
+                raise cause if isinstance(cause, RequestError) else RequestError(None, str(cause)) from None
             return name, _chain(first, gen)
         if overloaded:
             raise Overloaded(f"all pools are at their queue limit ({'; '.join(refused)})")
@@ -124,14 +119,14 @@ class PoolRouter:
         return out
 
 
-async def _chain(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[str, Any]]:
+async def _chain(first: PoolChunk, rest: Any) -> AsyncIterator[PoolChunk]:
     """The first chunk, then the rest; closing early (a client that went away) cancels the
     request on the pool, which aborts it in the engine and frees its KV blocks."""
-    finished = first.get("finished", False)
+    finished = first.finished
     try:
         yield first
         async for chunk in rest:
-            finished = chunk.get("finished", False)
+            finished = chunk.finished
             yield chunk
     finally:
         if not finished:

@@ -1,0 +1,160 @@
+"""The protocol-neutral front end that the OpenAI HTTP API and the gRPC API share: API keys, the
+model-name check, Qwen3's chat rendering and mode, the prompt limit, `SamplingParams` built and
+validated once, the pool call through the router, request metrics, and usage. The protocol
+adapters (openai_api.py, grpc_api.py) only translate their messages and map the errors below to
+their status codes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cluster import ModelConfig, RequestError, SamplingParams, load_tokenizer, render_chat
+from cluster.default_model import default_model_path
+from deployments.auth import ApiKeys, load_keys
+from deployments.chat import decide_thinking
+from deployments.config import AppConfig
+from deployments.metrics import RouterMetrics
+from deployments.pool import PoolChunk, PoolRequest
+from deployments.router import Overloaded, PoolRouter, PoolsUnavailable
+
+__all__ = ["Frontend", "ModelNotFound", "Overloaded", "PoolsUnavailable", "RequestError", "Unauthenticated", "Usage"]
+
+
+class ModelNotFound(LookupError):
+    """The request names a model this server does not serve (404 / NOT_FOUND)."""
+
+
+class Unauthenticated(PermissionError):
+    """No or a wrong API key (401 / UNAUTHENTICATED)."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Frontend:
+    def __init__(self, cfg: AppConfig, router: PoolRouter) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.keys = ApiKeys(load_keys(cfg.api_keys))
+        model_path = cfg.model or str(default_model_path())
+        self.tokenizer = load_tokenizer(model_path)
+        mc = ModelConfig.from_pretrained(model_path)
+        context = min(min(p.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+                      for p in cfg.pools().values())
+        self.prompt_limit = min(context - 1, cfg.limits.max_prompt_tokens or context)
+        self.created = int(time.time())
+        self.metrics = RouterMetrics()
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.served_model_name
+
+    # -- checks ---------------------------------------------------------------------------------
+    def authorize(self, authorization: str | None) -> None:
+        if not self.keys.check(authorization):
+            raise Unauthenticated("authorization: missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise ModelNotFound(f"model: '{model}' does not exist; this server serves '{self.model_name}'")
+
+    # -- the request ----------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict[str, Any]], explicit: bool | None) -> tuple[bool, list[int]]:
+        """Thinking mode and the prompt ids, through Qwen3's own template."""
+        thinking = decide_thinking(explicit, messages, self.cfg.router.default_thinking)
+        prompt = render_chat(self.tokenizer, messages, enable_thinking=thinking)
+        return thinking, self.encode(prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def sampling(
+        *, max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+        top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
+        stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+        logprobs: bool = False, thinking_budget: int | None = None,
+    ) -> SamplingParams:
+        """The one place a request's sampling fields are checked, whichever API they came by: the
+        APIs' defaults and OpenAI's temperature range here, the engine's own rules in
+        SamplingParams. Raises RequestError naming the field."""
+        temperature = 1.0 if temperature is None else temperature
+        if not 0 <= temperature <= 2:
+            raise RequestError("temperature", f"must be in [0, 2], got {temperature!r}")
+        top_k = 0 if top_k is None or top_k == -1 else top_k  # -1 disables it, as in vLLM
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=1.0 if top_p is None else top_p, top_k=top_k,
+            min_p=min_p or 0.0, seed=seed, stop=[stop] if isinstance(stop, str) else list(stop or []),
+            stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, logprobs=logprobs,
+            thinking_budget=thinking_budget,
+        )
+
+    async def start(
+        self, route: str, prompt_ids: list[int], params: SamplingParams, thinking: bool, prompt_param: str,
+        request_id: str | None = None,
+    ) -> tuple[str, AsyncIterator[PoolChunk]]:
+        """Checks the prompt against the limits and starts it on a pool; returns the pool's name
+        and its chunks. Raises RequestError (naming `prompt_param` for the prompt), Overloaded or
+        PoolsUnavailable."""
+        start = time.monotonic()
+        request = PoolRequest(request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params, thinking)
+        try:
+            if len(prompt_ids) > self.prompt_limit:
+                raise RequestError(
+                    prompt_param, f"the prompt is {len(prompt_ids)} tokens, over the limit of {self.prompt_limit}")
+            pool, chunks = await self.router.stream(request)
+        except RequestError as exc:
+            self._count(route, "400")
+            if exc.param in (None, "prompt"):
+                raise RequestError(prompt_param, exc.message) from None
+            raise
+        except Overloaded:
+            self._count(route, "429")
+            raise
+        except PoolsUnavailable:
+            self._count(route, "503")
+            raise
+        return pool, self._measured(chunks, {"pool": pool, "route": route}, start)
+
+    def usage(self, last: PoolChunk, thinking: bool) -> Usage:
+        """With thinking off the template closed <think> in the prompt, so nothing is reasoning."""
+        return Usage(last.num_prompt_tokens, last.num_output_tokens, last.num_reasoning_tokens if thinking else 0)
+
+    # -- metrics --------------------------------------------------------------------------------
+    def _count(self, route: str, status: str) -> None:
+        self.metrics.requests.inc(1, tags={"pool": "none", "route": route, "status": status})
+
+    async def _measured(self, chunks: AsyncIterator[PoolChunk], tags: dict[str, str], start: float
+                        ) -> AsyncIterator[PoolChunk]:
+        """Passes chunks through, recording TTFT, inter-token latency, tokens and latency."""
+        last_t, last = None, None
+        status = "cancelled"
+        try:
+            async for c in chunks:
+                now = time.monotonic()
+                if last_t is None:
+                    self.metrics.ttft.observe(now - start, tags=tags)
+                else:
+                    self.metrics.itl.observe(now - last_t, tags=tags)
+                last_t, last = now, c
+                yield c
+            status = "200"
+        finally:
+            self.metrics.requests.inc(1, tags={**tags, "status": status})
+            self.metrics.latency.observe(time.monotonic() - start, tags=tags)
+            await chunks.aclose()  # a client that left: the pool's stream is cancelled now, not at GC
+            if last is not None:
+                self.metrics.tokens_in.inc(last.num_prompt_tokens, tags=tags)
+                self.metrics.tokens_out.inc(last.num_output_tokens, tags=tags)
