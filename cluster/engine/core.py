@@ -14,8 +14,7 @@ from cluster.config import EngineConfig, ModelConfig, ParallelConfig, RequestErr
 from cluster.engine.detokenizer import Detokenizer
 from cluster.engine.executor import build_executor
 from cluster.engine.kv_cache import BlockManager
-from cluster.engine.plan import plan_from_batch
-from cluster.engine.scheduler import Scheduler
+from cluster.engine.scheduler import Scheduler, plan_from_batch
 from cluster.engine.sequence import Sequence
 from cluster.engine.thinking import ThinkingBudget, ThinkingState
 from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START, load_tokenizer

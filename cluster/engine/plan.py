@@ -1,13 +1,14 @@
 """What one step asks of an attention shard, in plain data that pickles cheaply across Ray:
 per sequence the tokens to compute, where they start, its block table, and whether (and how)
-to sample. The scheduler's state stays in the engine; shards only see plans."""
+to sample. The scheduler's state stays in the engine; shards only see plans. This is the
+contract between the engine and whatever executes it, so it imports nothing of either: the
+model runner reads it without importing the engine."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from cluster.config import SamplingParams
-from cluster.engine.scheduler import ScheduledBatch
 
 
 @dataclass
@@ -31,14 +32,3 @@ class Sampled:
     token: int
     logprob: float | None
 
-
-def plan_from_batch(batch: ScheduledBatch, block_size: int, finished: list[str]) -> StepPlan:
-    entries = []
-    for seq, n in batch.entries:
-        start = seq.num_computed_tokens
-        end = start + n
-        entries.append(PlanEntry(
-            seq.request_id, seq.token_ids[start:end], start, seq.block_table[: -(-end // block_size)],
-            seq.params if end == seq.num_tokens else None,
-        ))
-    return StepPlan(entries, finished)

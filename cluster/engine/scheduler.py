@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from cluster.config import EngineConfig
 from cluster.engine.kv_cache import BlockManager
+from cluster.engine.plan import PlanEntry, StepPlan
 from cluster.engine.sequence import Sequence, Status
 
 
@@ -105,3 +106,15 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq)
+
+
+def plan_from_batch(batch: ScheduledBatch, block_size: int, finished: list[str]) -> StepPlan:
+    entries = []
+    for seq, n in batch.entries:
+        start = seq.num_computed_tokens
+        end = start + n
+        entries.append(PlanEntry(
+            seq.request_id, seq.token_ids[start:end], start, seq.block_table[: -(-end // block_size)],
+            seq.params if end == seq.num_tokens else None,
+        ))
+    return StepPlan(entries, finished)

@@ -1,0 +1,55 @@
+"""The house plan of DESIGN.md, checked on the imports: `model` imports neither `engine` nor
+`parallel`, the engine reaches `parallel` only lazily (executor selection), `cluster` never
+imports `deployments`, and `deployments` uses `cluster` through its public names, its config
+types and the default model's location."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def _files(package: str) -> list[Path]:
+    return sorted((ROOT / package.replace(".", "/")).rglob("*.py"))
+
+
+def test_model_imports_neither_engine_nor_parallel() -> None:
+    """...but for the step plan, the engine/executor contract, which itself imports neither."""
+    for f in _files("cluster.model"):
+        bad = {m for m in _imports(f, top_level_only=False)
+               if m.startswith(("cluster.engine", "cluster.parallel")) and not m.startswith("cluster.engine.plan")}
+        assert not bad, (f, bad)
+    plan = _imports(ROOT / "cluster/engine/plan.py", top_level_only=False)
+    assert not {m for m in plan if m.startswith(("cluster.engine", "cluster.model", "cluster.parallel"))}
+
+
+def test_engine_reaches_parallel_only_lazily() -> None:
+    for f in _files("cluster.engine"):
+        assert not {m for m in _imports(f, top_level_only=True) if m.startswith("cluster.parallel")}, f
+
+
+def test_cluster_never_imports_deployments() -> None:
+    for f in _files("cluster"):
+        assert not {m for m in _imports(f, top_level_only=False) if m.startswith("deployments")}, f
+
+
+def test_deployments_use_the_public_names() -> None:
+    allowed = ("cluster", "cluster.config", "cluster.default_model")
+    for f in _files("deployments"):
+        used = {m for m in _imports(f, top_level_only=False) if m.startswith("cluster")}
+        assert all(m in allowed or m.rsplit(".", 1)[0] in allowed for m in used), (f, used)

@@ -1,0 +1,57 @@
+"""The router's pure functions, without Serve: which pools a request may go to and in what
+order, and how a pool's limits turn a request's SamplingParams into what the pool runs; plus the
+Frontend's one check of the sampling fields."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from cluster import RequestError, SamplingParams
+from deployments.config import AppConfig
+from deployments.frontend import Frontend
+from deployments.router import apply_limits, pool_order
+
+
+def test_pool_order_follows_the_mode_and_spills_over() -> None:
+    both = AppConfig()
+    assert pool_order(both, thinking=True) == ["thinking", "fast"]
+    assert pool_order(both, thinking=False) == ["fast", "thinking"]
+    strict = AppConfig.model_validate({"router": {"spill_over": False}})
+    assert pool_order(strict, thinking=True) == ["thinking"]
+    assert pool_order(strict, thinking=False) == ["fast"]
+    only_thinking = AppConfig.model_validate({"fast": {"enabled": False}, "router": {"spill_over": False}})
+    assert pool_order(only_thinking, thinking=False) == ["thinking"]  # the one pool there is serves it
+
+
+def test_apply_limits_defaults_and_caps() -> None:
+    cfg = AppConfig.model_validate({"thinking": {"default_thinking_budget": 100, "max_thinking_budget": 50,
+                                                 "default_max_tokens": 300, "max_tokens_limit": 400}})
+    pool = cfg.thinking
+    out = apply_limits(pool, SamplingParams(max_tokens=None, temperature=0.5), thinking=True)
+    assert (out.max_tokens, out.thinking_budget, out.temperature) == (300, 50, 0.5)
+    assert apply_limits(pool, SamplingParams(max_tokens=20, thinking_budget=10), thinking=True).thinking_budget == 10
+    assert apply_limits(pool, SamplingParams(max_tokens=20, thinking_budget=10), thinking=False).thinking_budget is None
+    with pytest.raises(RequestError) as exc:
+        apply_limits(pool, SamplingParams(max_tokens=401), thinking=True)
+    assert exc.value.param == "max_tokens"
+    assert apply_limits(cfg.fast, SamplingParams(max_tokens=None), thinking=True).thinking_budget == 0
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"temperature": 2.5}, "temperature"), ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"thinking_budget": -1}, "thinking_budget"),
+    ({"stop": [""]}, "stop"), ({"min_p": 1.5}, "min_p"),
+])
+def test_sampling_fields_are_checked_once_naming_the_field(fields: dict, param: str) -> None:
+    with pytest.raises(RequestError) as exc:
+        Frontend.sampling(**fields)
+    assert exc.value.param == param and str(exc.value).startswith(f"{param}: ")
+
+
+def test_sampling_defaults_and_the_error_crosses_processes_intact() -> None:
+    p = Frontend.sampling(top_k=-1, stop="END")
+    assert (p.max_tokens, p.temperature, p.top_k, p.stop) == (None, 1.0, 0, ["END"])
+    err = pickle.loads(pickle.dumps(RequestError("prompt", "too long")))
+    assert (err.param, err.message, str(err)) == ("prompt", "too long", "prompt: too long")
