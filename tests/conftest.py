@@ -69,3 +69,13 @@ def to_legacy_config(path: Path) -> None:
 @pytest.fixture(scope="session")
 def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("moe"))
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3's full vocabulary (so chat-template and think tokens are real ids), tiny otherwise;
+    built once for the whole run (the serving tests and the engine's thinking-budget tests)."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp("qwen-vocab"), vocab_size=151936, hidden_size=32, head_dim=8, num_hidden_layers=2,
+        std=0.05, max_position_embeddings=1024,
+    )

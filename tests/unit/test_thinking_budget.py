@@ -10,16 +10,13 @@ import pytest
 from cluster import LLM, SamplingParams
 from cluster.engine.thinking import ThinkingBudget, ThinkingState
 from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START
-from tests.conftest import make_checkpoint
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory):
-    path = make_checkpoint(
-        tmp_path_factory.mktemp("qwen-vocab"), vocab_size=151936, hidden_size=32, head_dim=8, num_hidden_layers=2,
-        std=0.05,
-    )
-    llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=8)
+def llm(qwen_vocab_checkpoint: Path):
+    # The shared checkpoint says max_position_embeddings=1024, but the KV pool here holds 64 x 8 = 512
+    # tokens, so max_model_len is 512 as with this file's own checkpoint before (same seed, same weights).
+    llm = LLM(qwen_vocab_checkpoint, dtype="float32", num_kv_blocks=64, block_size=8)
     yield llm
     llm.shutdown()
 
