@@ -202,7 +202,7 @@ async def _collect(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterato
     texts: list[str] = []
     lps: list[float] = []
     ids: list[int] = []
-    last = PoolChunk(pool="none")
+    last = PoolChunk("none", [], "", [], 0, 0, 0)
     async for c in chunks:
         texts.append(c.delta_text)
         lps += c.delta_logprobs

@@ -1,14 +1,14 @@
 """ModelPool: one Serve replica = one Engine (one model instance, possibly spread over Ray actors).
 A typed `PoolRequest` comes in; typed `PoolChunk`s stream back, each holding only what is new
 since the last one (ids, text, logprobs) plus the running counts. When the engine got ahead of
-the consumer, everything it produced since the last chunk goes out as one chunk, so per-token
-messaging never caps throughput."""
+the consumer, everything it produced since the last chunk goes out as one chunk (the engine's
+`coalesce`), so per-token messaging never caps throughput."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cluster import Engine, RequestOutput, SamplingParams
@@ -31,25 +31,19 @@ class PoolChunk:
     """What a request got since its last chunk, with running counts; the last has `finished`."""
 
     pool: str
-    delta_token_ids: list[int] = field(default_factory=list)
-    delta_text: str = ""
-    delta_logprobs: list[float] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_reasoning_tokens: int = 0
+    delta_token_ids: list[int]
+    delta_text: str
+    delta_logprobs: list[float]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_reasoning_tokens: int
     finished: bool = False
     finish_reason: str | None = None
 
-    def absorb(self, out: RequestOutput) -> None:
-        """Adds one engine output (a later step) to this chunk."""
-        self.delta_token_ids += out.delta_token_ids
-        self.delta_text += out.delta_text
-        self.delta_logprobs += out.delta_logprobs or []
-        self.num_prompt_tokens = out.num_prompt_tokens
-        self.num_output_tokens = out.num_output_tokens
-        self.num_reasoning_tokens = out.num_reasoning_tokens
-        self.finished = out.finished
-        self.finish_reason = out.finish_reason
+    @classmethod
+    def of(cls, pool: str, out: RequestOutput) -> "PoolChunk":
+        return cls(pool, out.delta_token_ids, out.delta_text, out.delta_logprobs or [], out.num_prompt_tokens,
+                   out.num_output_tokens, out.num_reasoning_tokens, out.finished, out.finish_reason)
 
 
 class ModelPool:
@@ -79,9 +73,9 @@ class ModelPool:
 
     async def generate(self, request: PoolRequest) -> AsyncIterator[PoolChunk]:
         """Streams the request's chunks; a bad request raises cluster.RequestError naming the field."""
-        stream = self.engine.generate(request.prompt_token_ids, request.params, request.request_id)
-        async for chunk in coalesce(stream, self.name):
-            yield chunk
+        async for out in self.engine.generate(request.prompt_token_ids, request.params, request.request_id,
+                                              coalesce=True):
+            yield PoolChunk.of(self.name, out)
 
     def stats(self) -> dict[str, Any]:
         """Queue and KV-cache state of this replica's engine (metrics, tests)."""
@@ -107,38 +101,3 @@ class ModelPool:
         if engine is not None:
             engine.shutdown(timeout_s=5)
 
-
-async def coalesce(outputs: AsyncIterator[RequestOutput], pool: str) -> AsyncIterator[PoolChunk]:
-    """One chunk per turn of the consumer: the engine's outputs are pulled as one task, and what
-    arrived while the last chunk was being sent is merged into the next."""
-    ready: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
-
-    async def pull() -> None:
-        try:
-            async for out in outputs:
-                ready.put_nowait(out)
-            ready.put_nowait(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            ready.put_nowait(exc)
-
-    task = asyncio.get_running_loop().create_task(pull())
-    try:
-        while True:
-            item = await ready.get()  # the engine's own request timeout bounds this wait
-            chunk = PoolChunk(pool)
-            while True:
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                chunk.absorb(item)
-                if chunk.finished or ready.empty():
-                    break
-                item = ready.get_nowait()
-            yield chunk
-            if chunk.finished:
-                return
-    finally:
-        task.cancel()  # a consumer that left early: the engine stream closes and aborts the request
-        await asyncio.gather(task, return_exceptions=True)
-        await outputs.aclose()

@@ -43,6 +43,16 @@ class RequestOutput:
     text: str | None = None                    # final output only: the whole text
     logprobs: list[float] | None = None        # final output only, when asked for
 
+    def absorb(self, later: "RequestOutput") -> None:
+        """Takes in the next output of the same request, as if both steps had been one."""
+        self.delta_token_ids = self.delta_token_ids + later.delta_token_ids
+        self.delta_text += later.delta_text
+        if later.delta_logprobs is not None:
+            self.delta_logprobs = (self.delta_logprobs or []) + later.delta_logprobs
+        for name in ("num_prompt_tokens", "num_output_tokens", "num_reasoning_tokens", "num_cached_tokens",
+                     "finished", "finish_reason", "stop_reason", "prompt_token_ids", "token_ids", "text", "logprobs"):
+            setattr(self, name, getattr(later, name))
+
 
 @dataclass
 class _Request:
@@ -163,7 +173,7 @@ class EngineCore:
             return None
         req.seq.finish("abort")
         self._release(req)
-        return self._output(req, [], "", [])
+        return self._output(req, [], "")
 
     def _release(self, req: _Request) -> None:
         self.shards[req.shard].finish(req.seq)
@@ -191,23 +201,21 @@ class EngineCore:
             req = self.requests[r.request_id]
             seq = req.seq
             tokens = [r.token]
-            lps = [r.logprob] if r.logprob is not None else []
             delta = self._append(req, r.token, r.logprob)
             forced = self.thinking.after_token(req.thinking, r.token, seq.params.thinking_budget) if self.thinking else []
             for f in forced:
                 if seq.finished:
                     break
                 tokens.append(f)
-                if seq.params.logprobs:
-                    lps.append(0.0)  # forced: probability 1 by construction
-                delta += self._append(req, f, 0.0)
+                # forced: probability 1 by construction
+                delta += self._append(req, f, 0.0 if seq.params.logprobs else None)
                 self.thinking.after_token(req.thinking, f, seq.params.thinking_budget)
             if seq.finished:
                 self._release(req)
                 del self.requests[seq.request_id]
             elif final_only:
                 continue
-            outputs.append(self._output(req, tokens, delta, lps))
+            outputs.append(self._output(req, tokens, delta))
         return outputs
 
     def _append(self, req: _Request, token: int, logprob: float | None) -> str:
@@ -232,13 +240,14 @@ class EngineCore:
         elif (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
 
-    def _output(self, req: _Request, delta_ids: list[int], delta_text: str, delta_lps: list[float]) -> RequestOutput:
+    def _output(self, req: _Request, delta_ids: list[int], delta_text: str) -> RequestOutput:
         seq = req.seq
+        logprobs = seq.params.logprobs
         out = RequestOutput(
             request_id=seq.request_id,
             delta_token_ids=delta_ids,
             delta_text=delta_text,
-            delta_logprobs=delta_lps if seq.params.logprobs else None,
+            delta_logprobs=(seq.logprobs[len(seq.logprobs) - len(delta_ids):] if delta_ids else []) if logprobs else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_reasoning_tokens=req.thinking.reasoning_tokens,
@@ -251,7 +260,7 @@ class EngineCore:
             out.prompt_token_ids = seq.prompt_token_ids
             out.token_ids = seq.output_token_ids
             out.text = req.detok.text
-            out.logprobs = list(seq.logprobs) if seq.params.logprobs else None
+            out.logprobs = list(seq.logprobs) if logprobs else None
         return out
 
     def expert_counts(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cluster.config import EngineConfig, ParallelConfig, SamplingParams
+from cluster.config import EngineConfig, ParallelConfig, RequestError, SamplingParams
 from cluster.default_model import default_model_path
 from cluster.engine.core import EngineCore, RequestOutput
 from cluster.engine.tokenizer import render_chat
@@ -75,10 +75,13 @@ class Engine:
         return self.error is None and self._thread.is_alive()
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+        coalesce: bool = False,
     ) -> AsyncIterator[RequestOutput]:
-        """Streams one RequestOutput per new token; the last has finished=True. Leaving the
-        loop early (or cancelling) aborts the request and frees its KV blocks."""
+        """Streams one RequestOutput per engine step that gave the request tokens; the last has
+        finished=True. With `coalesce`, the steps that finished while the caller was busy come
+        as one output (a server that must not send a message per token). Leaving the loop early
+        (or cancelling) aborts the request and frees its KV blocks."""
         if not self.healthy:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         rid = request_id or uuid.uuid4().hex
@@ -86,7 +89,7 @@ class Engine:
         out_q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if rid in self._streams:
-                raise ValueError(f"request_id: {rid!r} is already running")
+                raise RequestError("request_id", f"{rid!r} is already running")
             self._streams[rid] = (asyncio.get_running_loop(), out_q)
         self._inbox.put(("add", req))
         finished = False
@@ -99,8 +102,17 @@ class Engine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                finished = item.finished
+                failure = None
+                while coalesce and not item.finished and not out_q.empty():
+                    later = out_q.get_nowait()
+                    if isinstance(later, BaseException):
+                        failure = later  # raised once what came before it is delivered
+                        break
+                    item.absorb(later)
+                finished = item.finished or failure is not None
                 yield item
+                if failure is not None:
+                    raise failure
                 if finished:
                     return
         finally:

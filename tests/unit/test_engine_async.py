@@ -129,3 +129,24 @@ def test_stream_outputs_carry_deltas_and_counts_only(engine: Engine) -> None:
     assert all(o.num_prompt_tokens == 3 and len(o.delta_logprobs) == 1 for o in outs)
     assert outs[-1].token_ids == [t for o in outs for t in o.delta_token_ids]
     assert outs[-1].logprobs == [lp for o in outs for lp in o.delta_logprobs]
+
+
+def test_coalesced_stream_merges_steps_into_fewer_outputs(engine: Engine) -> None:
+    """A consumer slower than the engine gets what several steps made as one output, the same
+    tokens, text and logprobs in all; without `coalesce` every step is its own output."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=True)
+
+    async def slow(coalesce: bool):
+        outs = []
+        async for o in engine.generate([3, 1, 4, 1, 5], params, coalesce=coalesce):
+            outs.append(o)
+            await asyncio.sleep(0.05)  # the engine runs several steps meanwhile
+        return outs
+
+    merged = asyncio.run(asyncio.wait_for(slow(True), 60))
+    plain = asyncio.run(asyncio.wait_for(slow(False), 60))
+    assert len(plain) == 24 and len(merged) < 24
+    assert [t for o in merged for t in o.delta_token_ids] == [t for o in plain for t in o.delta_token_ids] == plain[-1].token_ids
+    assert "".join(o.delta_text for o in merged) == plain[-1].text == merged[-1].text
+    assert [lp for o in merged for lp in o.delta_logprobs] == merged[-1].logprobs
+    assert merged[-1].finished and merged[-1].num_output_tokens == 24
