@@ -1,9 +1,14 @@
-"""A running q3serve application on a local Ray cluster with real Serve HTTP, for the module."""
+"""A running q3serve application on a local Ray cluster with real Serve HTTP and gRPC proxies.
+
+One Ray cluster and one Serve instance are shared by every serving module (started by the first
+`start_app`, shut down after the package's last test); each module deploys its own application
+with `serve.run` and deletes it when done, so a module sees only its own replicas."""
 
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,20 +42,12 @@ def wait_healthy(base: str, pools: tuple[str, ...] | None = None, timeout_s: flo
     raise TimeoutError(f"{base}/health not ready within {timeout_s}s")
 
 
-@pytest.fixture(scope="module")
-def qwen_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Qwen3's full vocabulary (so chat-template and think tokens are real ids), tiny otherwise."""
-    return make_checkpoint(
-        tmp_path_factory.mktemp("served"), vocab_size=151936, hidden_size=32, head_dim=8, num_hidden_layers=2,
-        std=0.05, max_position_embeddings=1024,
-    )
-
-
+HTTP_PORT: dict[str, int] = {}
 METRICS_PORT: dict[str, int] = {}
 GRPC_PORT: dict[str, int] = {}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def thinker_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen-vocabulary model whose greedy choice is always `<think>`: every embedding has
     a large constant in dimension 0, the final norm keeps only that dimension, and in lm_head only
@@ -75,29 +72,48 @@ def thinker_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def start_app(cfg: AppConfig, ready_pools: tuple[str, ...] | None = None) -> str:
+APP = "q3serve"
+
+
+def _ensure_cluster() -> None:
+    """Starts the shared Ray cluster and Serve (HTTP, gRPC, metrics on free ports) once."""
     from deployments.grpc_api import SERVICER_FUNCTIONS
 
-    port = free_port()
-    METRICS_PORT["port"] = free_port()
-    GRPC_PORT["port"] = free_port()
+    if ray.is_initialized():
+        return
+    HTTP_PORT["port"], METRICS_PORT["port"], GRPC_PORT["port"] = free_port(), free_port(), free_port()
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT["port"])
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
+    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT["port"]},
                 grpc_options={"port": GRPC_PORT["port"], "grpc_servicer_functions": SERVICER_FUNCTIONS})
-    serve.run(build_app(cfg), name="q3serve", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
+
+
+def start_app(cfg: AppConfig, ready_pools: tuple[str, ...] | None = None) -> str:
+    """Deploys the application on the shared cluster and waits until it is healthy."""
+    _ensure_cluster()
+    serve.run(build_app(cfg), name=APP, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{HTTP_PORT['port']}"
     wait_healthy(base, ready_pools)
     return base
 
 
 def stop_app() -> None:
-    serve.shutdown()
-    ray.shutdown()
+    """Deletes the module's application (blocking until its replicas are gone); the cluster stays."""
+    if ray.is_initialized():
+        serve.delete(APP)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def shared_cluster() -> Iterator[None]:
+    """Shuts the shared cluster down after the last serving test."""
+    yield
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
 
 
 def pool_idle_stats(pool: str = "fast-pool", timeout_s: float = 30) -> dict:
     """The pool's stats once nothing runs and every KV block is free (or at the timeout)."""
-    handle = serve.get_deployment_handle(pool, app_name="q3serve")
+    handle = serve.get_deployment_handle(pool, app_name=APP)
     deadline = time.monotonic() + timeout_s
     while True:
         stats = handle.stats.remote().result(timeout_s=30)

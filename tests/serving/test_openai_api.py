@@ -159,32 +159,42 @@ def test_client_cancel_frees_kv_blocks(server: str) -> None:
     assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
-def test_prometheus_metrics(client: openai.OpenAI) -> None:
-    import time
-
+def _scrape(names: list[str]) -> dict[str, float]:
+    """Each metric's sum over its series (pools, routes, replicas) in the Prometheus export."""
     from tests.serving.conftest import METRICS_PORT
 
-    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "m"}], max_tokens=5,
-                                   extra_body={"enable_thinking": False}, stream=True).close()
-    client.completions.create(model=MODEL, prompt="metrics", max_tokens=5)
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT['port']}/metrics", timeout=10).text
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def test_prometheus_metrics(client: openai.OpenAI) -> None:
+    """Every metric is exported, and the counters grow with this test's own requests (the Ray
+    cluster is shared with the other serving modules, whose requests counted before)."""
+    import time
+
     wanted = ["ray_q3serve_requests_total", "ray_q3serve_request_latency_seconds_count",
               "ray_q3serve_time_to_first_token_seconds_count", "ray_q3serve_inter_token_latency_seconds_count",
               "ray_q3serve_prompt_tokens_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_queue_depth",
               "ray_q3serve_kv_cache_usage_ratio", "ray_q3serve_expert_tokens"]
-    nonzero_needed = {"ray_q3serve_requests_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_expert_tokens"}
+    growing = {"ray_q3serve_requests_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_expert_tokens"}
+    before = _scrape(wanted)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "m"}], max_tokens=5,
+                                   extra_body={"enable_thinking": False}, stream=True).close()
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=5)
     deadline = time.monotonic() + 60
     seen: dict[str, float] = {}
     while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT['port']}/metrics", timeout=10).text
-        for line in text.splitlines():
-            for name in wanted:
-                if line.startswith(name + "{") or line.startswith(name + " "):
-                    seen[name] = max(seen.get(name, 0.0), float(line.rsplit(" ", 1)[1]))
-        if set(wanted) <= set(seen) and all(seen[n] > 0 for n in nonzero_needed):
+        seen = _scrape(wanted)
+        if set(wanted) <= set(seen) and all(seen[n] > before.get(n, 0.0) for n in growing):
             break
         time.sleep(1)
     assert set(wanted) <= set(seen), sorted(set(wanted) - set(seen))
-    assert all(seen[n] > 0 for n in nonzero_needed), seen
+    assert all(seen[n] > before.get(n, 0.0) for n in growing), (before, seen)
 
 
 def test_chat_cli_streams_a_conversation(server: str) -> None:
