@@ -3,10 +3,13 @@
 //
 // Why hand-written: on this project's CPU machines (AMD EPYC with AVX-512) MKL, which PyTorch
 // calls for float matmuls, runs a generic code path at a third or less of the peak, and small
-// decode-sized matmuls pay its call overhead on top. Here each 8-row x 32-column output block
-// keeps its 16 accumulators in registers for the whole K loop; every weight row segment that is
-// loaded feeds 8 rows. Written with GCC/Clang vector extensions, not intrinsics: the compiler
-// maps a 16-float vector to one AVX-512 register or two AVX2 ones.
+// decode-sized matmuls pay its call overhead on top. Here each MR-row x NB-column output block
+// keeps its 2 * MR vector accumulators in registers for the whole K loop; every weight row
+// segment that is loaded feeds MR rows. Written with GCC/Clang vector extensions, not
+// intrinsics, and sized to the register file the build targets (-march=native): AVX-512 has 32
+// 16-float registers, so 8 rows x 32 columns (16 accumulators); AVX2 has 16 8-float registers,
+// so 6 rows x 16 columns (12 accumulators). The AVX-512 shape on AVX2 spills its accumulators
+// on every step and ran 6-20x slower than MKL.
 #pragma once
 
 #include <cstdint>
@@ -15,18 +18,24 @@
 
 namespace q3native {
 
-constexpr int64_t NB = 32;  // output columns per block: two 16-float vectors per row
+#if defined(__AVX512F__)
+constexpr int VW = 16;      // floats per vector register
 constexpr int MR = 8;       // rows per block
+#else
+constexpr int VW = 8;
+constexpr int MR = 6;
+#endif
+constexpr int64_t NB = 2 * VW;  // output columns per block: two vectors per row
 
-typedef float v16 __attribute__((vector_size(64)));
+typedef float vec __attribute__((vector_size(VW * sizeof(float))));
 
 template <typename W>
-inline v16 load16(const W* p) {
-  v16 v;
+inline vec vload(const W* p) {
+  vec v;
   if constexpr (std::is_same_v<W, float>) {
     std::memcpy(&v, p, sizeof(v));
   } else {
-    for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+    for (int i = 0; i < VW; ++i) v[i] = static_cast<float>(p[i]);
   }
   return v;
 }
@@ -35,11 +44,11 @@ inline v16 load16(const W* p) {
 // w are `ldw` apart, rows of x `ldx` apart, rows of y `ldy` apart.
 template <int R, typename W>
 inline void block(const W* w, int64_t K, int64_t ldw, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  v16 lo[R], hi[R];
+  vec lo[R], hi[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) { lo[r] = v16{}; hi[r] = v16{}; }
+  for (int r = 0; r < R; ++r) { lo[r] = vec{}; hi[r] = vec{}; }
   for (int64_t c = 0; c < K; ++c) {
-    const v16 w0 = load16(w + c * ldw), w1 = load16(w + c * ldw + 16);
+    const vec w0 = vload(w + c * ldw), w1 = vload(w + c * ldw + VW);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * ldx + c];
@@ -49,8 +58,8 @@ inline void block(const W* w, int64_t K, int64_t ldw, const float* x, int64_t ld
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    std::memcpy(y + r * ldy, &lo[r], sizeof(v16));
-    std::memcpy(y + r * ldy + 16, &hi[r], sizeof(v16));
+    std::memcpy(y + r * ldy, &lo[r], sizeof(vec));
+    std::memcpy(y + r * ldy + VW, &hi[r], sizeof(vec));
   }
 }
 
@@ -61,9 +70,9 @@ inline void column_block(const W* w, int64_t K, int64_t ldw, const float* x, int
   for (; r + MR <= m; r += MR) block<MR>(w, K, ldw, x + r * ldx, ldx, y + r * ldy, ldy);
   const float* xr = x + r * ldx;
   float* yr = y + r * ldy;
-  switch (m - r) {
-    case 7: block<7>(w, K, ldw, xr, ldx, yr, ldy); break;
-    case 6: block<6>(w, K, ldw, xr, ldx, yr, ldy); break;
+  switch (m - r) {  // the remainder, m - r < MR
+    case 7: if constexpr (MR > 7) block<7>(w, K, ldw, xr, ldx, yr, ldy); break;
+    case 6: if constexpr (MR > 6) block<6>(w, K, ldw, xr, ldx, yr, ldy); break;
     case 5: block<5>(w, K, ldw, xr, ldx, yr, ldy); break;
     case 4: block<4>(w, K, ldw, xr, ldx, yr, ldy); break;
     case 3: block<3>(w, K, ldw, xr, ldx, yr, ldy); break;

@@ -83,6 +83,18 @@ def test_linear_kernel_matches_torch(kernels, case: tuple, dtype: torch.dtype) -
 NORM_CASES = [((1, 256), (256,)), ((64, 6, 64), (6, 64)), ((300, 40), (40,)), ((3, 5, 2, 16), (2, 16))]
 
 
+@pytest.mark.parametrize("m", range(1, 18))
+@torch.inference_mode()
+def test_linear_kernel_every_row_remainder(kernels, m: int) -> None:
+    """Rows go in blocks of 8 (AVX-512 builds) or 6 (AVX2): every remainder of both, and a
+    partial column block (n = 40), give F.linear's result."""
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 24, generator=g), torch.randn(40, 24, generator=g)
+    exact = F.linear(x.double(), w.double())
+    got = kernels.linear(x, w.t().contiguous(), None)
+    assert (got.double() - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
+
+
 @pytest.mark.parametrize("case", NORM_CASES, ids=[f"x{'x'.join(map(str, c[0]))}-w{'x'.join(map(str, c[1]))}" for c in NORM_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
