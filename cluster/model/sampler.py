@@ -1,9 +1,12 @@
 """Batched sampling with per-request parameters.
 
-Greedy rows take the argmax. Other rows are scaled by temperature, filtered by top-k, top-p and
-min-p, and sampled by the exponential race (argmax of p / E with E ~ Exp(1)), which needs one
-noise vector per row: a request with a seed draws it from its own generator, so its output does
-not depend on what else is in the batch.
+Greedy rows take the argmax and nothing else. A row with top-k (Qwen3 recommends 20), or with
+top-p whose nucleus lies inside a small candidate set, is sampled among its top candidates only:
+one `topk` pass over the vocabulary, then temperature, top-p and min-p on a [rows, k] tensor. The
+other rows (temperature alone, min-p, a wide nucleus) take one softmax and one cumulative sum over
+the vocabulary. Either way a row draws one uniform number and takes the first token whose
+cumulative probability passes it (inverse-CDF sampling), so a request with a seed draws from its
+own generator and its output does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -12,47 +15,136 @@ import torch
 
 from cluster.config import SamplingParams
 
+# Candidates a top-p row without top-k starts from; when their mass falls short of top_p the row
+# takes the full-vocabulary path instead, so the result is exact either way.
+TOP_P_CANDIDATES = 256
+
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> tuple[list[int], list[float | None]]:
     """logits [B, V] -> (token ids, logprob of each chosen token under the model, or None)."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    if len(rows) == len(params):
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    else:
+        tokens = logits.argmax(dim=-1)
     if rows:
-        tokens[rows] = _sample_rows(logits[rows], [params[i] for i in rows], [generators[i] for i in rows])
+        index = torch.tensor(rows, device=logits.device)
+        sub = [params[i] for i in rows]
+        u = _uniforms([generators[i] for i in rows], logits.device)
+        tokens[index] = _sample_rows(logits.index_select(0, index) if len(rows) < len(params) else logits, sub, u)
     want = [i for i, p in enumerate(params) if p.logprobs]
     lps: list[float | None] = [None] * len(params)
     if want:
-        chosen = torch.log_softmax(logits[want], dim=-1).gather(1, tokens[want].unsqueeze(1)).squeeze(1)
+        w = torch.tensor(want, device=logits.device)
+        chosen = torch.log_softmax(logits[w], dim=-1).gather(1, tokens[w].unsqueeze(1)).squeeze(1)
         for i, v in zip(want, chosen.tolist()):
             lps[i] = v
     return tokens.tolist(), lps
 
 
-def _sample_rows(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
-    logits = logits / temps.unsqueeze(1)
-    top_k = [p.top_k for p in params]
-    if any(top_k):
-        k = torch.tensor([t if t > 0 else logits.shape[1] for t in top_k])
-        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
-    if (top_p < 1).any():
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p.unsqueeze(1)  # never drops the top token
-        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)
-    if (min_p > 0).any():
-        floor = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
-        probs = probs.masked_fill(probs < floor, 0.0)
-    noise = torch.empty_like(probs)
+def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One U[0, 1) per row: a seeded row's from its own generator, the others in one draw."""
+    u = torch.rand(len(generators), device=device)
     for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)
-    return (probs / noise).argmax(dim=-1)
+        if g is not None:
+            u[i] = torch.rand(1, generator=g, device=device)[0]
+    return u
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Sampled ids for rows that are not greedy; u holds each row's uniform draw."""
+    vocab = logits.shape[1]
+    small = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or (p.top_k == 0 and p.top_p < 1)]
+    if len(small) == len(params):  # the usual batch: every row on the small path, nothing copied
+        picked, missed = _sample_candidates(logits, params, u)
+        if not missed:
+            return picked
+        full = missed
+    else:
+        picked = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        chosen = set(small)
+        full = [i for i in range(len(params)) if i not in chosen]
+        if small:
+            idx = torch.tensor(small, device=logits.device)
+            got, missed = _sample_candidates(logits[idx], [params[i] for i in small], u[idx])
+            picked[idx] = got
+            full += [small[i] for i in missed]
+    full.sort()
+    idx = torch.tensor(full, device=logits.device)
+    rows = logits if len(full) == len(params) else logits[idx]
+    picked[idx] = _sample_full(rows, [params[i] for i in full], u[idx])
+    return picked
+
+
+def _sample_candidates(
+    logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    """Rows sampled among their top-k (or TOP_P_CANDIDATES) tokens; returns the ids and the rows
+    whose top-p nucleus reaches past the candidates (to be sampled over the full vocabulary)."""
+    ks = [p.top_k if p.top_k > 0 else min(TOP_P_CANDIDATES, logits.shape[1]) for p in params]
+    width = max(ks)
+    temps = _column([p.temperature for p in params], logits)
+    values, ids = logits.topk(width, dim=-1)  # sorted, descending
+    scaled = values / temps
+    beyond_k = torch.arange(width, device=logits.device) >= torch.tensor(ks, device=logits.device).unsqueeze(1)
+    scaled = scaled.masked_fill(beyond_k, float("-inf"))
+    # Probabilities renormalised within the top-k (top-k filters first, then top-p, as in vLLM).
+    denom = torch.logsumexp(scaled, dim=-1)
+    no_k = [i for i, p in enumerate(params) if p.top_k == 0]
+    if no_k:  # the full softmax's denominator, so that the candidates' mass tells whether the nucleus fits
+        rows = torch.tensor(no_k, device=logits.device)
+        denom[rows] = torch.logsumexp(logits[rows] / temps[rows], dim=-1)
+    probs = (scaled - denom.unsqueeze(1)).exp()
+    top_p = _column([p.top_p for p in params], logits)
+    before = probs.cumsum(dim=-1) - probs
+    missed = [i for i, (p, mass) in enumerate(zip(params, probs.sum(dim=-1).tolist())) if p.top_k == 0 and mass <= p.top_p]
+    probs = probs.masked_fill(before > top_p, 0.0)  # the first token is always kept
+    probs = _min_p(probs, params)
+    pos = _inverse_cdf(probs, u)
+    return ids.gather(1, pos.unsqueeze(1)).squeeze(1), missed
+
+
+def _sample_full(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Rows sampled over the whole vocabulary in three passes: exp((x - max) / T), which is the
+    softmax without its normalisation (inverse-CDF sampling needs none, and min-p compares with
+    the largest, which is 1), then the cumulative sum, then the search. Top-p here (a nucleus
+    wider than the candidates) sorts, which only such rows pay."""
+    temps = _column([p.temperature for p in params], logits)
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).div_(temps).exp_()
+    top_p = [p.top_p for p in params]
+    if any(t < 1 for t in top_p):
+        sorted_w, order = weights.sort(dim=-1, descending=True)
+        cum = sorted_w.cumsum(dim=-1)
+        drop = cum - sorted_w > _column(top_p, weights) * cum[:, -1:]
+        weights = weights.masked_fill_(drop.scatter(1, order, drop), 0.0)
+    return _inverse_cdf(_min_p(weights, params), u)
+
+
+def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Drops tokens below min_p times the row's most likely one (weights need no normalisation)."""
+    min_p = [p.min_p for p in params]
+    if not any(m > 0 for m in min_p):
+        return probs
+    floor = probs.amax(dim=-1, keepdim=True) * _column(min_p, probs)
+    return probs.masked_fill_(probs < floor, 0.0)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position whose cumulative (unnormalised) probability exceeds u * total.
+    Zero-probability positions can never be chosen: the cumulative sum does not grow there.
+    Overwrites `probs` with its cumulative sum."""
+    cdf = torch.cumsum(probs, dim=-1, out=probs) if probs.is_contiguous() else probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    pos = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    past = pos >= probs.shape[1]  # u * total rounded up to the total: the last token with mass
+    if past.any():  # the first position that reaches the total is the last one with mass
+        rows = cdf[past]
+        pos[past] = (rows >= rows[:, -1:]).int().argmax(dim=-1)
+    return pos
