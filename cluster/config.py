@@ -74,6 +74,10 @@ class ModelConfig:
     attention_bias: bool = False
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "bfloat16"
+    # The sampling fields generation_config.json sets (Qwen3 ships temperature 0.6, top_p 0.95,
+    # top_k 20): a server's defaults for requests that leave them unset, as vLLM's
+    # `--generation-config auto`. `do_sample` is ignored there too.
+    sampling_defaults: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
@@ -124,6 +128,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
             attention_bias=bool(raw.get("attention_bias", False)),
             eos_token_ids=eos,
+            sampling_defaults=_sampling_defaults(generation_config or {}),
             torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
         )
         cfg.validate()
@@ -181,6 +186,13 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         if merged.get("factor") is None:
             merged["factor"] = raw["max_position_embeddings"] / merged["original_max_position_embeddings"]
     return theta, merged
+
+
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p")
+
+
+def _sampling_defaults(gen: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    return tuple((k, gen[k]) for k in SAMPLING_DEFAULT_KEYS if isinstance(gen.get(k), (int, float)))
 
 
 def _eos_ids(raw: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:

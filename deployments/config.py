@@ -32,6 +32,19 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+class SamplingDefaults(_Strict):
+    """Defaults for the sampling fields a request leaves unset, over those of the model's
+    generation_config.json (Qwen3's: 0.6 / 0.95 / 20 for thinking; its docs give 0.7 / 0.8 / 20
+    for non-thinking). None keeps the model's value, then the OpenAI API's (1.0, 1.0, off, off).
+    A mode's defaults are those of the pool that serves it (thinking, fast), also when a request
+    spills over to the other pool."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+
+
 class PoolConfig(_Strict):
     """One pool: an Engine per replica, its limits and its autoscaling."""
 
@@ -52,6 +65,7 @@ class PoolConfig(_Strict):
     max_thinking_budget: int | None = Field(None, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
+    sampling_defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     actor_resources: dict[str, float] | None = None        # each actor's bundle (default 1 GPU / 1 CPU)
     attention_resources: dict[str, float] = Field(default_factory=dict)  # extra, e.g. a worker group's resource
@@ -70,7 +84,8 @@ def _thinking_pool() -> PoolConfig:
 
 def _fast_pool() -> PoolConfig:
     return PoolConfig(max_num_seqs=8, max_num_batched_tokens=1024, default_max_tokens=512, max_tokens_limit=4096,
-                      max_thinking_budget=0)
+                      max_thinking_budget=0,
+                      sampling_defaults=SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20))  # Qwen3's non-thinking
 
 
 class RouterConfig(_Strict):

@@ -16,12 +16,22 @@ from cluster import ModelConfig, RequestError, SamplingParams, load_tokenizer, r
 from cluster.default_model import default_model_path
 from deployments.auth import ApiKeys, load_keys
 from deployments.chat import decide_thinking
-from deployments.config import AppConfig
+from deployments.config import AppConfig, PoolConfig
 from deployments.metrics import RouterMetrics
 from deployments.pool import PoolChunk, PoolRequest
 from deployments.router import Overloaded, PoolRouter, PoolsUnavailable
 
 __all__ = ["Frontend", "ModelNotFound", "Overloaded", "PoolsUnavailable", "RequestError", "Unauthenticated", "Usage"]
+
+
+API_SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+def sampling_defaults(model: ModelConfig, pool: PoolConfig) -> dict[str, float]:
+    """What an unset sampling field becomes: the pool's default, else the model's
+    generation_config.json, else the OpenAI API's."""
+    pool_set = {k: v for k, v in pool.sampling_defaults.model_dump().items() if v is not None}
+    return {**API_SAMPLING_DEFAULTS, **dict(model.sampling_defaults), **pool_set}
 
 
 class ModelNotFound(LookupError):
@@ -56,6 +66,7 @@ class Frontend:
         self.prompt_limit = min(context - 1, cfg.limits.max_prompt_tokens or context)
         self.created = int(time.time())
         self.metrics = RouterMetrics()
+        self.sampling_defaults = {True: sampling_defaults(mc, cfg.thinking), False: sampling_defaults(mc, cfg.fast)}
 
     @property
     def model_name(self) -> str:
@@ -80,25 +91,25 @@ class Frontend:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    @staticmethod
     def sampling(
-        *, max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-        top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
+        self, thinking: bool, *, max_tokens: int | None = None, temperature: float | None = None,
+        top_p: float | None = None, top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
         logprobs: bool = False, thinking_budget: int | None = None,
     ) -> SamplingParams:
         """The one place a request's sampling fields are checked, whichever API they came by: the
-        APIs' defaults and OpenAI's temperature range here, the engine's own rules in
-        SamplingParams. Raises RequestError naming the field."""
-        temperature = 1.0 if temperature is None else temperature
+        mode's defaults for the fields left unset, OpenAI's temperature range here, the engine's
+        own rules in SamplingParams. Raises RequestError naming the field."""
+        given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+        d = self.sampling_defaults[thinking]
+        temperature, top_p, top_k, min_p = (d[k] if v is None else v for k, v in given.items())
         if not 0 <= temperature <= 2:
             raise RequestError("temperature", f"must be in [0, 2], got {temperature!r}")
-        top_k = 0 if top_k is None or top_k == -1 else top_k  # -1 disables it, as in vLLM
+        top_k = 0 if top_k == -1 else top_k  # -1 disables it, as in vLLM
         return SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=1.0 if top_p is None else top_p, top_k=top_k,
-            min_p=min_p or 0.0, seed=seed, stop=[stop] if isinstance(stop, str) else list(stop or []),
-            stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, logprobs=logprobs,
-            thinking_budget=thinking_budget,
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+            stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids),
+            ignore_eos=ignore_eos, logprobs=logprobs, thinking_budget=thinking_budget,
         )
 
     async def start(

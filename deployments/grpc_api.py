@@ -63,10 +63,9 @@ class GrpcApi:
         self.frontend.authorize(metadata.get("authorization"))
         self.frontend.check_model(model)
 
-    @staticmethod
-    def _sampling(req: Any, **extra: Any) -> Any:
-        return Frontend.sampling(
-            max_tokens=_opt(req, "max_tokens"), temperature=_opt(req, "temperature"), top_p=_opt(req, "top_p"),
+    def _sampling(self, req: Any, thinking: bool, **extra: Any) -> Any:
+        return self.frontend.sampling(
+            thinking, max_tokens=_opt(req, "max_tokens"), temperature=_opt(req, "temperature"), top_p=_opt(req, "top_p"),
             top_k=_opt(req, "top_k"), seed=_opt(req, "seed"), stop=list(req.stop),
             thinking_budget=_opt(req, "thinking_budget"), **extra,
         )
@@ -81,8 +80,8 @@ class GrpcApi:
                 if m.role not in ROLES:
                     raise RequestError(f"messages[{i}].role", f"'{m.role}' is not one of {', '.join(ROLES)}")
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            params = self._sampling(request)
             thinking, ids = self.frontend.chat_prompt(messages, _opt(request, "enable_thinking"))
+            params = self._sampling(request, thinking)
             pool, chunks = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
@@ -107,8 +106,9 @@ class GrpcApi:
                 ids, param = self.frontend.encode(request.prompt), "prompt"
             else:
                 raise RequestError("prompt", "give prompt text or token_ids")
-            params = self._sampling(request, stop_token_ids=list(request.stop_token_ids), ignore_eos=request.ignore_eos)
-            thinking = params.thinking_budget is not None
+            thinking = _opt(request, "thinking_budget") is not None
+            params = self._sampling(request, thinking, stop_token_ids=list(request.stop_token_ids),
+                                    ignore_eos=request.ignore_eos)
             pool, chunks = await self.frontend.start("grpc_generate", ids, params, thinking, param)
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None

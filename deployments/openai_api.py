@@ -46,7 +46,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """Types only: the values are checked once, by Frontend.sampling, for both APIs."""
+    """Types only: the values are checked once, by Frontend.sampling, for both APIs; None is unset."""
 
     model_config = ConfigDict(extra="allow")  # OpenAI clients pass unknown extras through; ignore them
     model: str
@@ -62,9 +62,10 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
 
-    def sampling(self, max_tokens: int | None, logprobs: bool, budget: int | None) -> SamplingParams:
-        return Frontend.sampling(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+    def sampling(self, frontend: Frontend, thinking: bool, max_tokens: int | None, logprobs: bool,
+                 budget: int | None) -> SamplingParams:
+        return frontend.sampling(
+            thinking, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
             thinking_budget=budget,
         )
@@ -160,7 +161,8 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
             frontend.check_model(body.model)
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
             thinking, ids = frontend.chat_prompt(messages, body.explicit_thinking())
-            params = body.sampling(body.max_completion_tokens or body.max_tokens, body.logprobs, body.budget())
+            params = body.sampling(frontend, thinking, body.max_completion_tokens or body.max_tokens, body.logprobs,
+                                   body.budget())
             return await _serve(frontend, "chat", body, ids, params, thinking)
         except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:
             return error_response(exc)
@@ -170,8 +172,9 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
         try:
             frontend.check_model(body.model)
             ids = body.prompt if isinstance(body.prompt, list) else frontend.encode(body.prompt)
-            params = body.sampling(body.max_tokens, bool(body.logprobs), body.thinking_budget)
-            return await _serve(frontend, "completion", body, ids, params, thinking=body.thinking_budget is not None)
+            thinking = body.thinking_budget is not None
+            params = body.sampling(frontend, thinking, body.max_tokens, bool(body.logprobs), body.thinking_budget)
+            return await _serve(frontend, "completion", body, ids, params, thinking)
         except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:
             return error_response(exc)
 

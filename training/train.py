@@ -28,8 +28,10 @@ from training.data import Example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
 from training.tasks import count
 
+# Qwen3's own sampling defaults (what a server applies when a request sets none); do_sample stays
+# False so that transformers' generate() is greedy unless asked, as the tests compare against it.
 GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
-                     "do_sample": False}
+                     "do_sample": False, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
 def used_token_ids(tokenizer, seed: int, n: int = 40000) -> list[int]:  # noqa: ANN001

@@ -5,6 +5,7 @@ Frontend's one check of the sampling fields."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -44,14 +45,38 @@ def test_apply_limits_defaults_and_caps() -> None:
     ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"thinking_budget": -1}, "thinking_budget"),
     ({"stop": [""]}, "stop"), ({"min_p": 1.5}, "min_p"),
 ])
-def test_sampling_fields_are_checked_once_naming_the_field(fields: dict, param: str) -> None:
-    with pytest.raises(RequestError) as exc:
-        Frontend.sampling(**fields)
-    assert exc.value.param == param and str(exc.value).startswith(f"{param}: ")
+def test_sampling_fields_are_checked_once_naming_the_field(plain: Frontend, fields: dict, param: str) -> None:
+    for thinking in (True, False):
+        with pytest.raises(RequestError) as exc:
+            plain.sampling(thinking, **fields)
+        assert exc.value.param == param and str(exc.value).startswith(f"{param}: ")
 
 
-def test_sampling_defaults_and_the_error_crosses_processes_intact() -> None:
-    p = Frontend.sampling(top_k=-1, stop="END")
-    assert (p.max_tokens, p.temperature, p.top_k, p.stop) == (None, 1.0, 0, ["END"])
+@pytest.fixture(scope="module")
+def plain(moe_checkpoint: Path) -> Frontend:
+    """A checkpoint whose generation_config.json sets no sampling field, pools without defaults."""
+    return Frontend(AppConfig.model_validate({"model": str(moe_checkpoint), "fast": {}}), router=None)
+
+
+def test_sampling_defaults_and_the_error_crosses_processes_intact(plain: Frontend) -> None:
+    p = plain.sampling(False, top_k=-1, stop="END")
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.stop) == (None, 1.0, 1.0, 0, 0.0, ["END"])
     err = pickle.loads(pickle.dumps(RequestError("prompt", "too long")))
     assert (err.param, err.message, str(err)) == ("prompt", "too long", "prompt: too long")
+
+
+def test_unset_sampling_fields_take_the_modes_defaults() -> None:
+    """The embedded model ships Qwen3's generation_config.json (0.6 / 0.95 / 20), which thinking
+    requests get; the default fast pool sets Qwen3's non-thinking values (0.7 / 0.8 / 20); what a
+    request sets wins, and a pool's default may be overridden per field in the config."""
+    fe = Frontend(AppConfig(), router=None)
+    t, n = fe.sampling(True), fe.sampling(False)
+    assert (t.temperature, t.top_p, t.top_k, t.min_p) == (0.6, 0.95, 20, 0.0)
+    assert (n.temperature, n.top_p, n.top_k, n.min_p) == (0.7, 0.8, 20, 0.0)
+    own = fe.sampling(False, temperature=0.0, top_p=1.0, top_k=-1, min_p=0.05)
+    assert (own.temperature, own.top_p, own.top_k, own.min_p) == (0.0, 1.0, 0, 0.05)
+    custom = Frontend(AppConfig.model_validate({"thinking": {"sampling_defaults": {"temperature": 1.0}}}), router=None)
+    c = custom.sampling(True)
+    assert (c.temperature, c.top_p, c.top_k) == (1.0, 0.95, 20)
+    with pytest.raises(ValueError, match="top_p"):
+        AppConfig.model_validate({"fast": {"sampling_defaults": {"top_p": 0}}})
