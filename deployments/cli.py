@@ -160,7 +160,15 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.serving.run import main as run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.serving.run import add_arguments as add_bench_arguments
+
     parser = argparse.ArgumentParser(prog="q3serve", description="Serve Qwen3 MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="serve the app (both pools) on a local Ray cluster")
@@ -185,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="benchmarks/results/eval.json")
     ev.add_argument("--plot", default="benchmarks/results/eval_budget.png", help="PNG path ('' to skip)")
     ev.set_defaults(func=_eval)
+    bench = sub.add_parser("bench", help="load a running server (OpenAI HTTP or gRPC) and report latencies as vLLM does")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     chat = sub.add_parser("chat", help="a terminal chat client for a running server")
     add_server_arguments(chat)
     chat.add_argument("--no-think", action="store_true", help="enable_thinking=False")

@@ -1,0 +1,203 @@
+"""`q3serve bench`: sends a seeded workload to a running server at a Poisson rate (or all at once
+under a concurrency limit), bounded in request count and duration, and writes every request's
+timings and vLLM-style summaries per mode as JSON, with PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.serving.clients import BACKENDS, Record, SamplingArgs, send_grpc, send_http
+from benchmarks.serving.summary import parse_slos, summarize_by_mode
+from benchmarks.serving.workload import RequestSpec, WorkloadConfig, arrival_offsets, make_workload
+
+NOT_SENT = "not sent: the run's duration had passed"
+
+
+@dataclass
+class BenchConfig:
+    url: str = "http://127.0.0.1:8000"
+    grpc_target: str = "127.0.0.1:9000"
+    backend: str = "openai"
+    model: str | None = None
+    api_key: str | None = None
+    request_rate: float = float("inf")
+    max_concurrency: int | None = None
+    duration_s: float = 600.0       # no request is sent after this; each has timeout_s to finish
+    timeout_s: float = 300.0
+    label: str = "q3serve"
+    only_mode: str | None = None    # send only this mode's requests, at the times the full workload has them
+    slos: dict[str, float] = field(default_factory=dict)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    sampling: SamplingArgs = field(default_factory=SamplingArgs)
+
+
+def _decoder() -> Any:
+    from cluster import load_tokenizer
+
+    tok = load_tokenizer(None)
+    return lambda ids: tok.decode(ids)
+
+
+async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = True) -> dict[str, Any]:
+    """One run at cfg.request_rate; returns {"config", "summary", "records"}."""
+    from tqdm import tqdm
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend: '{cfg.backend}' is not one of {', '.join(BACKENDS)}")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    offsets = arrival_offsets(len(specs), cfg.request_rate, cfg.workload.seed)
+    records = [Record(s.index, s.mode, s.budget) for s in specs]
+    limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    bar = tqdm(total=sum(cfg.only_mode in (None, s.mode) for s in specs), desc=f"{cfg.label} @ {cfg.request_rate} req/s", disable=not progress, unit="req")
+    http = httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=cfg.timeout_s,
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+    channel = stub = None
+    if cfg.backend.startswith("grpc"):
+        import grpc
+
+        from protos.q3serve.v1 import q3serve_pb2_grpc as pb_grpc
+
+        channel = grpc.aio.insecure_channel(cfg.grpc_target)
+        stub = pb_grpc.ChatServiceStub(channel)
+    model = cfg.model or ""
+    if not model and not cfg.backend.startswith("grpc"):
+        r = await http.get("/v1/models", timeout=30)
+        r.raise_for_status()
+        model = r.json()["data"][0]["id"]
+    metadata = [("authorization", f"Bearer {cfg.api_key}")] if cfg.api_key else []
+    t0 = time.perf_counter()
+    ends: list[float] = []
+
+    chosen = [(s, o, r) for s, o, r in zip(specs, offsets, records) if cfg.only_mode in (None, s.mode)]
+
+    async def one(spec: RequestSpec, offset: float, record: Record) -> None:
+        await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+        if time.perf_counter() - t0 > cfg.duration_s:
+            record.error = NOT_SENT
+            bar.update()
+            return
+        if limit:
+            await limit.acquire()
+        try:
+            record.start_s = time.perf_counter() - t0
+            if stub is not None:
+                send = send_grpc(stub, cfg.backend, model, spec, cfg.sampling, record, cfg.timeout_s, metadata)
+            else:
+                send = send_http(http, cfg.backend, model, spec, cfg.sampling, record, cfg.timeout_s)
+            await asyncio.wait_for(send, cfg.timeout_s)
+        except asyncio.TimeoutError:
+            record.error = f"timed out after {cfg.timeout_s}s"
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            record.error = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            if limit:
+                limit.release()
+            ends.append(time.perf_counter())
+            bar.update()
+
+    try:
+        await asyncio.gather(*(one(s, o, r) for s, o, r in chosen))
+    finally:
+        bar.close()
+        await http.aclose()
+        if channel is not None:
+            await channel.close()
+    records = [r for _, _, r in chosen]
+    sent = [r for r in records if r.error != NOT_SENT]
+    duration = (max(ends) - t0) if ends else 0.0
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("api_key",)}
+    config["request_rate"] = cfg.request_rate if cfg.request_rate != float("inf") else "inf"
+    return {"config": config, "not_sent": len(records) - len(sent),
+            "summary": summarize_by_mode(sent, duration, cfg.slos or None),
+            "records": [asdict(r) for r in sent]}
+
+
+def bench(cfg: BenchConfig, rates: list[float], progress: bool = True) -> list[dict[str, Any]]:
+    """One run per rate, on the same workload."""
+    specs = make_workload(cfg.workload, vocab_size=151643, decode=_decoder())
+    runs = []
+    for rate in rates:
+        cfg.request_rate = rate
+        runs.append(asyncio.run(run_once(cfg, specs, progress)))
+    return runs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's OpenAI HTTP API")
+    p.add_argument("--grpc-target", default="127.0.0.1:9000", help="the server's gRPC host:port")
+    p.add_argument("--backend", choices=BACKENDS, default="openai",
+                   help="openai = /v1/completions, openai-chat = /v1/chat/completions, grpc = Generate, grpc-chat = Chat")
+    p.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--request-rate", default="inf", help="requests/s of the Poisson arrivals; comma-separated for a sweep")
+    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--duration", type=float, default=600.0, help="send no request after this many seconds")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--dataset", choices=("random", "tasks"), default="random",
+                   help="random token prompts (as vLLM's random dataset), or the default model's task questions")
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--thinking-output-len", type=int, default=None, help="a thinking request's (default: --output-len)")
+    p.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len * [1 - r, 1 + r]")
+    p.add_argument("--thinking-share", type=float, default=0.0, help="fraction of requests in thinking mode")
+    p.add_argument("--thinking-budgets", default="none", help="a thinking request's budget, drawn from this list ('none': unlimited)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--temperature", type=float, default=None, help="default: the server's")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--goodput", nargs="*", default=None, help="SLOs in ms, e.g. ttft:500 tpot:50")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="q3serve", help="the series name in the JSON and plots")
+    p.add_argument("--out", default="benchmarks/results/bench.json")
+    p.add_argument("--plot", default="benchmarks/results/bench.png", help="PNG of the CDFs ('' to skip); a sweep adds -sweep.png")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[float]]:
+    budgets = tuple(None if b.strip() == "none" else int(b) for b in args.thinking_budgets.split(","))
+    workload = WorkloadConfig(num_prompts=args.num_prompts, dataset=args.dataset, input_len=args.input_len,
+                              output_len=args.output_len, thinking_output_len=args.thinking_output_len, range_ratio=args.range_ratio,
+                              thinking_share=args.thinking_share, thinking_budgets=budgets, seed=args.seed)
+    sampling = SamplingArgs(args.temperature, args.top_p, args.top_k, args.ignore_eos)
+    cfg = BenchConfig(url=args.url.rstrip("/"), grpc_target=args.grpc_target, backend=args.backend, model=args.model,
+                      api_key=args.api_key, max_concurrency=args.max_concurrency, duration_s=args.duration,
+                      timeout_s=args.timeout, label=args.label, slos=parse_slos(args.goodput), workload=workload,
+                      sampling=sampling)
+    rates = [float(r) for r in str(args.request_rate).split(",")]
+    if any(r <= 0 for r in rates):
+        raise ValueError("request-rate: must be > 0 (inf: all at once)")
+    return cfg, rates
+
+
+def write(runs: list[dict[str, Any]], out: Path, plot: str | None) -> None:
+    from benchmarks.machine import describe_machine
+    from benchmarks.serving.plots import plot_cdfs, plot_sweep
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": describe_machine(), "runs": runs}, indent=1) + "\n")
+    if plot:
+        plot_cdfs(runs[-1], Path(plot))
+        if sum(1 for r in runs if r["config"]["request_rate"] != "inf") > 1:
+            plot_sweep(runs, Path(plot).with_name(Path(plot).stem + "-sweep.png"))
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg, rates = config_from_args(args)
+    runs = bench(cfg, rates, progress=not args.no_progress)
+    write(runs, Path(args.out), args.plot or None)
+    for run in runs:
+        s = run["summary"]["overall"]
+        print(f"{cfg.label} @ {run['config']['request_rate']} req/s: {s['completed']}/{s['num_requests']} ok, "
+              f"output {s['output_throughput']:.1f} tok/s, TTFT p50/p99 {s['p50_ttft_ms']:.0f}/{s['p99_ttft_ms']:.0f} ms, "
+              f"ITL p50/p99 {s['p50_itl_ms']:.0f}/{s['p99_itl_ms']:.0f} ms")
+    print(f"wrote {args.out}")
+    return 0
