@@ -8,6 +8,13 @@ engine runs `--repeats` times, alternating, and its best run counts.
 (b) realistic: Qwen3's vocabulary (151,936), hidden 512, 8 layers, 32 experts top-4.
 Also writes a per-step time breakdown for (b) and this machine's matmul and memory-bandwidth
 floor for the lm_head.
+
+    python -m benchmarks.engine_throughput --part sampling [--out PATH]
+
+Sampled decoding beside greedy, engine only, on (a), (b) and the embedded default model: greedy,
+Qwen3's recommended non-thinking sampling (temperature 0.7, top_p 0.8, top_k 20) and temperature
+alone (1.0, the full vocabulary), alternating, best of --repeats; with the time the sampler takes
+per step in each.
 """
 
 from __future__ import annotations
@@ -48,8 +55,15 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
     return torch.randint(0, vocab, (n, PROMPT_LEN), generator=g).tolist()
 
 
-def run_ours(llm: LLM, batch: list[list[int]]) -> float:
-    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
+SAMPLING = {
+    "greedy": dict(temperature=0.0),
+    "qwen3_non_thinking": dict(temperature=0.7, top_p=0.8, top_k=20),
+    "temperature_only": dict(temperature=1.0),
+}
+
+
+def run_ours(llm: LLM, batch: list[list[int]], sampling: dict | None = None) -> float:
+    params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True, **(sampling or SAMPLING["greedy"]))
     start = time.perf_counter()
     outs = llm.generate(batch, params)
     elapsed = time.perf_counter() - start
@@ -70,11 +84,11 @@ def run_hf(model, batch: list[list[int]]) -> float:
     return len(batch) * OUTPUT_LEN / elapsed
 
 
-def step_breakdown(llm: LLM, batch: list[list[int]]) -> dict:
+def step_breakdown(llm: LLM, batch: list[list[int]], sampling: dict | None = None) -> dict:
     """Seconds per section over a whole generation, from the engine's opt-in section timers."""
     core = llm.core
     for p in batch:
-        core.add_request(p, SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True))
+        core.add_request(p, SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True, **(sampling or SAMPLING["greedy"])))
     profiler.enable()
     steps, total = 0, 0.0
     while core.has_work():
@@ -127,15 +141,66 @@ def machine_floor(spec: dict) -> dict:
     return out
 
 
+def sampled_vs_greedy(models: list[str], concurrency: list[int], repeats: int, tmp: Path) -> list[dict]:
+    """Engine tokens/s per sampling setting, alternating settings within each repeat."""
+    from cluster.default_model import default_model_path
+
+    rows = []
+    for name in models:
+        if name == "default":
+            path, vocab = default_model_path(), 151936
+        else:
+            path, vocab = make_checkpoint(tmp / name, MODELS[name]), MODELS[name]["vocab_size"]
+        llm = LLM(path, dtype="float32", max_num_seqs=64, max_num_batched_tokens=4096,
+                  kv_cache_memory_gb=1.0, enable_prefix_caching=False)
+        run_ours(llm, prompts(2, vocab))
+        for c in concurrency:
+            batch = prompts(c, vocab)
+            best = dict.fromkeys(SAMPLING, 0.0)
+            for _ in range(repeats):
+                for key, sampling in SAMPLING.items():
+                    best[key] = max(best[key], run_ours(llm, batch, sampling))
+            row = {"model": name, "concurrency": c, **{f"{k}_tok_s": round(v, 1) for k, v in best.items()}}
+            for key in SAMPLING:
+                if key != "greedy":
+                    row[f"{key}_vs_greedy"] = round(best[key] / best["greedy"], 3)
+            row["sampling_ms_per_step"] = {
+                key: step_breakdown(llm, batch, sampling)["ms_per_step"].get("sampling", 0.0)
+                for key, sampling in SAMPLING.items()}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        llm.shutdown()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["a", "b"])
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--part", choices=("transformers", "sampling"), default="transformers",
+                    help="transformers: greedy engine vs transformers; sampling: sampled vs greedy, engine only")
+    ap.add_argument("--models", nargs="+", default=None, help="default: a b (transformers), a b default (sampling)")
+    ap.add_argument("--concurrency", nargs="+", type=int, default=None, help="default: 1 16 64 / 16 64")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per engine; the best counts")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_throughput.json"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    results = Path(__file__).parent / "results"
+    if args.part == "sampling":
+        from benchmarks.machine import describe_machine
+
+        out = Path(args.out or results / "engine_sampling.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = sampled_vs_greedy(args.models or ["a", "b", "default"], args.concurrency or [16, 64],
+                                     args.repeats, Path(tmp))
+        out.write_text(json.dumps({
+            "machine": describe_machine(), "threads": args.threads, "prompt_len": PROMPT_LEN,
+            "output_len": OUTPUT_LEN, "dtype": "float32", "repeats": args.repeats,
+            "native_kernels": native.kernels() is not None, "sampling": SAMPLING, "runs": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
+    args.models = args.models or ["a", "b"]
+    args.concurrency = args.concurrency or [1, 16, 64]
+    args.out = args.out or str(results / "engine_throughput.json")
     from transformers import AutoModelForCausalLM
 
     result: dict = {
