@@ -1,0 +1,94 @@
+"""The router's reason to exist, measured: the same machine and the same replicas' worth of CPU
+serve a mixed load (a share of long thinking requests, the rest short no-think ones) either as
+(a) one shared pool of two replicas that takes everything, or (b) the router's thinking pool and
+fast pool, one replica each; and, as the floor, (b) with only the no-think requests (fast_only).
+Each is `q3serve up` with its config, loaded by `q3serve bench` with the same seeded requests at
+the same arrival times; the figures are the no-think requests' latencies.
+
+    python -m benchmarks.router_vs_shared [--rate 2] [--num-prompts 120] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import describe_machine
+from benchmarks.serving.run import BenchConfig, bench
+from benchmarks.serving.server import UpServer
+from benchmarks.serving.workload import WorkloadConfig
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def configs(seqs: int) -> dict[str, dict[str, Any]]:
+    """Both layouts on the embedded model: two replicas of one CPU each, `seqs` sequences each."""
+    pool = {"max_num_seqs": seqs, "kv_cache_memory_gb": 0.5, "default_max_tokens": 1024}
+    no_think = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}  # the same sampling for no-think requests in both
+    shared = {"thinking": {**pool, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+              "fast": {"enabled": False, "sampling_defaults": no_think}}
+    routed = {"thinking": pool, "fast": {**pool, "max_thinking_budget": 0, "sampling_defaults": no_think}}
+    return {"shared": shared, "routed": routed}
+
+
+def no_think(run: dict[str, Any]) -> dict[str, Any]:
+    s = run["summary"].get("no-think", {})
+    return {"requests": s.get("completed", 0), "failed": s.get("failed", 0),
+            **{k: s.get(k) for k in ("p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "p50_e2el_ms",
+                                     "p99_e2el_ms", "output_throughput")},
+            "pools": s.get("pools", {})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=2.0, help="requests/s, Poisson, both modes together")
+    ap.add_argument("--num-prompts", type=int, default=120)
+    ap.add_argument("--thinking-share", type=float, default=0.25)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32, help="no-think requests' output tokens")
+    ap.add_argument("--thinking-output-len", type=int, default=512)
+    ap.add_argument("--max-num-seqs", type=int, default=32, help="per replica, in both layouts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "router_vs_shared.json"))
+    args = ap.parse_args()
+    workload = WorkloadConfig(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                              thinking_output_len=args.thinking_output_len, thinking_share=args.thinking_share,
+                              seed=args.seed)
+    cfgs = configs(args.max_num_seqs)
+    result: dict[str, Any] = {
+        "machine": describe_machine(), "model": "embedded default (models/q3serve-tiny-thinker)",
+        "load": {"rate_req_s": args.rate, "num_prompts": args.num_prompts, "thinking_share": args.thinking_share,
+                 "input_len": args.input_len, "no_think_output_len": args.output_len,
+                 "thinking_output_len": args.thinking_output_len, "ignore_eos": True, "backend": "openai (completions)",
+                 "seed": args.seed},
+        "pools": {"shared": "one pool, 2 replicas x 1 CPU, max_num_seqs %d each" % args.max_num_seqs,
+                  "routed": "thinking pool 1 replica + fast pool 1 replica, 1 CPU and max_num_seqs %d each" % args.max_num_seqs,
+                  "configs": cfgs},
+    }
+    for name, cfg_name, only in (("fast_only", "routed", "no-think"), ("shared", "shared", None),
+                                 ("routed", "routed", None)):
+        with UpServer(cfgs[cfg_name]) as server:
+            bench_cfg = BenchConfig(url=server.url, label=name, only_mode=only, timeout_s=600, workload=workload)
+            bench_cfg.sampling.ignore_eos = True
+            bench(BenchConfig(url=server.url, label="warm-up", workload=WorkloadConfig(num_prompts=4, output_len=8)),
+                  [float("inf")], progress=False)
+            (run,) = bench(bench_cfg, [args.rate])
+        result[name] = no_think(run)
+        result[f"{name}_thinking"] = {k: run["summary"].get("thinking", {}).get(k) for k in
+                                      ("completed", "failed", "p50_ttft_ms", "p50_itl_ms", "output_throughput")}
+        print(name, json.dumps(result[name]), flush=True)
+    r, f, s = result["routed"], result["fast_only"], result["shared"]
+    result["checks"] = {
+        "routed_p99_ttft_within_1.5x_of_fast_only": r["p99_ttft_ms"] <= 1.5 * f["p99_ttft_ms"],
+        "shared_p99_ttft_worse_than_routed": s["p99_ttft_ms"] > r["p99_ttft_ms"],
+        "routed_over_fast_only_p99_ttft": round(r["p99_ttft_ms"] / f["p99_ttft_ms"], 3),
+        "shared_over_routed_p99_ttft": round(s["p99_ttft_ms"] / r["p99_ttft_ms"], 3),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["checks"]), f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

