@@ -101,12 +101,17 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate).mul_(up)
 
 
+# Whether this CPU has AVX-512 (and so, on the EPYCs measured, bf16 dot products for oneDNN).
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w_t (+ bias) with input-major weights [in, out]. The native matmul takes float32 at
     every size and half types for decode-sized inputs; beyond ~16 rows oneDNN's bf16 matmul
-    (hardware bf16 dot products) is faster (measured on an AVX-512 EPYC, cluster/native/gemm.h)."""
+    (hardware bf16 dot products) is faster on an AVX-512 EPYC (cluster/native/gemm.h). Without
+    AVX-512 oneDNN has no such instructions, and the native matmul takes every size."""
     kernels = native.for_tensor(x)
-    if kernels is not None and (x.dtype == torch.float32 or x.numel() < 16 * x.shape[-1]):
+    if kernels is not None and (x.dtype == torch.float32 or not _AVX512 or x.numel() < 16 * x.shape[-1]):
         return kernels.linear(x, w_t, bias)
     out = x @ w_t
     return out if bias is None else out + bias

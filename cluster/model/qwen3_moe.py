@@ -18,7 +18,8 @@ from torch import nn
 from cluster.model.attention import AttentionMetadata, paged_attention
 from cluster.config import ModelConfig
 from cluster.model.experts import LocalExperts
-from cluster.model.layers import Linear, RMSNorm, apply_rope, rms_norm, silu_mul
+from cluster import native
+from cluster.model.layers import Linear, RMSNorm, apply_rope, linear, rms_norm, silu_mul
 from cluster.model.profiler import section
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -122,6 +123,7 @@ class Qwen3MoeModel(nn.Module):
         # Tied models share the embedding table (hub layout, [vocab, hidden]) as their head, so
         # that it is held once; untied heads are input-major like every other linear layer.
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._tied_head_t: torch.Tensor | None = None  # a tied head's input-major copy, for the native matmul
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -132,7 +134,15 @@ class Qwen3MoeModel(nn.Module):
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         with section("lm_head"):
             h = self.norm(h)
-            return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+            if self.lm_head is not None:
+                return self.lm_head(h)
+            if native.for_tensor(h) is None:
+                return F.linear(h, self.embed_tokens.weight)
+            # On the CPU the tied head was PyTorch's matmul over the [vocab, hidden] table, most of
+            # a served step for a small model; the native matmul needs it input-major: one copy.
+            if self._tied_head_t is None:
+                self._tied_head_t = self.embed_tokens.weight.detach().t().contiguous()
+            return linear(h, self._tied_head_t)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: str) -> None:
         """Zero-filled so that masked-out padding slots never carry NaN into attention."""
