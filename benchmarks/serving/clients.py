@@ -69,14 +69,20 @@ class _Timer:
         self.record.e2el_s = time.perf_counter() - self.t0
 
 
+def thinking_budget(spec: RequestSpec, chat: bool) -> int | None:
+    """The budget a request carries: its own; for a raw prompt in thinking mode without one, its
+    output length (a raw prompt is in thinking mode when it carries a budget; this one never binds)."""
+    if spec.mode != "thinking":
+        return None
+    return spec.budget if spec.budget is not None or chat else spec.output_len
+
+
 def _thinking_fields(spec: RequestSpec, chat: bool) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if chat:
         body["chat_template_kwargs"] = {"enable_thinking": spec.mode == "thinking"}
-    if spec.mode == "thinking" and spec.budget is not None:
-        body["thinking_budget"] = spec.budget
-    elif spec.mode == "thinking" and not chat:
-        body["thinking_budget"] = spec.output_len  # a raw completion is in thinking mode when it carries a budget; this one never binds
+    if (budget := thinking_budget(spec, chat)) is not None:
+        body["thinking_budget"] = budget
     return body
 
 
@@ -128,8 +134,8 @@ async def send_grpc(stub: Any, backend: str, model: str, spec: RequestSpec, samp
     from protos.q3serve.v1 import q3serve_pb2 as pb
 
     fields: dict[str, Any] = {"model": model, "max_tokens": spec.output_len, **sampling.fields()}
-    if spec.mode == "thinking" and spec.budget is not None:
-        fields["thinking_budget"] = spec.budget
+    if (budget := thinking_budget(spec, chat=backend == "grpc-chat")) is not None:
+        fields["thinking_budget"] = budget
     if backend == "grpc-chat":
         if sampling.ignore_eos:
             raise ValueError("ignore_eos: gRPC Chat has no such field; use --backend grpc")
@@ -137,8 +143,6 @@ async def send_grpc(stub: Any, backend: str, model: str, spec: RequestSpec, samp
                                         enable_thinking=spec.mode == "thinking", **fields),
                          timeout=timeout_s, metadata=metadata)
     else:
-        if spec.mode == "thinking" and spec.budget is None:
-            fields["thinking_budget"] = spec.output_len
         prompt = {"token_ids": spec.prompt_ids} if spec.prompt_ids is not None else {"prompt": spec.prompt_text}
         call = stub.Generate(pb.GenerateRequest(ignore_eos=sampling.ignore_eos, **prompt, **fields),
                              timeout=timeout_s, metadata=metadata)

@@ -31,14 +31,12 @@ def sample(
     else:
         tokens = logits.argmax(dim=-1)
     if rows:
-        index = torch.tensor(rows, device=logits.device)
-        sub = [params[i] for i in rows]
         u = _uniforms([generators[i] for i in rows], logits.device)
-        tokens[index] = _sample_rows(logits.index_select(0, index) if len(rows) < len(params) else logits, sub, u)
+        tokens[_index(rows, logits)] = _sample_rows(_take(logits, rows), [params[i] for i in rows], u)
     want = [i for i, p in enumerate(params) if p.logprobs]
     lps: list[float | None] = [None] * len(params)
     if want:
-        w = torch.tensor(want, device=logits.device)
+        w = _index(want, logits)
         chosen = torch.log_softmax(logits[w], dim=-1).gather(1, tokens[w].unsqueeze(1)).squeeze(1)
         for i, v in zip(want, chosen.tolist()):
             lps[i] = v
@@ -54,6 +52,15 @@ def _uniforms(generators: list[torch.Generator | None], device: torch.device) ->
     return u
 
 
+def _index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=like.device)
+
+
+def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x's rows, without copying [B, V] when they are all of them (the usual batch)."""
+    return x if len(rows) == x.shape[0] else x.index_select(0, _index(rows, x))
+
+
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
@@ -62,24 +69,17 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], u: torch.Te
     """Sampled ids for rows that are not greedy; u holds each row's uniform draw."""
     vocab = logits.shape[1]
     small = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or (p.top_k == 0 and p.top_p < 1)]
-    if len(small) == len(params):  # the usual batch: every row on the small path, nothing copied
-        picked, missed = _sample_candidates(logits, params, u)
-        if not missed:
-            return picked
-        full = missed
-    else:
-        picked = torch.empty(len(params), dtype=torch.long, device=logits.device)
-        chosen = set(small)
-        full = [i for i in range(len(params)) if i not in chosen]
-        if small:
-            idx = torch.tensor(small, device=logits.device)
-            got, missed = _sample_candidates(logits[idx], [params[i] for i in small], u[idx])
-            picked[idx] = got
-            full += [small[i] for i in missed]
-    full.sort()
-    idx = torch.tensor(full, device=logits.device)
-    rows = logits if len(full) == len(params) else logits[idx]
-    picked[idx] = _sample_full(rows, [params[i] for i in full], u[idx])
+    chosen = set(small)
+    full = [i for i in range(len(params)) if i not in chosen]
+    picked = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    if small:
+        idx = _index(small, logits)
+        got, missed = _sample_candidates(_take(logits, small), [params[i] for i in small], u[idx])
+        picked[idx] = got
+        full = sorted(full + [small[i] for i in missed])
+    if full:
+        idx = _index(full, logits)
+        picked[idx] = _sample_full(_take(logits, full), [params[i] for i in full], u[idx])
     return picked
 
 
@@ -99,8 +99,8 @@ def _sample_candidates(
     denom = torch.logsumexp(scaled, dim=-1)
     no_k = [i for i, p in enumerate(params) if p.top_k == 0]
     if no_k:  # the full softmax's denominator, so that the candidates' mass tells whether the nucleus fits
-        rows = torch.tensor(no_k, device=logits.device)
-        denom[rows] = torch.logsumexp(logits[rows] / temps[rows], dim=-1)
+        rows = _index(no_k, logits)
+        denom[rows] = torch.logsumexp(_take(logits, no_k) / temps[rows], dim=-1)
     probs = (scaled - denom.unsqueeze(1)).exp()
     top_p = _column([p.top_p for p in params], logits)
     before = probs.cumsum(dim=-1) - probs
