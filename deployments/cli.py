@@ -50,12 +50,16 @@ def _up(args: argparse.Namespace) -> int:
 
     from deployments.app import APP_NAME, build_app
     from deployments.config import AppConfig
+    from deployments.host import size_for_host
 
     cfg = AppConfig.from_yaml(args.config) if args.config else AppConfig()
     overrides = {k: v for k, v in (("model", args.model), ("host", args.host), ("http_port", args.port),
                                    ("grpc_port", args.grpc_port)) if v is not None}
     cfg = cfg.model_copy(update=overrides)
     cfg = AppConfig.model_validate(cfg.model_dump())
+    cfg = size_for_host(cfg)
+    print("pools: " + ", ".join(f"{n} {p.cpu_threads} thread(s) per replica, {p.cpu_priority} priority"
+                                for n, p in cfg.pools().items()), flush=True)
     if cfg.model is None:
         from cluster.default_model import default_model_path
 

@@ -63,6 +63,8 @@ class PoolConfig(_Strict):
     max_tokens_limit: int = Field(8192, ge=1)
     default_thinking_budget: int | None = Field(None, ge=0)
     max_thinking_budget: int | None = Field(None, ge=0)
+    cpu_threads: int | None = Field(None, ge=1)  # intra-op threads per replica (and its Ray CPUs); None: 1, or sized by `q3serve up`
+    cpu_priority: Literal["normal", "low"] = "normal"  # "low": on a shared CPU host, runs on what the other pool leaves
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     sampling_defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
@@ -79,7 +81,10 @@ class PoolConfig(_Strict):
 
 
 def _thinking_pool() -> PoolConfig:
-    return PoolConfig(max_num_seqs=64, max_num_batched_tokens=4096, default_max_tokens=4096, max_tokens_limit=32768)
+    # low priority: where both pools share a CPU host, long reasoning runs on the cycles the fast
+    # pool leaves (deployments/host.py), so it does not stretch a no-think request's latency.
+    return PoolConfig(max_num_seqs=64, max_num_batched_tokens=4096, default_max_tokens=4096, max_tokens_limit=32768,
+                      cpu_priority="low")
 
 
 def _fast_pool() -> PoolConfig:
@@ -103,6 +108,13 @@ class LimitsConfig(_Strict):
     max_request_bytes: int = Field(1 << 20, ge=1024)     # HTTP body size
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 class AppConfig(_Strict):
     model: str | None = None                      # checkpoint directory; None = the embedded model
     served_model_name: str = "qwen3-moe"
@@ -114,6 +126,19 @@ class AppConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_presets(cls, data: Any) -> Any:
+        """A pool block sets fields over its pool's preset (nested blocks too), as a YAML user
+        expects: `thinking: {max_num_seqs: 16}` keeps the thinking preset's other values."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, preset in (("thinking", _thinking_pool), ("fast", _fast_pool)):
+            if isinstance(data.get(name), dict):
+                data[name] = _merge(preset().model_dump(), data[name])
+        return data
 
     @model_validator(mode="after")
     def _a_pool(self) -> "AppConfig":

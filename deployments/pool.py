@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from cluster import Engine, RequestOutput, SamplingParams
 from deployments.config import PoolConfig
+from deployments.host import apply_cpu_settings, priority_of
 from deployments.metrics import PoolMetrics
 
 
@@ -50,6 +53,7 @@ class ModelPool:
     def __init__(self, name: str, model: str | None, pool: PoolConfig) -> None:
         self.name = name
         self.pool = pool
+        apply_cpu_settings(pool.cpu_threads or 1, pool.cpu_priority)  # before the engine starts its thread
         self.engine = Engine(model, **pool.engine_kwargs())
         self.metrics = PoolMetrics()
         self._publisher = asyncio.get_event_loop().create_task(self._publish())
@@ -87,6 +91,7 @@ class ModelPool:
             "kv_blocks_free": sum(s.blocks.num_free for s in shards),
             "kv_blocks_total": sum(s.blocks.num_blocks for s in shards),
             "instance_placement_group": pg.id.hex() if pg is not None else None,
+            "cpu_threads": torch.get_num_threads(), "engine_priority": priority_of(self.engine.thread_id),
         }
 
     async def check_health(self) -> None:

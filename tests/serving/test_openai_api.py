@@ -21,7 +21,7 @@ def server(qwen_vocab_checkpoint: Path):
     cfg = AppConfig.model_validate({
         "model": str(qwen_vocab_checkpoint), "served_model_name": MODEL,
         "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "max_thinking_budget": 64},
-        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
+        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "cpu_threads": 2},
     })
     base = start_app(cfg)
     yield base
@@ -31,6 +31,13 @@ def server(qwen_vocab_checkpoint: Path):
 @pytest.fixture()
 def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_pools_take_their_cpu_settings(server: str) -> None:
+    """The thinking preset's engine thread runs at low priority, the fast pool's at normal, each with its threads."""
+    thinking, fast = pool_idle_stats("thinking-pool"), pool_idle_stats("fast-pool")
+    assert (thinking["engine_priority"], thinking["cpu_threads"]) == ("low", 1)
+    assert (fast["engine_priority"], fast["cpu_threads"]) == ("normal", 2)
 
 
 def test_models(client: openai.OpenAI) -> None:

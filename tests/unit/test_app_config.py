@@ -61,3 +61,13 @@ def test_app_builder_takes_config_or_path(tmp_path: Path) -> None:
     assert isinstance(app_builder({"served_model_name": "q", "thinking": {"attention_shards": 1, "expert_groups": 2}}), Application)
     with pytest.raises(ValidationError, match="fast.bogus"):
         app_builder({"fast": {"bogus": 1}})
+
+
+def test_a_pool_block_sets_fields_over_its_preset() -> None:
+    cfg = AppConfig.model_validate({"thinking": {"max_num_seqs": 16}, "fast": {"sampling_defaults": {"top_k": 5}}})
+    assert cfg.thinking.max_num_seqs == 16 and cfg.thinking.default_max_tokens == 4096
+    assert cfg.thinking.cpu_priority == "low"
+    assert cfg.fast.sampling_defaults.model_dump() == {"temperature": 0.7, "top_p": 0.8, "top_k": 5, "min_p": None}
+    assert cfg.fast.max_thinking_budget == 0
+    with pytest.raises(ValueError, match="thinking.max_num_sequences"):
+        AppConfig.model_validate({"thinking": {"max_num_sequences": 16}})
