@@ -137,7 +137,7 @@ class AppConfig(_Strict):
         data = dict(data)
         for name, preset in (("thinking", _thinking_pool), ("fast", _fast_pool)):
             if isinstance(data.get(name), dict):
-                data[name] = _merge(preset().model_dump(), data[name])
+                data[name] = _merge(preset().model_dump(exclude_unset=True), data[name])
         return data
 
     @model_validator(mode="after")
