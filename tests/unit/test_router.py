@@ -55,7 +55,8 @@ def test_sampling_fields_are_checked_once_naming_the_field(plain: Frontend, fiel
 @pytest.fixture(scope="module")
 def plain(moe_checkpoint: Path) -> Frontend:
     """A checkpoint whose generation_config.json sets no sampling field, pools without defaults."""
-    return Frontend(AppConfig.model_validate({"model": str(moe_checkpoint), "fast": {}}), router=None)
+    return Frontend(AppConfig.model_validate({
+        "model": str(moe_checkpoint), "fast": {"sampling_defaults": {"temperature": None, "top_p": None, "top_k": None}}}), router=None)
 
 
 def test_sampling_defaults_and_the_error_crosses_processes_intact(plain: Frontend) -> None:
