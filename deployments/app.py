@@ -29,7 +29,7 @@ def _instance_bundles(pool: PoolConfig) -> dict[str, Any]:
     p = ParallelConfig(attention_shards=pool.attention_shards, expert_groups=pool.expert_groups, device=pool.device,
                        actor_resources=pool.actor_resources, attention_resources=pool.attention_resources,
                        expert_resources=pool.expert_resources)
-    bundles = [{"CPU": float(pool.cpu_threads or 1)}] + [p.bundle("attention")] * pool.attention_shards + [p.bundle("expert")] * pool.expert_groups
+    bundles = [{"CPU": float(pool.replica_cpus)}] + [p.bundle("attention")] * pool.attention_shards + [p.bundle("expert")] * pool.expert_groups
     return {"placement_group_bundles": bundles, "placement_group_strategy": "PACK"}
 
 
@@ -42,7 +42,7 @@ def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
             max_ongoing_requests=pool.max_ongoing_requests,
             max_queued_requests=pool.max_queued_requests,
             autoscaling_config=pool.autoscaling.model_dump(),
-            ray_actor_options={"num_cpus": pool.cpu_threads or 1, "num_gpus": 1 if pool.device == "cuda" and not _expert_parallel(pool) else 0},
+            ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": 1 if pool.device == "cuda" and not _expert_parallel(pool) else 0},
             **_instance_bundles(pool),
             health_check_period_s=10,
             health_check_timeout_s=30,

@@ -73,6 +73,11 @@ class PoolConfig(_Strict):
     attention_resources: dict[str, float] = Field(default_factory=dict)  # extra, e.g. a worker group's resource
     expert_resources: dict[str, float] = Field(default_factory=dict)
 
+    @property
+    def replica_cpus(self) -> int:
+        """The replica's threads and Ray CPUs: `cpu_threads`, 1 where unset."""
+        return self.cpu_threads or 1
+
     def engine_kwargs(self) -> dict[str, Any]:
         keys = ("attention_shards", "expert_groups", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "kv_cache_memory_gb", "block_size", "enable_prefix_caching", "actor_resources",

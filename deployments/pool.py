@@ -53,7 +53,7 @@ class ModelPool:
     def __init__(self, name: str, model: str | None, pool: PoolConfig) -> None:
         self.name = name
         self.pool = pool
-        apply_cpu_settings(pool.cpu_threads or 1, pool.cpu_priority)  # before the engine starts its thread
+        apply_cpu_settings(pool.replica_cpus, pool.cpu_priority)  # before the engine starts its thread
         self.engine = Engine(model, **pool.engine_kwargs())
         self.metrics = PoolMetrics()
         self._publisher = asyncio.get_event_loop().create_task(self._publish())

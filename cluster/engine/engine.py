@@ -249,11 +249,6 @@ class LLM:
     def expert_counts(self) -> torch.Tensor:
         return self.core.expert_counts().clone()
 
-    @property
-    def thread_id(self) -> int | None:
-        """The step loop's OS thread id (its CPU priority is the one that counts)."""
-        return self._thread.native_id
-
     def shutdown(self) -> None:
         """Frees the model and KV cache, and stops the instance's actors if it has any."""
         if self.core is not None:
