@@ -28,12 +28,14 @@ RESULTS = Path(__file__).parent / "results"
 def configs(seqs: int) -> dict[str, dict[str, Any]]:
     """Both layouts on the embedded model: two replicas of one thread each, `seqs` sequences each.
     Routed, the thinking pool keeps its preset's low CPU priority (it runs on what the fast pool
-    leaves); shared, both replicas serve both modes, so neither can yield to the other."""
+    leaves) and stream_interval 16 (its long streams cost the ingress and proxy a chunk per 16
+    tokens); shared, both replicas serve both modes, so neither can yield to the other, and they
+    stream every token, as the no-think requests among theirs need."""
     pool = {"max_num_seqs": seqs, "kv_cache_memory_gb": 0.5, "default_max_tokens": 2048, "cpu_threads": 1}
     no_think = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}  # the same sampling for no-think requests in both
-    shared = {"thinking": {**pool, "cpu_priority": "normal", "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+    shared = {"thinking": {**pool, "cpu_priority": "normal", "stream_interval": 1, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
               "fast": {"enabled": False, "sampling_defaults": no_think}}
-    routed = {"thinking": {**pool, "cpu_priority": "low"},
+    routed = {"thinking": {**pool, "cpu_priority": "low", "stream_interval": 16},
               "fast": {**pool, "cpu_priority": "normal", "max_thinking_budget": 0, "sampling_defaults": no_think}}
     return {"shared": shared, "routed": routed}
 
@@ -74,8 +76,8 @@ def main() -> None:
                  "no_think_output_len": args.output_len, "thinking_output_len": args.thinking_output_len,
                  "ignore_eos": True, "backend": "openai (completions)", "seed": "seed + round"},
         "pools": {"shared": "one pool, 2 replicas x 1 thread, normal CPU priority, max_num_seqs %d each" % args.max_num_seqs,
-                  "routed": "thinking pool 1 replica (low CPU priority) + fast pool 1 replica (normal), 1 thread and "
-                            "max_num_seqs %d each" % args.max_num_seqs,
+                  "routed": "thinking pool 1 replica (low CPU priority, stream_interval 16) + fast pool 1 replica "
+                            "(normal), 1 thread and max_num_seqs %d each" % args.max_num_seqs,
                   "configs": cfgs},
     }
     layouts = [("fast_only", "routed", "no-think"), ("shared", "shared", None), ("routed", "routed", None)]

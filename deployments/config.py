@@ -65,6 +65,7 @@ class PoolConfig(_Strict):
     max_thinking_budget: int | None = Field(None, ge=0)
     cpu_threads: int | None = Field(None, ge=1)  # intra-op threads per replica (and its Ray CPUs); None: 1, or sized by `q3serve up`
     cpu_priority: Literal["normal", "low"] = "normal"  # "low": on a shared CPU host, runs on what the other pool leaves
+    stream_interval: int = Field(1, ge=1)  # vLLM's: after the first chunk, at least this many tokens a chunk
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     sampling_defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
@@ -88,8 +89,10 @@ class PoolConfig(_Strict):
 def _thinking_pool() -> PoolConfig:
     # low priority: where both pools share a CPU host, long reasoning runs on the cycles the fast
     # pool leaves (deployments/host.py), so it does not stretch a no-think request's latency.
+    # stream_interval 16: a long reasoning stream goes out in chunks of 16 tokens, so its per-chunk
+    # work in the replica, the ingress and the proxy is a sixteenth (the first token still goes at once).
     return PoolConfig(max_num_seqs=64, max_num_batched_tokens=4096, default_max_tokens=4096, max_tokens_limit=32768,
-                      cpu_priority="low")
+                      cpu_priority="low", stream_interval=16)
 
 
 def _fast_pool() -> PoolConfig:

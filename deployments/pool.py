@@ -78,7 +78,7 @@ class ModelPool:
     async def generate(self, request: PoolRequest) -> AsyncIterator[PoolChunk]:
         """Streams the request's chunks; a bad request raises cluster.RequestError naming the field."""
         async for out in self.engine.generate(request.prompt_token_ids, request.params, request.request_id,
-                                              coalesce=True):
+                                              coalesce=True, stream_interval=self.pool.stream_interval):
             yield PoolChunk.of(self.name, out)
 
     def stats(self) -> dict[str, Any]:

@@ -76,12 +76,16 @@ class Engine:
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-        coalesce: bool = False,
+        coalesce: bool = False, stream_interval: int = 1,
     ) -> AsyncIterator[RequestOutput]:
         """Streams one RequestOutput per engine step that gave the request tokens; the last has
         finished=True. With `coalesce`, the steps that finished while the caller was busy come
-        as one output (a server that must not send a message per token). Leaving the loop early
-        (or cancelling) aborts the request and frees its KV blocks."""
+        as one output (a server that must not send a message per token). With `stream_interval`
+        N > 1 (vLLM's option of that name), after the first output every output holds at least
+        N tokens, or is the last: fewer messages per stream where throughput matters more than
+        smoothness. Leaving the loop early (or cancelling) aborts the request and frees its KV blocks."""
+        if stream_interval < 1:
+            raise RequestError("stream_interval", f"must be at least 1, got {stream_interval}")
         if not self.healthy:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         rid = request_id or uuid.uuid4().hex
@@ -93,6 +97,8 @@ class Engine:
             self._streams[rid] = (asyncio.get_running_loop(), out_q)
         self._inbox.put(("add", req))
         finished = False
+        held: RequestOutput | None = None  # what waits for stream_interval tokens
+        sent = 0
         try:
             while True:
                 try:
@@ -101,8 +107,13 @@ class Engine:
                     raise TimeoutError(f"request {rid}: no output within {self.request_timeout_s}s") from None
                 if isinstance(item, BaseException):
                     finished = True
+                    if held is not None:
+                        yield held
                     raise item
                 failure = None
+                if held is not None:
+                    held.absorb(item)
+                    item, held = held, None
                 while coalesce and not item.finished and not out_q.empty():
                     later = out_q.get_nowait()
                     if isinstance(later, BaseException):
@@ -110,6 +121,10 @@ class Engine:
                         break
                     item.absorb(later)
                 finished = item.finished or failure is not None
+                if not finished and sent and len(item.delta_token_ids) < stream_interval:
+                    held = item
+                    continue
+                sent += 1
                 yield item
                 if failure is not None:
                     raise failure

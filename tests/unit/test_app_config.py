@@ -42,6 +42,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         ({"unknown_key": 1}, "unknown_key"),
         ({"thinking": {"enabled": False}, "fast": {"enabled": False}}, "enabled"),
         ({"fast": {"device": "tpu"}}, "fast.device"),
+        ({"thinking": {"stream_interval": 0}}, "thinking.stream_interval"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, where: str) -> None:
@@ -66,7 +67,8 @@ def test_app_builder_takes_config_or_path(tmp_path: Path) -> None:
 def test_a_pool_block_sets_fields_over_its_preset() -> None:
     cfg = AppConfig.model_validate({"thinking": {"max_num_seqs": 16}, "fast": {"sampling_defaults": {"top_k": 5}}})
     assert cfg.thinking.max_num_seqs == 16 and cfg.thinking.default_max_tokens == 4096
-    assert cfg.thinking.cpu_priority == "low"
+    assert cfg.thinking.cpu_priority == "low" and cfg.thinking.stream_interval == 16
+    assert cfg.fast.stream_interval == 1
     assert cfg.fast.sampling_defaults.model_dump() == {"temperature": 0.7, "top_p": 0.8, "top_k": 5, "min_p": None}
     assert cfg.fast.max_thinking_budget == 0
     with pytest.raises(ValueError, match="thinking.max_num_sequences"):

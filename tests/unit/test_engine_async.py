@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import Engine, LLM, SamplingParams
+from cluster import LLM, Engine, RequestError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
@@ -150,3 +150,30 @@ def test_coalesced_stream_merges_steps_into_fewer_outputs(engine: Engine) -> Non
     assert "".join(o.delta_text for o in merged) == plain[-1].text == merged[-1].text
     assert [lp for o in merged for lp in o.delta_logprobs] == merged[-1].logprobs
     assert merged[-1].finished and merged[-1].num_output_tokens == 24
+
+
+def test_stream_interval_holds_tokens_after_the_first(engine: Engine) -> None:
+    """stream_interval N: the first token goes out alone (TTFT), every later output holds at least
+    N tokens except the last, and the tokens, text and logprobs are those of a plain stream."""
+    params = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True, logprobs=True)
+
+    async def run(interval: int):
+        return [o async for o in engine.generate([3, 1, 4, 1, 5], params, stream_interval=interval)]
+
+    held = asyncio.run(asyncio.wait_for(run(5), 60))
+    plain = asyncio.run(asyncio.wait_for(run(1), 60))
+    sizes = [len(o.delta_token_ids) for o in held]
+    assert sizes[0] == 1 and all(n >= 5 for n in sizes[1:-1]) and sum(sizes) == 23
+    assert len(held) <= 1 + 22 // 5 + 1 < len(plain) == 23
+    assert [t for o in held for t in o.delta_token_ids] == plain[-1].token_ids == held[-1].token_ids
+    assert "".join(o.delta_text for o in held) == plain[-1].text
+    assert [lp for o in held for lp in o.delta_logprobs] == held[-1].logprobs
+    assert held[-1].finished and held[-1].num_output_tokens == 23
+
+
+def test_stream_interval_below_one_is_refused(engine: Engine) -> None:
+    async def run():
+        return [o async for o in engine.generate([1, 2], GREEDY, stream_interval=0)]
+
+    with pytest.raises(RequestError, match="stream_interval"):
+        asyncio.run(asyncio.wait_for(run(), 60))
