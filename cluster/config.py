@@ -78,6 +78,8 @@ class ModelConfig:
     # top_k 20): a server's defaults for requests that leave them unset, as vLLM's
     # `--generation-config auto`. `do_sample` is ignored there too.
     sampling_defaults: tuple[tuple[str, float], ...] = ()
+    # Block-wise FP8 weights (Qwen's -FP8 checkpoints): the [rows, cols] of one scale's block.
+    fp8_block: tuple[int, int] | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
@@ -130,6 +132,7 @@ class ModelConfig:
             eos_token_ids=eos,
             sampling_defaults=_sampling_defaults(generation_config or {}),
             torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            fp8_block=_fp8_block(raw.get("quantization_config")),
         )
         cfg.validate()
         return cfg
@@ -161,6 +164,28 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+
+
+def _fp8_block(quant: dict[str, Any] | None) -> tuple[int, int] | None:
+    """`quantization_config` as Qwen's FP8 checkpoints write it: {"quant_method": "fp8", "fmt":
+    "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}. Anything else is
+    refused here, naming the field, rather than loaded as garbage."""
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"quantization_config.quant_method: {method!r} is not supported; q3serve reads "
+                          "unquantized checkpoints and Qwen's block-wise FP8 ('fp8')")
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"quantization_config.fmt: {quant.get('fmt')!r} is not supported; FP8 weights must be e4m3")
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConfigError(f"quantization_config.activation_scheme: {quant.get('activation_scheme')!r} is not "
+                          "supported; only 'dynamic' (no activation scales in the checkpoint)")
+    block = quant.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(f"quantization_config.weight_block_size: {block!r}; q3serve reads block-wise FP8 "
+                          "([rows, cols], e.g. [128, 128]), not per-tensor scales")
+    return block[0], block[1]
 
 
 def _req(raw: dict[str, Any], key: str) -> int:

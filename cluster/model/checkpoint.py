@@ -1,67 +1,167 @@
-"""Reads safetensors checkpoints in the hub's key layout. A caller names the tensors it owns, so
-an expert-group actor reads only its experts and an attention shard never touches them."""
+"""Reads safetensors checkpoints in the hub's key layout, one tensor at a time. A caller names the
+tensors it owns, so an expert-group actor reads only its experts and an attention shard never
+touches them.
+
+The files are read with plain reads into a fresh buffer per tensor, not memory-mapped: pages of a
+mapped file that were touched stay in the process's resident set while the file is open, so a
+mapped load holds the checkpoint and the model at once. Here the host holds one tensor at a time.
+
+FP8 checkpoints in Qwen's layout (e4m3 weights, a float32 `<name>_scale_inv` per block of
+`weight_block_size`) are dequantized block-wise as they are read (`dequantize_fp8`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
+
+Shape = tuple[int, ...]
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIX = "_scale_inv"
 
 
 class CheckpointError(ValueError):
     """A checkpoint lacks a tensor or holds one of the wrong shape; the message names it."""
 
 
-def tensor_index(path: str | Path) -> dict[str, Path]:
-    """Maps every tensor name to the file holding it (single file or sharded index)."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are: file, dtype, shape and absolute byte range."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: Shape
+    start: int
+    end: int
+
+
+def read_header(file: Path) -> dict[str, TensorEntry]:
+    """The tensors of one .safetensors file, from its JSON header (no tensor data is read)."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    out: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {file.name} has dtype {info['dtype']}, which q3serve cannot read")
+        begin, end = info["data_offsets"]
+        out[name] = TensorEntry(file, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, 8 + size + end)
+    return out
+
+
+def tensor_index(path: str | Path) -> dict[str, TensorEntry]:
+    """Every tensor of a checkpoint (single file or sharded index), by name."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / fname for name, fname in weight_map.items()}
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif single.is_file():
+        files = [single.name]
+    else:
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    out: dict[str, TensorEntry] = {}
+    for fname in files:
+        out.update(read_header(path / fname))
+    return out
 
 
-def load_tensors(
-    path: str | Path,
-    expected: Mapping[str, tuple[int, ...]],
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool | None = None,
-) -> dict[str, torch.Tensor]:
-    """Loads exactly the tensors named in `expected` (name -> shape), checking presence and shape
-    before any data is read, converting to `dtype`. A progress bar shows on loads of many files
-    or when `progress` is true."""
+def read_tensor(f, entry: TensorEntry) -> torch.Tensor:  # noqa: ANN001 - an open binary file
+    """One tensor's bytes, read into a buffer of its own (no mapping of the file)."""
+    nbytes = entry.end - entry.start
+    if nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    buf = bytearray(nbytes)
+    f.seek(entry.start)
+    if f.readinto(buf) != nbytes:
+        raise CheckpointError(f"{entry.file.name} ends inside a tensor (bytes {entry.start}..{entry.end})")
+    return torch.frombuffer(buf, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
+
+
+def scale_shape(shape: Shape, block: Shape) -> Shape:
+    """The shape of a block-scaled weight's scales: one per (possibly ragged) block."""
+    return tuple(-(-n // b) for n, b in zip(shape, block))
+
+
+def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: Shape, dtype: torch.dtype) -> torch.Tensor:
+    """W = q * scale_inv of q's block, computed in float64 (exact: an e4m3 value times a float32
+    scale fits a double) and rounded once to `dtype`. Blocks at the right and bottom edges may be
+    partial (shapes not divisible by the block)."""
+    rows, cols = q.shape
+    br, bc = block
+    scale = scale_inv.to(torch.float64).repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+    return (q.to(torch.float64) * scale).to(dtype)
+
+
+def iter_tensors(
+    path: str | Path, expected: Mapping[str, Shape], fp8_block: Shape | None = None,
+    dtype: torch.dtype | None = None, progress: bool | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields exactly the tensors named in `expected` (name -> shape), one at a time in file
+    order, after checking presence and shapes of all of them before any data is read. An FP8
+    tensor comes dequantized to `dtype` (its scales are found beside it); others come as stored.
+    A progress bar shows on loads of many files or when `progress` is true."""
     index = tensor_index(path)
     missing = [n for n in expected if n not in index]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"checkpoint {path} is missing tensor {missing[0]!r}{more}")
-    by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(index[name], []).append(name)
-    show = progress if progress is not None else len(expected) > 2000 or len(by_file) > 1
-    out: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not show)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in names:
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(expected[name]):
-                    raise CheckpointError(
-                        f"tensor {name!r} has shape {list(shape)}, expected {list(expected[name])}"
-                    )
-                t = f.get_tensor(name)
-                out[name] = t.to(device=device, dtype=dtype or t.dtype)
-                bar.update(1)
-    bar.close()
-    return out
+    for name, shape in expected.items():
+        entry = index[name]
+        if entry.shape != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(entry.shape)}, expected {list(shape)}")
+        if entry.dtype in _FP8:
+            _check_scales(path, index, name, entry, fp8_block)
+    names = sorted(expected, key=lambda n: (index[n].file, index[n].start))
+    show = progress if progress is not None else len(expected) > 2000 or len({index[n].file for n in names}) > 1
+    handles: dict[Path, object] = {}
+    try:
+        for name in tqdm(names, desc="Loading weights", unit="tensor", disable=not show):
+            entry = index[name]
+            f = handles.get(entry.file) or handles.setdefault(entry.file, open(entry.file, "rb"))  # noqa: SIM115
+            t = read_tensor(f, entry)
+            if entry.dtype in _FP8:
+                scale = index[name + SCALE_SUFFIX]
+                sf = handles.get(scale.file) or handles.setdefault(scale.file, open(scale.file, "rb"))  # noqa: SIM115
+                t = dequantize_fp8(t, read_tensor(sf, scale), fp8_block, dtype or torch.float32)  # type: ignore[arg-type]
+            yield name, t
+    finally:
+        for f in handles.values():
+            f.close()  # type: ignore[attr-defined]
 
+
+def _check_scales(path: str | Path, index: Mapping[str, TensorEntry], name: str, entry: TensorEntry,
+                  fp8_block: Shape | None) -> None:
+    if fp8_block is None:
+        raise CheckpointError(f"tensor {name!r} is FP8 but config.json of {path} has no quantization_config "
+                              "(its block scales cannot be applied)")
+    scale = index.get(name + SCALE_SUFFIX)
+    if scale is None:
+        raise CheckpointError(f"checkpoint {path} is missing tensor {name + SCALE_SUFFIX!r} (the scales of FP8 {name!r})")
+    want = scale_shape(entry.shape, fp8_block)
+    if scale.shape != want:
+        raise CheckpointError(f"tensor {name + SCALE_SUFFIX!r} has shape {list(scale.shape)}, expected {list(want)} "
+                              f"for blocks of {list(fp8_block)}")
+
+
+def load_tensors(
+    path: str | Path, expected: Mapping[str, Shape], dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu", progress: bool | None = None, fp8_block: Shape | None = None,
+) -> dict[str, torch.Tensor]:
+    """All of `expected` at once, converted to `dtype` (for tools and tests; the model loaders
+    use `iter_tensors` and copy each tensor into its parameter as it is read)."""
+    return {name: t.to(device=device, dtype=dtype or t.dtype)
+            for name, t in iter_tensors(path, expected, fp8_block, dtype, progress)}

@@ -119,19 +119,12 @@ def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None)
 
 class Linear(nn.Module):
     """y = x W^T + b with W held input-major (`weight_t` = W^T, [in, out]): the layout the native
-    matmul streams, and one MKL and oneDNN run as fast. `load` takes the hub's [out, in] W."""
+    matmul streams, and one MKL and oneDNN run as fast (weights.py fills it from the hub's [out, in] W)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @torch.no_grad()
-    def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight_t.copy_(weight.t())
-        if self.bias is not None:
-            assert bias is not None
-            self.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight_t, self.bias)

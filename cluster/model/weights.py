@@ -1,21 +1,21 @@
 """Maps the hub's tensor names onto the engine's fused parameters (q/k/v into one projection,
 gate/up into one, per-expert tensors into per-layer stacks), and says which tensors a part of
-the model needs, so that each actor loads only its own."""
+the model needs, so that each actor loads only its own. Parameters are allocated once, in the
+serving dtype, on their device; each checkpoint tensor is copied into its slice as it is read."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from cluster import native
-from cluster.model.checkpoint import load_tensors
+from cluster.model.checkpoint import Shape, iter_tensors
 from cluster.config import ModelConfig
 from cluster.model.experts import LocalExperts
 from cluster.model.qwen3_moe import DenseMlp, Qwen3MoeModel, SparseMoe
 
-Shape = tuple[int, ...]
 
 
 def attention_tensors(cfg: ModelConfig) -> dict[str, Shape]:
@@ -58,55 +58,95 @@ def expert_tensors(cfg: ModelConfig, layer: int, experts: Iterable[int]) -> dict
     return out
 
 
-def stack_experts(
-    t: Mapping[str, torch.Tensor], layer: int, experts: Iterable[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-expert hub tensors -> (w_gate_up [E, H, 2I], w_down [E, I, H]) in the order given:
-    input-major (the hub's matrices transposed), so that rows @ weights is a plain matmul, the
-    layout both MKL and the native kernel stream fastest."""
-    gate_up, down = [], []
-    for e in experts:
+Fill = Callable[[torch.Tensor], None]
+
+
+def _into(dst: torch.Tensor, transpose: bool = False) -> Fill:
+    """Copies a checkpoint tensor into `dst` (a parameter or a slice of one), transposed into
+    the input-major layout when asked; `copy_` converts dtype and device on the way."""
+    def fill(t: torch.Tensor) -> None:
+        dst.copy_(t.t() if transpose else t)
+    return fill
+
+
+def _each(*fills: Fill) -> Fill:
+    def fill(t: torch.Tensor) -> None:
+        for f in fills:
+            f(t)
+    return fill
+
+
+def expert_fills(
+    cfg: ModelConfig, layer: int, slots: Sequence[int], w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> dict[str, Fill]:
+    """Where each hub tensor of a layer's experts goes: expert `slots[s]` fills slot s of the
+    input-major stacks (w_gate_up [S, H, 2I] gate then up, w_down [S, I, H]); an expert held in
+    several slots (redundant copies) fills each."""
+    i = cfg.moe_intermediate_size
+    by_expert: dict[int, list[int]] = {}
+    for s, e in enumerate(slots):
+        by_expert.setdefault(e, []).append(s)
+    out: dict[str, Fill] = {}
+    for e, mine in by_expert.items():
         p = f"model.layers.{layer}.mlp.experts.{e}."
-        gate_up.append(torch.cat([t[p + "gate_proj.weight"], t[p + "up_proj.weight"]], dim=0).t())
-        down.append(t[p + "down_proj.weight"].t())
-    return torch.stack(gate_up), torch.stack(down)
+        out[p + "gate_proj.weight"] = _each(*(_into(w_gate_up[s, :, :i], True) for s in mine))
+        out[p + "up_proj.weight"] = _each(*(_into(w_gate_up[s, :, i:], True) for s in mine))
+        out[p + "down_proj.weight"] = _each(*(_into(w_down[s], True) for s in mine))
+    return out
 
 
-def load_attention_weights(model: Qwen3MoeModel, t: Mapping[str, torch.Tensor]) -> None:
-    """Copies the non-expert tensors into the model's (fused) parameters."""
+def attention_fills(model: Qwen3MoeModel) -> dict[str, Fill]:
+    """Where each non-expert hub tensor goes in the model's (fused, input-major) parameters."""
     cfg = model.cfg
+    h, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    out: dict[str, Fill] = {"model.embed_tokens.weight": _into(model.embed_tokens.weight),
+                            "model.norm.weight": _into(model.norm.weight)}
+    if model.lm_head is not None:
+        out["lm_head.weight"] = _into(model.lm_head.weight_t, True)
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = _into(layer.input_layernorm.weight)
+        out[p + "post_attention_layernorm.weight"] = _into(layer.post_attention_layernorm.weight)
+        attn = layer.self_attn
+        bounds = {"q": (0, h * hd), "k": (h * hd, (h + kvh) * hd), "v": ((h + kvh) * hd, (h + 2 * kvh) * hd)}
+        for n, (a, b) in bounds.items():
+            out[p + f"self_attn.{n}_proj.weight"] = _into(attn.qkv_proj.weight_t[:, a:b], True)
+            if attn.qkv_proj.bias is not None:
+                out[p + f"self_attn.{n}_proj.bias"] = _into(attn.qkv_proj.bias[a:b])
+        out[p + "self_attn.o_proj.weight"] = _into(attn.o_proj.weight_t, True)
+        if attn.o_proj.bias is not None:
+            out[p + "self_attn.o_proj.bias"] = _into(attn.o_proj.bias)
+        out[p + "self_attn.q_norm.weight"] = _into(attn.qk_norm[:h])  # one row per q head, broadcast
+        out[p + "self_attn.k_norm.weight"] = _into(attn.qk_norm[h:])
+        if isinstance(layer.mlp, SparseMoe):
+            out[p + "mlp.gate.weight"] = _into(layer.mlp.gate.weight_t, True)
+        elif isinstance(layer.mlp, DenseMlp):
+            inter = cfg.intermediate_size
+            out[p + "mlp.gate_proj.weight"] = _into(layer.mlp.gate_up_proj.weight_t[:, :inter], True)
+            out[p + "mlp.up_proj.weight"] = _into(layer.mlp.gate_up_proj.weight_t[:, inter:], True)
+            out[p + "mlp.down_proj.weight"] = _into(layer.mlp.down_proj.weight_t, True)
+    return out
+
+
+def fill_from_checkpoint(path: str | Path, cfg: ModelConfig, expected: dict[str, Shape],
+                         fills: dict[str, Fill], dtype: torch.dtype) -> None:
+    """Reads each tensor of `expected` once and copies it where `fills` says, so that the host
+    holds one checkpoint tensor at a time and the device only the parameters (plus one tensor)."""
+    assert expected.keys() == fills.keys(), sorted(expected.keys() ^ fills.keys())[:3]
     with torch.no_grad():
-        model.embed_tokens.weight.copy_(t["model.embed_tokens.weight"])
-        model.norm.weight.copy_(t["model.norm.weight"])
-        if model.lm_head is not None:
-            model.lm_head.load(t["lm_head.weight"])
-        for i, layer in enumerate(model.layers):
-            p = f"model.layers.{i}."
-            layer.input_layernorm.weight.copy_(t[p + "input_layernorm.weight"])
-            layer.post_attention_layernorm.weight.copy_(t[p + "post_attention_layernorm.weight"])
-            attn = layer.self_attn
-            qkv = [p + f"self_attn.{n}_proj." for n in "qkv"]
-            bias = cfg.attention_bias
-            attn.qkv_proj.load(torch.cat([t[n + "weight"] for n in qkv]), torch.cat([t[n + "bias"] for n in qkv]) if bias else None)
-            attn.o_proj.load(t[p + "self_attn.o_proj.weight"], t[p + "self_attn.o_proj.bias"] if bias else None)
-            h = cfg.num_attention_heads
-            attn.qk_norm[:h] = t[p + "self_attn.q_norm.weight"]
-            attn.qk_norm[h:] = t[p + "self_attn.k_norm.weight"]
-            if isinstance(layer.mlp, SparseMoe):
-                layer.mlp.gate.load(t[p + "mlp.gate.weight"])
-            elif isinstance(layer.mlp, DenseMlp):
-                layer.mlp.gate_up_proj.load(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]))
-                layer.mlp.down_proj.load(t[p + "mlp.down_proj.weight"])
+        for name, t in iter_tensors(path, expected, cfg.fp8_block, dtype):
+            fills[name](t)
 
 
 def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None) -> Qwen3MoeModel:  # noqa: ANN001
-    """A model with uninitialised weights (allocated once, on the target device). On CPU the
-    native kernels are built (or loaded from the build cache) here, at startup, so that the
-    first step does not pay for a compile under its step timeout."""
+    """A model with uninitialised weights, allocated once, in `dtype`, on the target device (the
+    cast happens on the meta device, so no float32 copy is ever made). On CPU the native kernels
+    are built (or loaded from the build cache) here, at startup, so that the first step does not
+    pay for a compile under its step timeout."""
     native.prepare(device)
     with torch.device("meta"):
-        model = Qwen3MoeModel(cfg, experts)
-    model = model.to_empty(device=device).to(dtype)
+        model = Qwen3MoeModel(cfg, experts).to(dtype)
+    model = model.to_empty(device=device)
     for m in model.modules():
         if isinstance(m, SparseMoe):
             m.expert_counts.zero_()
@@ -115,19 +155,14 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None)
 
 def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu") -> Qwen3MoeModel:
     """The whole model in this process: attention weights plus every layer's local experts."""
-    expected = attention_tensors(cfg)
-    for layer in cfg.moe_layers:
-        expected.update(expert_tensors(cfg, layer, range(cfg.num_experts)))
-    t = load_tensors(path, expected, dtype=dtype, device=device)
     model = empty_model(cfg, dtype, device)
-    load_attention_weights(model, t)
-    with torch.no_grad():
-        for i in cfg.moe_layers:
-            experts = model.layers[i].mlp.experts
-            assert isinstance(experts, LocalExperts)
-            gu, dn = stack_experts(t, i, range(cfg.num_experts))
-            experts.w_gate_up.copy_(gu)
-            experts.w_down.copy_(dn)
+    expected, fills = attention_tensors(cfg), attention_fills(model)
+    for i in cfg.moe_layers:
+        experts = model.layers[i].mlp.experts
+        assert isinstance(experts, LocalExperts)
+        expected.update(expert_tensors(cfg, i, range(cfg.num_experts)))
+        fills.update(expert_fills(cfg, i, range(cfg.num_experts), experts.w_gate_up, experts.w_down))
+    fill_from_checkpoint(path, cfg, expected, fills, dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -136,7 +171,24 @@ def load_attention_model(
 ) -> Qwen3MoeModel:  # noqa: ANN001
     """An attention shard's model: everything but the routed experts, which `experts(layer)`
     supplies (a dispatcher). Reads no expert tensor."""
-    t = load_tensors(path, attention_tensors(cfg), dtype=dtype, device=device)
     model = empty_model(cfg, dtype, device, experts)
-    load_attention_weights(model, t)
+    fill_from_checkpoint(path, cfg, attention_tensors(cfg), attention_fills(model), dtype)
     return model.eval().requires_grad_(False)
+
+
+def load_expert_stacks(
+    path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str, slots: Sequence[Sequence[int]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An expert group's weights: for each MoE layer (in order) the input-major stacks of the
+    experts in `slots[ordinal]`, allocated once and filled as the checkpoint is read."""
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    stacks, expected, fills = [], {}, {}
+    for ordinal, layer in enumerate(cfg.moe_layers):
+        mine = list(slots[ordinal])
+        gu = torch.empty(len(mine), h, 2 * i, dtype=dtype, device=device)
+        dn = torch.empty(len(mine), i, h, dtype=dtype, device=device)
+        stacks.append((gu, dn))
+        expected.update(expert_tensors(cfg, layer, sorted(set(mine))))
+        fills.update(expert_fills(cfg, layer, mine, gu, dn))
+    fill_from_checkpoint(path, cfg, expected, fills, dtype)
+    return stacks

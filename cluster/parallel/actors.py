@@ -19,9 +19,8 @@ import torch.distributed as dist
 from cluster import native
 from cluster.config import ModelConfig
 from cluster.engine.plan import Sampled, StepPlan
-from cluster.model.checkpoint import load_tensors
 from cluster.model.runner import ModelRunner
-from cluster.model.weights import expert_tensors, load_attention_model, stack_experts
+from cluster.model.weights import load_attention_model, load_expert_stacks
 from cluster.parallel.dispatch import DispatchedExperts, Exchange
 from cluster.parallel.placement import ExpertPlacement
 
@@ -113,13 +112,7 @@ class ExpertGroup(InstanceActor):
     ) -> None:
         super().__init__(rank, num_shards, num_groups, placement, device, threads)
         self.dtype = dtype
-        mine = placement.experts_of(rank - num_shards)
-        layers = cfg.moe_layers
-        expected: dict[str, tuple[int, ...]] = {}
-        for ordinal, layer in enumerate(layers):
-            expected.update(expert_tensors(cfg, layer, sorted(set(mine[ordinal]))))
-        t = load_tensors(path, expected, dtype=dtype, device=device)
-        self.weights = [stack_experts(t, layer, mine[ordinal]) for ordinal, layer in enumerate(layers)]
+        self.weights = load_expert_stacks(path, cfg, dtype, device, placement.experts_of(rank - num_shards))
         native.prepare(device)
 
     @torch.inference_mode()

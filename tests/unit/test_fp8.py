@@ -1,0 +1,142 @@
+"""FP8 checkpoints in Qwen's layout (Qwen3-30B-A3B-FP8, Qwen3-235B-A22B-FP8): e4m3 weights with a
+float32 `weight_scale_inv` per block, dequantized on load. The reference for the values is a
+float64 loop over the blocks; the reference for the model is transformers on the dequantized twin."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cluster import LLM, SamplingParams
+from cluster.config import ConfigError, ModelConfig
+from cluster.model.checkpoint import CheckpointError, dequantize_fp8
+from tests.conftest import hf_greedy, hf_model, make_checkpoint
+
+E4M3_MAX = 448.0
+
+
+def _quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block amax scaling, as Qwen's FP8 checkpoints are made: q = w / s in e4m3, s stored."""
+    rows, cols = w.shape
+    br, bc = block
+    scale = torch.empty(math.ceil(rows / br), math.ceil(cols / bc), dtype=torch.float32)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc].double()
+            s = float(blk.abs().max()) / E4M3_MAX or 1.0
+            scale[i, j] = s
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (blk / scale[i, j].double()).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _dequantize_loop(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=torch.float64)
+    br, bc = block
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            out[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = q[i * br:(i + 1) * br, j * bc:(j + 1) * bc].double() * float(scale[i, j])
+    return out
+
+
+def _quantized(name: str) -> bool:
+    """What Qwen's FP8 checkpoints quantize: every projection of attention, experts and dense
+    MLPs; not embeddings, head, norms or the router gate."""
+    return name.endswith("proj.weight")
+
+
+def fp8_pair(root: Path, block: tuple[int, int], **overrides) -> tuple[Path, Path]:  # noqa: ANN003
+    """A random model written as an FP8 checkpoint in Qwen's layout, and its dequantized float32 twin."""
+    src = make_checkpoint(root / "src", **overrides)
+    tensors = load_file(src / "model.safetensors")
+    fp8, twin = {}, {}
+    for name, t in tensors.items():
+        if _quantized(name):
+            q, s = _quantize(t, block)
+            fp8[name], fp8[name + "_scale_inv"] = q, s
+            twin[name] = _dequantize_loop(q, s, block).float()
+        else:
+            fp8[name] = twin[name] = t
+    cfg = json.loads((src / "config.json").read_text())
+    paths = []
+    for kind, tensors_out, extra in (("fp8", fp8, {"quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}}),
+            ("twin", twin, {})):
+        d = root / kind
+        d.mkdir()
+        save_file(tensors_out, d / "model.safetensors")
+        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+        paths.append(d)
+    return paths[0], paths[1]
+
+
+def test_dequantize_matches_a_float64_loop_on_ragged_blocks() -> None:
+    torch.manual_seed(0)
+    for shape, block in (((300, 200), (128, 128)), ((96, 160), (16, 32)), ((5, 7), (128, 128))):
+        q, s = _quantize(torch.randn(shape) * 0.3, block)
+        ref = _dequantize_loop(q, s, block)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(dequantize_fp8(q, s, block, dtype), ref.to(dtype)), (shape, block, dtype)
+
+
+@pytest.mark.parametrize("block", [(128, 128), (16, 32)])
+def test_fp8_checkpoint_generates_as_its_dequantized_twin(tmp_path: Path, block: tuple[int, int]) -> None:
+    """Hidden 160 and expert width 48 leave partial blocks at every edge; layer 0 is dense."""
+    fp8, twin = fp8_pair(tmp_path, block, hidden_size=160, moe_intermediate_size=48, intermediate_size=200,
+                         mlp_only_layers=[0], num_hidden_layers=3)
+    assert ModelConfig.from_pretrained(fp8).fp8_block == block
+    prompt = [4, 8, 15, 16, 23, 42]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = []
+    for path in (fp8, twin):
+        llm = LLM(path, dtype="float32", num_kv_blocks=64)
+        outs.append(llm.generate([prompt], greedy)[0].token_ids)
+        params = {n: p.detach().clone() for n, p in llm.core.executor.runner.model.named_parameters()}
+        outs.append(params)
+        llm.shutdown()
+    assert outs[0] == outs[2] == hf_greedy(hf_model(twin), prompt, 10)
+    assert outs[1].keys() == outs[3].keys() and all(torch.equal(outs[1][n], outs[3][n]) for n in outs[1])
+
+
+def test_unknown_quant_method_is_refused_naming_it(tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "awq", "bits": 4}}))
+    with pytest.raises(ConfigError, match="quantization_config.quant_method: 'awq'"):
+        LLM(path, dtype="float32")
+
+
+@pytest.mark.parametrize("quant, field", [
+    ({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}, "quantization_config.fmt"),
+    ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]}, "activation_scheme"),
+    ({"quant_method": "fp8"}, "quantization_config.weight_block_size"),
+])
+def test_fp8_variants_not_read_are_refused_naming_the_field(quant: dict, field: str) -> None:
+    raw = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 4,
+           "quantization_config": quant}
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.from_dict(raw)
+
+
+def test_fp8_tensors_without_config_or_scales_are_refused(tmp_path: Path) -> None:
+    fp8, _ = fp8_pair(tmp_path, (16, 16))
+    cfg = json.loads((fp8 / "config.json").read_text())
+    (fp8 / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
+    with pytest.raises(CheckpointError, match="is FP8 but config.json .* has no quantization_config"):
+        LLM(fp8, dtype="float32")
+    (fp8 / "config.json").write_text(json.dumps({**cfg, "quantization_config": {
+        **cfg["quantization_config"], "weight_block_size": [32, 32]}}))
+    with pytest.raises(CheckpointError, match="_scale_inv' has shape .* for blocks of \\[32, 32\\]"):
+        LLM(fp8, dtype="float32")
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(fp8 / "model.safetensors")
+    del tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    save_file(tensors, fp8 / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.0.self_attn.o_proj.weight_scale_inv'"):
+        LLM(fp8, dtype="float32")
