@@ -55,8 +55,8 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
             ctx, mask, causal = kv[rows], None, True
         else:
             ctx = kv_cache.index_select(0, c.block_table).view(-1, 2 * kv_heads, dim)[: c.context_len]
-            pos_q = torch.arange(c.context_len - c.length, c.context_len).unsqueeze(1)
-            mask, causal = torch.arange(c.context_len).unsqueeze(0) <= pos_q, False
+            pos_q = torch.arange(c.context_len - c.length, c.context_len, device=q.device).unsqueeze(1)
+            mask, causal = torch.arange(c.context_len, device=q.device).unsqueeze(0) <= pos_q, False
         ctx = ctx.transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0), ctx[:, :kv_heads], ctx[:, kv_heads:],

@@ -80,7 +80,8 @@ class SparseMoe(nn.Module):
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        self.expert_counts += torch.bincount(ids.flatten(), minlength=self.expert_counts.numel())
+        flat = ids.flatten()  # index_add_, not bincount: no host sync on CUDA
+        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
         return ids, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

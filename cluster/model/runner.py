@@ -83,7 +83,7 @@ class ModelRunner:
         if not rows:
             self.last_logits = None
             return []
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=hidden.device)))
         self.last_logits = logits
         entries = [e for e in plan.entries if e.params is not None]
         params = [e.params for e in entries]

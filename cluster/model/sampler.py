@@ -104,7 +104,10 @@ def _sample_candidates(
     probs = (scaled - denom.unsqueeze(1)).exp()
     top_p = _column([p.top_p for p in params], logits)
     before = probs.cumsum(dim=-1) - probs
-    missed = [i for i, (p, mass) in enumerate(zip(params, probs.sum(dim=-1).tolist())) if p.top_k == 0 and mass <= p.top_p]
+    missed = []
+    if no_k:  # the one host read here, and only for rows whose nucleus may reach past the candidates
+        mass = probs[_index(no_k, probs)].sum(dim=-1).tolist()
+        missed = [i for i, m in zip(no_k, mass) if m <= params[i].top_p]
     probs = probs.masked_fill(before > top_p, 0.0)  # the first token is always kept
     probs = _min_p(probs, params)
     pos = _inverse_cdf(probs, u)

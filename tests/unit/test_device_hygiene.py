@@ -1,0 +1,123 @@
+"""Every tensor a step creates is created on the model's device (DESIGN.md's device rules).
+
+A CPU machine cannot run CUDA, so the test makes the mistake visible another way: the model runs
+on the CPU for real while the *default* device is `meta`. A tensor created without naming the
+model's device (`torch.arange(n)`, `torch.tensor(ids)`, indexing with a Python list) then lands
+on `meta`, where it either raises on meeting a CPU tensor (as a CPU tensor meeting CUDA ones
+would) or is caught by the dispatch mode, which checks the device of every op's output. That
+is the class of bug that kills every non-greedy request, prefix-cache hit and later prefill
+chunk on a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from cluster import LLM, SamplingParams
+from cluster.config import ModelConfig
+from cluster.engine.plan import PlanEntry, StepPlan
+from cluster.model.runner import ModelRunner
+from cluster.model.weights import load_model
+
+
+class DevicesOfEveryOp(TorchDispatchMode):
+    """Records each op whose output is not on `device`."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.strays: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device != self.device:
+                self.strays.append(f"{func}: {t.device}")
+        return out
+
+
+class OnlyOnModelDevice:
+    """Default device `meta` plus the dispatch check, for the duration of a step."""
+
+    def __enter__(self) -> DevicesOfEveryOp:
+        self.mode = DevicesOfEveryOp(torch.device("cpu"))
+        torch.set_default_device("meta")
+        self.mode.__enter__()
+        return self.mode
+
+    def __exit__(self, *exc: object) -> None:
+        self.mode.__exit__(*exc)
+        torch.set_default_device(None)
+
+
+SAMPLED = [
+    SamplingParams(max_tokens=4, temperature=0),
+    SamplingParams(max_tokens=4, temperature=0.8),
+    SamplingParams(max_tokens=4, temperature=0.7, top_p=0.8, top_k=20),
+    SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, min_p=0.05, seed=7, logprobs=True),
+]
+
+
+def _plans() -> dict[str, StepPlan]:
+    """One plan per step kind, over a block size of 4; the block tables are consistent, so a
+    later plan reads what an earlier one wrote."""
+    g, s = SAMPLED[0], SAMPLED[2]
+    prompt = list(range(10, 20))
+    return {
+        "first prefill": StepPlan([PlanEntry("a", prompt[:6], 0, [0, 1], None)]),
+        "later chunk": StepPlan([PlanEntry("a", prompt[6:], 6, [0, 1, 2], g)]),
+        "prefill over a cached prefix": StepPlan([PlanEntry("b", [50, 51, 52], 8, [0, 1, 3], s)]),
+        "pure decode": StepPlan([PlanEntry("a", [33], 10, [0, 1, 2], SAMPLED[1]),
+                                 PlanEntry("b", [34], 11, [0, 1, 3], SAMPLED[3])]),
+        # preempted after 2 generated tokens, its blocks released but the prefix still cached:
+        "resumed preemption": StepPlan([PlanEntry("a", [33, 35], 10, [0, 1, 2], g),
+                                        PlanEntry("c", list(range(60, 66)), 0, [4, 5], s)]),
+        "decode and prefill": StepPlan([PlanEntry("b", [36], 12, [0, 1, 3, 6], SAMPLED[3]),
+                                        PlanEntry("d", list(range(70, 75)), 4, [0, 7, 8], SAMPLED[1])], ["a"]),
+    }
+
+
+def test_every_step_kind_creates_tensors_only_on_the_model_device(moe_checkpoint: Path) -> None:
+    cfg = ModelConfig.from_pretrained(moe_checkpoint)
+    runner = ModelRunner(load_model(moe_checkpoint, cfg, torch.float32), cfg, num_blocks=16, block_size=4,
+                         max_model_len=64, dtype=torch.float32)
+    for kind, plan in _plans().items():
+        with OnlyOnModelDevice() as mode:
+            got = runner.execute(plan)
+        assert not mode.strays, f"{kind}: {mode.strays[:5]}"
+        assert len(got) == sum(e.params is not None for e in plan.entries)
+        assert all(isinstance(x.token, int) and 0 <= x.token < cfg.vocab_size for x in got), kind
+
+
+def test_the_check_catches_a_tensor_made_off_the_device() -> None:
+    """The instrument itself: a CPU computation with one forgotten device fails it."""
+    x = torch.ones(4)
+    with pytest.raises(RuntimeError):
+        with OnlyOnModelDevice():
+            x + torch.arange(4)  # noqa: B018 - what attention.py did for a cached prefix's mask
+    with OnlyOnModelDevice() as mode:
+        torch.arange(4).mul_(2)  # a stray that meets nothing: the dispatch check sees it
+    assert mode.strays and all("meta" in s for s in mode.strays)
+
+
+def test_engine_with_chunking_prefix_hits_and_preemption_stays_on_device(moe_checkpoint: Path) -> None:
+    """The whole engine (scheduler, runner, sampler) under the check: prompts longer than the
+    token budget (later chunks), a shared prefix (cache hits) and a KV pool too small for all
+    of them at once (preemption, resumed by recomputation)."""
+    llm = LLM(moe_checkpoint, dtype="float32", num_kv_blocks=12, block_size=4, max_num_batched_tokens=8)
+    shared = list(range(100, 112))
+    prompts = [shared + [i, i + 1] for i in range(4)] + [list(range(200, 210))]
+    params = [SAMPLED[i % len(SAMPLED)] for i in range(len(prompts))]
+    params = [dataclasses.replace(p, max_tokens=12, ignore_eos=True) for p in params]
+    with OnlyOnModelDevice() as mode:
+        outs = llm.generate(prompts, params)
+    assert not mode.strays, mode.strays[:5]
+    assert all(len(o.token_ids) == 12 for o in outs)
+    assert llm.core.shards[0].num_preemptions > 0
+    assert any(o.num_cached_tokens for o in outs)
+    llm.shutdown()
