@@ -279,8 +279,10 @@ class ParallelConfig:
 @dataclass
 class EngineConfig:
     """Limits of the scheduler and the KV pool. The KV pool is sized from `kv_cache_memory_gb`
-    unless `num_kv_blocks` pins it (tests use that to force preemption); with several attention
-    shards, each shard gets a pool of that size for its own sequences."""
+    unless `num_kv_blocks` pins it (tests use that to force preemption) or, on CUDA,
+    `gpu_memory_utilization` has it take what the device has left after the weights and a
+    measured step (cluster/model/memory.py); with several attention shards, each shard gets a
+    pool of that size for its own sequences."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -288,6 +290,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_gb: float = 1.0
     num_kv_blocks: int | None = None
+    gpu_memory_utilization: float | None = None  # CUDA: size the KV pool from the device (vLLM's meaning)
     enable_prefix_caching: bool = True
     seed: int = 0
 
@@ -301,6 +304,10 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gb: must be > 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks: must be >= 1")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} is not in (0, 1]")
+        if self.gpu_memory_utilization is not None and self.num_kv_blocks is not None:
+            raise ValueError("gpu_memory_utilization: give it or num_kv_blocks, not both")
 
     def kv_blocks(self, model: ModelConfig, dtype: torch.dtype) -> int:
         if self.num_kv_blocks is not None:

@@ -39,7 +39,7 @@ def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
         deployment = serve.deployment(
             ModelPool,
             name=f"{name}-pool",
-            max_ongoing_requests=pool.max_ongoing_requests,
+            max_ongoing_requests=pool.ongoing_limit,
             max_queued_requests=pool.max_queued_requests,
             autoscaling_config=pool.autoscaling.model_dump(),
             ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": 1 if pool.device == "cuda" and not _expert_parallel(pool) else 0},

@@ -56,7 +56,8 @@ class PoolConfig(_Strict):
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=16)
-    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    kv_cache_memory_gb: float = Field(1.0, gt=0)  # per attention shard; on CUDA gpu_memory_utilization sizes it instead
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # CUDA only: the share of each device the engine may use
     block_size: int = Field(16, ge=1)
     enable_prefix_caching: bool = True
     default_max_tokens: int = Field(1024, ge=1)
@@ -66,13 +67,28 @@ class PoolConfig(_Strict):
     cpu_threads: int | None = Field(None, ge=1)  # intra-op threads per replica (and its Ray CPUs); None: 1, or sized by `q3serve up`
     cpu_priority: Literal["normal", "low"] = "normal"  # "low": on a shared CPU host, runs on what the other pool leaves
     stream_interval: int = Field(1, ge=1)  # vLLM's: after the first chunk, at least this many tokens a chunk
-    max_ongoing_requests: int = Field(32, ge=1)
+    # None: max_num_seqs x attention_shards, what one replica's instance runs at once (Serve's own
+    # default of 5 would starve the batch, and a fixed 32 capped a 256-sequence replica at 32).
+    max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     sampling_defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     actor_resources: dict[str, float] | None = None        # each actor's bundle (default 1 GPU / 1 CPU)
     attention_resources: dict[str, float] = Field(default_factory=dict)  # extra, e.g. a worker group's resource
     expert_resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _device_memory(self) -> "PoolConfig":
+        if self.gpu_memory_utilization is not None and self.device != "cuda":
+            raise ValueError("gpu_memory_utilization: sizes the KV cache on CUDA devices; on the CPU set kv_cache_memory_gb")
+        if self.gpu_memory_utilization is not None and "kv_cache_memory_gb" in self.model_fields_set:
+            raise ValueError("kv_cache_memory_gb: not used when gpu_memory_utilization sizes the KV cache; give one of them")
+        return self
+
+    @property
+    def ongoing_limit(self) -> int:
+        """Requests one replica takes at once: `max_ongoing_requests`, else its instance's batch."""
+        return self.max_ongoing_requests or self.max_num_seqs * self.attention_shards
 
     @property
     def replica_cpus(self) -> int:
@@ -81,7 +97,7 @@ class PoolConfig(_Strict):
 
     def engine_kwargs(self) -> dict[str, Any]:
         keys = ("attention_shards", "expert_groups", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "kv_cache_memory_gb", "block_size", "enable_prefix_caching", "actor_resources",
+                "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "block_size", "enable_prefix_caching", "actor_resources",
                 "attention_resources", "expert_resources")
         return {k: getattr(self, k) for k in keys}
 

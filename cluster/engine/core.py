@@ -5,6 +5,7 @@ sampled tokens into outputs (stop checks, detokenization). `Engine` drives it fr
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,12 +13,15 @@ import torch
 
 from cluster.config import EngineConfig, ModelConfig, ParallelConfig, RequestError, SamplingParams, parse_dtype
 from cluster.engine.detokenizer import Detokenizer
-from cluster.engine.executor import build_executor
+from cluster.engine.executor import build_executor, size_kv_cache
 from cluster.engine.kv_cache import BlockManager
-from cluster.engine.scheduler import Scheduler, plan_from_batch
+from cluster.engine.plan import StepPlan
+from cluster.engine.scheduler import Scheduler, plan_from_batch, profile_plan
 from cluster.engine.sequence import Sequence
 from cluster.engine.thinking import ThinkingBudget, ThinkingState
 from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,14 +77,19 @@ class EngineCore:
         self.parallel = parallel or ParallelConfig(device=device)
         self.dtype = parse_dtype(self.model_config.torch_dtype if dtype == "auto" else dtype)
         self.tokenizer = load_tokenizer(self.model_path)
-        num_blocks = self.config.kv_blocks(self.model_config, self.dtype)
-        capacity = num_blocks * self.config.block_size
-        self.max_model_len = self.config.max_model_len or min(self.model_config.max_position_embeddings, capacity)
-        if self.max_model_len > capacity:
-            raise ValueError(
-                f"max_model_len: {self.max_model_len} tokens do not fit the KV pool of {capacity} tokens; "
-                "raise kv_cache_memory_gb / num_kv_blocks or lower max_model_len"
-            )
+        util = self.config.gpu_memory_utilization
+        if util is not None and self.parallel.device != "cuda":
+            raise ValueError(f"gpu_memory_utilization: sizes the KV cache on CUDA devices, not {self.parallel.device}; "
+                             "set kv_cache_memory_gb there")
+        if util is None:
+            num_blocks = self.config.kv_blocks(self.model_config, self.dtype)
+            capacity = num_blocks * self.config.block_size
+            self.max_model_len = self.config.max_model_len or min(self.model_config.max_position_embeddings, capacity)
+            self._check_fits(capacity)
+        else:  # the executor starts with a KV cache just big enough for the profile step
+            profile = profile_plan(self.config, self.model_config)
+            num_blocks = sum(len(e.block_table) for e in profile.entries)
+            self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
         self.thinking = self._thinking_budget()
         eos = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
@@ -89,6 +98,13 @@ class EngineCore:
             self.model_path, self.model_config, self.dtype, self.parallel, num_blocks, self.config.block_size,
             self.max_model_len,
         )
+        if util is not None:
+            try:
+                num_blocks = self._size_kv_cache(util, profile, num_blocks)
+                self._check_fits(num_blocks * self.config.block_size)
+            except BaseException:
+                self.executor.shutdown()
+                raise
         # One scheduler and block manager per attention shard: each shard owns its sequences' KV.
         self.shards = [
             Scheduler(self.config, BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching))
@@ -100,6 +116,23 @@ class EngineCore:
         self.num_generated_tokens = 0
         self.num_steps = 0
         self._ids = itertools.count()
+
+    def _check_fits(self, capacity: int) -> None:
+        if self.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len: {self.max_model_len} tokens do not fit the KV pool of {capacity} tokens; "
+                "raise kv_cache_memory_gb / num_kv_blocks / gpu_memory_utilization or lower max_model_len"
+            )
+
+    def _size_kv_cache(self, utilization: float, profile: StepPlan, profile_blocks: int) -> int:
+        """Runs the largest step the scheduler can make (max_num_batched_tokens over up to
+        max_num_seqs sampled rows) on every shard, then gives each shard's KV cache what
+        `gpu_memory_utilization` leaves on its device (the smallest, so that all shards match)."""
+        block_bytes = self.model_config.kv_bytes_per_token(self.dtype) * self.config.block_size
+        num_blocks = size_kv_cache(self.executor, utilization, profile, profile_blocks, block_bytes)
+        log.info("KV cache: %d blocks of %d tokens per shard (gpu_memory_utilization %.2f)", num_blocks,
+                 self.config.block_size, utilization)
+        return num_blocks
 
     def _thinking_budget(self) -> ThinkingBudget | None:
         """Qwen3's thinking tokens, when this model's vocabulary has them."""

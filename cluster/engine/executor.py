@@ -14,6 +14,7 @@ import torch
 from cluster import native
 from cluster.config import ModelConfig, ParallelConfig
 from cluster.engine.plan import Sampled, StepPlan
+from cluster.model.memory import MemoryReport, kv_cache_bytes, reset_peak_memory
 from cluster.model.runner import ModelRunner
 from cluster.model.weights import load_model
 
@@ -22,6 +23,8 @@ class Executor(Protocol):
     num_shards: int
 
     def execute(self, plans: list[StepPlan]) -> list[list[Sampled]]: ...
+    def memory_reports(self) -> list[MemoryReport]: ...   # one per attention shard (CUDA)
+    def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def expert_counts(self) -> torch.Tensor: ...
     def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
@@ -36,11 +39,18 @@ class LocalExecutor:
         self, path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, num_blocks: int,
         block_size: int, max_model_len: int,
     ) -> None:
+        reset_peak_memory(device)
         model = load_model(path, cfg, dtype, device)
         self.runner = ModelRunner(model, cfg, num_blocks, block_size, max_model_len, dtype, device)
 
     def execute(self, plans: list[StepPlan]) -> list[list[Sampled]]:
         return [self.runner.execute(plans[0])]
+
+    def memory_reports(self) -> list[MemoryReport]:
+        return [self.runner.memory_report()]
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
 
     def expert_counts(self) -> torch.Tensor:
         return self.runner.model.expert_counts().clone()
@@ -50,6 +60,17 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         self.runner = None  # type: ignore[assignment]
+
+
+def size_kv_cache(executor: Executor, utilization: float, profile: StepPlan, profile_blocks: int,
+                  block_bytes: int) -> int:
+    """Runs the profile step on every shard, then gives each shard's KV cache the blocks that
+    `gpu_memory_utilization` leaves on its device (the smallest such count, so all shards match)."""
+    executor.execute([profile] * executor.num_shards)
+    reports = executor.memory_reports()
+    num_blocks = min(kv_cache_bytes(r, utilization, profile_blocks * block_bytes) for r in reports) // block_bytes
+    executor.allocate_kv_cache(num_blocks)
+    return num_blocks
 
 
 def build_executor(

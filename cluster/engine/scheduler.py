@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from cluster.config import EngineConfig
+from cluster.config import EngineConfig, ModelConfig, SamplingParams
 from cluster.engine.kv_cache import BlockManager
 from cluster.engine.plan import PlanEntry, StepPlan
 from cluster.engine.sequence import Sequence, Status
@@ -118,3 +118,21 @@ def plan_from_batch(batch: ScheduledBatch, block_size: int, finished: list[str])
             seq.params if end == seq.num_tokens else None,
         ))
     return StepPlan(entries, finished)
+
+
+def profile_plan(cfg: EngineConfig, model: ModelConfig) -> StepPlan:
+    """The largest step the scheduler can make, for measuring a device's activation peak:
+    max_num_batched_tokens tokens over min(max_num_seqs, tokens) sequences, each sampling, on
+    blocks of their own."""
+    tokens = cfg.max_num_batched_tokens
+    if cfg.max_model_len:
+        tokens = min(tokens, cfg.max_model_len * cfg.max_num_seqs)
+    seqs = min(cfg.max_num_seqs, tokens)
+    entries, next_block = [], 0
+    for i in range(seqs):
+        n = tokens // seqs + (i < tokens % seqs)
+        blocks = -(-n // cfg.block_size)
+        entries.append(PlanEntry(f"profile-{i}", [0] * n, 0, list(range(next_block, next_block + blocks)),
+                                 SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=50)))
+        next_block += blocks
+    return StepPlan(entries, [e.request_id for e in entries])

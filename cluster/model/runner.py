@@ -9,7 +9,8 @@ import torch
 from cluster.model.attention import AttentionMetadata, PrefillChunk
 from cluster.config import ModelConfig
 from cluster.model.layers import rope_tables
-from cluster.model.qwen3_moe import Qwen3MoeModel
+from cluster.model.memory import MemoryReport, measure
+from cluster.model.qwen3_moe import Qwen3MoeModel, SparseMoe
 from cluster.engine.plan import Sampled, StepPlan
 from cluster.model.profiler import section
 from cluster.model.sampler import sample
@@ -25,6 +26,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
+        self.num_blocks = num_blocks
         model.allocate_kv_cache(num_blocks, block_size, dtype, device)
         cos, sin = rope_tables(cfg, max_model_len)
         self.cos = cos.to(device=device, dtype=dtype).unsqueeze(1)
@@ -91,6 +93,21 @@ class ModelRunner:
         with section("sampling"):
             tokens, lps = sample(logits, params, gens)  # type: ignore[arg-type]
         return [Sampled(e.request_id, t, lp) for e, t, lp in zip(entries, tokens, lps)]
+
+    def memory_report(self) -> MemoryReport:
+        """The device's memory after a profile step (CUDA only)."""
+        return measure(self.device)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Replaces the (profile-sized) KV cache with one of `num_blocks`, and forgets what the
+        profile step left behind (expert counts, seeded generators)."""
+        self.model.allocate_kv_cache(0, self.block_size, self.dtype, self.device)  # free the old one first
+        self.model.allocate_kv_cache(num_blocks, self.block_size, self.dtype, self.device)
+        self.num_blocks = num_blocks
+        self.generators.clear()
+        for m in self.model.modules():
+            if isinstance(m, SparseMoe):
+                m.expert_counts.zero_()
 
     def _generator(self, rid: str, seed: int) -> torch.Generator:
         g = self.generators.get(rid)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from cluster import native
 from cluster.config import ModelConfig
 from cluster.engine.plan import Sampled, StepPlan
+from cluster.model.memory import MemoryReport, reset_peak_memory
 from cluster.model.runner import ModelRunner
 from cluster.model.weights import load_attention_model, load_expert_stacks
 from cluster.parallel.dispatch import DispatchedExperts, Exchange
@@ -80,8 +81,15 @@ class AttentionShard(InstanceActor):
     ) -> None:
         super().__init__(rank, num_shards, num_groups, placement, device, threads)
         ordinal = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        reset_peak_memory(device)
         model = load_attention_model(path, cfg, dtype, device, lambda layer: DispatchedExperts(self.exchange, ordinal[layer]))
         self.runner = ModelRunner(model, cfg, num_blocks, block_size, max_model_len, dtype, device)
+
+    def memory_report(self) -> MemoryReport:
+        return self.runner.memory_report()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port on it, for rank 0 to host the rendezvous."""

@@ -192,6 +192,12 @@ class RayExecutor:
         targets = actors if actors is not None else self.actors
         return self._wait({getattr(a, method).remote(*args): a for a in targets}, self.parallel.step_timeout_s)
 
+    def memory_reports(self) -> list:
+        return self.call_all("memory_report", actors=self.shards)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.call_all("allocate_kv_cache", num_blocks, actors=self.shards)
+
     def expert_counts(self) -> torch.Tensor:
         return torch.stack(self.call_all("expert_counts", actors=self.shards)).sum(0)
 

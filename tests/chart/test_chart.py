@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "q3serve"
 SCHEMAS = Path(os.environ.get("Q3SERVE_K8S_SCHEMAS", ROOT.parent / "shared" / "k8s-schemas"))
 PRESETS = sorted((CHART / "presets").glob("*.yaml"))
-ALL_ON = {"apiKeys": {"keys": ["k1", "k2"]}, "networkPolicy": {"enabled": True}, "serviceMonitor": {"enabled": True}}
+NCCL = {"socketIfname": "eth0", "ibHca": "mlx5", "debug": "WARN", "env": {"NCCL_IB_GID_INDEX": "3"},
+        "rdma": {"resourceName": "rdma/rdma_shared_device_a", "count": 1}}
+ALL_ON = {"apiKeys": {"keys": ["k1", "k2"]}, "networkPolicy": {"enabled": True}, "serviceMonitor": {"enabled": True},
+          "nccl": NCCL}
 
 
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -193,3 +196,65 @@ def test_api_key_secret_generated_or_existing() -> None:
     rs = next(d for d in existing if d["kind"] == "RayService")
     env = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert env == [{"name": "Q3SERVE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "api-keys", "optional": True}}}]
+
+
+def test_nccl_settings_reach_every_gpu_worker_and_only_them() -> None:
+    """NCCL variables and the RDMA device resource (with IPC_LOCK, which RDMA needs to pin memory)
+    on both GPU worker groups; the head runs no collective and gets none of it."""
+    rs = next(d for d in render({"nccl": NCCL}) if d["kind"] == "RayService")
+    spec = rs["spec"]["rayClusterConfig"]
+    workers = [g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]
+    assert len(workers) == 2
+    for c in workers:
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert {k: env.get(k) for k in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_DEBUG", "NCCL_IB_GID_INDEX")} == {
+            "NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "mlx5", "NCCL_DEBUG": "WARN", "NCCL_IB_GID_INDEX": "3"}
+        assert c["resources"]["limits"]["rdma/rdma_shared_device_a"] == "1"
+        assert c["resources"]["requests"]["rdma/rdma_shared_device_a"] == "1"
+        assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert not any(e["name"].startswith("NCCL_") for e in head["env"]) and "securityContext" not in head
+    plain = next(d for d in render({}) if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    for g in plain["workerGroupSpecs"]:
+        c = g["template"]["spec"]["containers"][0]
+        assert not any(e["name"].startswith("NCCL_") for e in c["env"]) and "securityContext" not in c
+    with pytest.raises(Exception, match="NCCL_|nccl"):
+        render({"nccl": {"env": {"LD_PRELOAD": "x"}}})
+
+
+# The real shapes (Qwen's config.json files) and the devices the presets are written for (GiB the
+# driver reports: H200 143,771 MiB, H100 81,559 MiB).
+QWEN3_235B = dict(layers=94, hidden=4096, heads=64, kv_heads=4, head_dim=128, experts=128, moe_inter=1536, vocab=151936)
+QWEN3_30B = dict(layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, moe_inter=768, vocab=151936)
+PRESET_TARGETS = {"qwen3-235b-a22b-h200": (QWEN3_235B, 140.4, 8), "qwen3-235b-a22b-fp8-h200": (QWEN3_235B, 140.4, 8),
+                  "qwen3-30b-a3b-single-node": (QWEN3_30B, 79.6, 8)}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_arithmetic_fits_the_devices(path: Path) -> None:
+    """Each preset's layout against the model's real shapes (bf16; an FP8 checkpoint is
+    dequantized to it on load): an expert group's slice leaves room on its GPU, an attention
+    shard's KV share holds at least one max_model_len sequence, an instance fits one node, the
+    pools' replicas fit the worker pods, and a replica takes as many requests as it can batch."""
+    s, gib, node_gpus = PRESET_TARGETS[path.stem]
+    values = preset(path)
+    cfg = AppConfig.model_validate(serve_config(render(values))["applications"][0]["args"])
+    h, layers = s["hidden"], s["layers"]
+    expert = 3 * h * s["moe_inter"] * 2
+    attention = h * (s["heads"] + 2 * s["kv_heads"]) * s["head_dim"] + s["heads"] * s["head_dim"] * h + h * s["experts"]
+    rest = (layers * attention + 2 * s["vocab"] * h) * 2
+    kv_per_token = 2 * layers * s["kv_heads"] * s["head_dim"] * 2
+    device = gib * 2**30
+    groups = values["workerGroups"]
+    for name, pool in cfg.pools().items():
+        per_group = -(-s["experts"] // pool.expert_groups) * layers * expert
+        assert per_group <= 0.85 * device, f"{name}: {per_group / 2**30:.1f} GiB of experts per GPU"
+        kv = (pool.gpu_memory_utilization or 0) * device - rest - 8 * 2**30  # 8 GiB: activations, NCCL, context
+        assert kv / kv_per_token >= (pool.max_model_len or 40960), f"{name}: {kv / kv_per_token:.0f} KV tokens"
+        assert pool.attention_shards + pool.expert_groups <= node_gpus
+        assert pool.ongoing_limit >= pool.autoscaling.target_ongoing_requests
+    for role, per in (("attention", "attention_shards"), ("expert", "expert_groups")):
+        g = groups[role]
+        for bound, pods in (("min_replicas", "minReplicas"), ("max_replicas", "maxReplicas")):
+            need = sum(getattr(p.autoscaling, bound) * getattr(p, per) for p in cfg.pools().values())
+            assert need <= g[pods] * g["gpusPerPod"], f"{role} pods at {bound}: {need} GPUs needed"

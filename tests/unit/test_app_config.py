@@ -73,3 +73,12 @@ def test_a_pool_block_sets_fields_over_its_preset() -> None:
     assert cfg.fast.max_thinking_budget == 0
     with pytest.raises(ValueError, match="thinking.max_num_sequences"):
         AppConfig.model_validate({"thinking": {"max_num_sequences": 16}})
+
+
+def test_max_ongoing_requests_follows_the_instance_batch() -> None:
+    """Unset, a replica takes what its instance runs at once (its sequences over all attention
+    shards), so an autoscaling target up to that can be reached; set, it is taken as given."""
+    cfg = AppConfig.model_validate({"thinking": {"max_num_seqs": 256, "attention_shards": 8},
+                                    "fast": {"max_num_seqs": 16, "max_ongoing_requests": 40}})
+    assert cfg.thinking.ongoing_limit == 2048 and cfg.fast.ongoing_limit == 40
+    assert AppConfig().thinking.ongoing_limit == 64

@@ -77,18 +77,44 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     - name: Q3SERVE_API_KEYS
       valueFrom:
         secretKeyRef: {name: {{ include "q3serve.apiKeySecret" $ }}, key: api-keys, optional: true}
+    {{- if ne .role "head" }}
+    {{- $nccl := $.Values.nccl }}
+    {{- with $nccl.socketIfname }}
+    - {name: NCCL_SOCKET_IFNAME, value: {{ . | quote }}}
+    {{- end }}
+    {{- with $nccl.ibHca }}
+    - {name: NCCL_IB_HCA, value: {{ . | quote }}}
+    {{- end }}
+    {{- with $nccl.debug }}
+    - {name: NCCL_DEBUG, value: {{ . | quote }}}
+    {{- end }}
+    {{- range $k, $v := $nccl.env }}
+    - {name: {{ $k }}, value: {{ $v | quote }}}
+    {{- end }}
+    {{- end }}
   resources:
     {{- if eq .role "head" }}
     {{- toYaml $.Values.head.resources | nindent 4 }}
     {{- else }}
     {{- $g := index $.Values.workerGroups .role }}
+    {{- $rdma := $.Values.nccl.rdma }}
     requests:
       {{- toYaml $g.resources.requests | nindent 6 }}
       nvidia.com/gpu: {{ $g.gpusPerPod | quote }}
+      {{- if $rdma.resourceName }}
+      {{ $rdma.resourceName }}: {{ $rdma.count | quote }}
+      {{- end }}
     limits:
       {{- toYaml $g.resources.limits | nindent 6 }}
       nvidia.com/gpu: {{ $g.gpusPerPod | quote }}
+      {{- if $rdma.resourceName }}
+      {{ $rdma.resourceName }}: {{ $rdma.count | quote }}
+      {{- end }}
     {{- end }}
+  {{- if and (ne .role "head") $.Values.nccl.rdma.resourceName }}
+  securityContext:
+    capabilities: {add: [IPC_LOCK]}   # RDMA registers (locks) memory
+  {{- end }}
   readinessProbe:
     httpGet:
       path: {{ if eq .role "head" }}/health{{ else }}/-/healthz{{ end }}
