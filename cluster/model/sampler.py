@@ -11,9 +11,13 @@ own generator and its output does not depend on what else is in the batch.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from cluster.config import SamplingParams
+
+_local = threading.local()
 
 # Candidates a top-p row without top-k starts from; when their mass falls short of top_p the row
 # takes the full-vocabulary path instead, so the result is exact either way.
@@ -120,7 +124,7 @@ def _sample_full(logits: torch.Tensor, params: list[SamplingParams], u: torch.Te
     the largest, which is 1), then the cumulative sum, then the search. Top-p here (a nucleus
     wider than the candidates) sorts, which only such rows pay."""
     temps = _column([p.temperature for p in params], logits)
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).div_(temps).exp_()
+    weights = torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=_scratch(logits)).div_(temps).exp_()
     top_p = [p.top_p for p in params]
     if any(t < 1 for t in top_p):
         sorted_w, order = weights.sort(dim=-1, descending=True)
@@ -128,6 +132,18 @@ def _sample_full(logits: torch.Tensor, params: list[SamplingParams], u: torch.Te
         drop = cum - sorted_w > _column(top_p, weights) * cum[:, -1:]
         weights = weights.masked_fill_(drop.scatter(1, order, drop), 0.0)
     return _inverse_cdf(_min_p(weights, params), u)
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    """A work buffer of `like`'s shape, reused from step to step by this thread. On the CPU a fresh
+    [rows, vocab] tensor (39 MB at 64 rows of Qwen3's vocabulary) is a new mapping from the
+    allocator every step, and faulting its pages in cost more than the exp and the cumulative sum
+    (measured: 27 -> 12 ms per step at 64 rows). One per thread, as each engine steps on its own."""
+    n = like.numel()
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = _local.buf = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(like.shape)
 
 
 def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
