@@ -162,7 +162,7 @@ class ModelConfig:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
+        elem = dtype.itemsize
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
 
 

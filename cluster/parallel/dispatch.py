@@ -116,7 +116,7 @@ class Exchange:
         splits = self._counts(send)
         zeros = [0] * self.world
         n = sum(splits)
-        width = hidden * torch.empty((), dtype=dtype).element_size() + 8
+        width = hidden * dtype.itemsize + 8
         packed = torch.empty(n, width, dtype=torch.uint8, device=self.device)
         self._a2a(packed, packed.new_empty(0, width), splits, zeros)
         rows, slots = unpack_rows(packed, hidden, dtype)

@@ -121,3 +121,58 @@ def test_engine_with_chunking_prefix_hits_and_preemption_stays_on_device(moe_che
     assert llm.core.shards[0].num_preemptions > 0
     assert any(o.num_cached_tokens for o in outs)
     llm.shutdown()
+
+
+def _exchange_rank(rank: int, port: int, results) -> None:  # noqa: ANN001 - a multiprocessing queue
+    """One rank of a 1-shard / 1-group instance: rank 0 dispatches a MoE layer's rows, rank 1
+    serves them, both under the check; inputs are made before it, as the model's would be."""
+    import torch.distributed as dist
+
+    from cluster.parallel.dispatch import Exchange
+    from cluster.parallel.placement import contiguous
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        w_gate_up, w_down = torch.randn(4, 8, 12), torch.randn(4, 6, 8)
+        x, ids, weights = torch.randn(5, 8), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+        exchange = Exchange(rank, 1, 1, contiguous(4, 1, 1), "cpu")
+        with torch.inference_mode(), OnlyOnModelDevice() as mode:
+            if rank == 0:
+                out = exchange.dispatch(0, x, ids, weights)
+            else:
+                exchange.serve(0, w_gate_up, w_down, torch.float32)
+        if rank == 0:
+            ref = torch.stack([sum(weights[t, j] * (torch.nn.functional.silu(x[t] @ w_gate_up[e][:, :6]) * (x[t] @ w_gate_up[e][:, 6:])) @ w_down[e]
+                                   for j, e in enumerate(ids[t].tolist())) for t in range(5)])
+            results.put((rank, mode.strays, torch.allclose(out, ref, atol=1e-4)))
+        else:
+            results.put((rank, mode.strays, True))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_dispatch_stays_on_device() -> None:
+    """The all_to_all exchange of one MoE layer (counts, packed rows, results), shard and group
+    side, in two processes over gloo, makes nothing off the device and returns the experts' sum."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_exchange_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [g[0] for g in got] == [0, 1]
+    assert got[0][1] == [] and got[1][1] == [], (got[0][1][:5], got[1][1][:5])
+    assert got[0][2], "dispatched experts differ from the local reference"
