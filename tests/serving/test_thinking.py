@@ -73,3 +73,19 @@ def test_thinking_off_has_no_reasoning(client: openai.OpenAI) -> None:
     # The template closed thinking in the prompt: whatever the model writes is content.
     assert not getattr(resp.choices[0].message, "reasoning_content", None)
     assert resp.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_thinking_pool_streams_in_chunks_of_its_interval(client: openai.OpenAI) -> None:
+    """The thinking preset's stream_interval of 16 reaches the stream: 40 tokens (the budget's
+    16 thoughts, the stop text, the answer) come in a handful of chunks, not one per token, and
+    say the same as the whole response."""
+    kw = dict(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=40, temperature=0,
+              extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    deltas = [(getattr(ch.delta, "reasoning_content", None) or "", ch.delta.content or "")
+              for chunk in client.chat.completions.create(stream=True, **kw) for ch in chunk.choices]
+    deltas = [d for d in deltas if d[0] or d[1]]
+    assert whole.usage.completion_tokens == 40
+    assert 2 <= len(deltas) <= 6, deltas  # 1 + 16 + 16 + 7 tokens, split where reasoning turns into content
+    assert "".join(r for r, _ in deltas) == whole.choices[0].message.reasoning_content
+    assert "".join(c for _, c in deltas) == whole.choices[0].message.content
