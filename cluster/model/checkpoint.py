@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from tqdm.auto import tqdm
@@ -79,7 +80,7 @@ def tensor_index(path: str | Path) -> dict[str, TensorEntry]:
     return out
 
 
-def read_tensor(f, entry: TensorEntry) -> torch.Tensor:  # noqa: ANN001 - an open binary file
+def read_tensor(f: BinaryIO, entry: TensorEntry) -> torch.Tensor:
     """One tensor's bytes, read into a buffer of its own (no mapping of the file)."""
     nbytes = entry.end - entry.start
     if nbytes == 0:
@@ -127,20 +128,23 @@ def iter_tensors(
             _check_scales(path, index, name, entry, fp8_block)
     names = sorted(expected, key=lambda n: (index[n].file, index[n].start))
     show = progress if progress is not None else len(expected) > 2000 or len({index[n].file for n in names}) > 1
-    handles: dict[Path, object] = {}
+    handles: dict[Path, BinaryIO] = {}
+
+    def read(entry: TensorEntry) -> torch.Tensor:
+        if entry.file not in handles:
+            handles[entry.file] = open(entry.file, "rb")  # noqa: SIM115 - closed below
+        return read_tensor(handles[entry.file], entry)
+
     try:
         for name in tqdm(names, desc="Loading weights", unit="tensor", disable=not show):
             entry = index[name]
-            f = handles.get(entry.file) or handles.setdefault(entry.file, open(entry.file, "rb"))  # noqa: SIM115
-            t = read_tensor(f, entry)
+            t = read(entry)
             if entry.dtype in _FP8:
-                scale = index[name + SCALE_SUFFIX]
-                sf = handles.get(scale.file) or handles.setdefault(scale.file, open(scale.file, "rb"))  # noqa: SIM115
-                t = dequantize_fp8(t, read_tensor(sf, scale), fp8_block, dtype or torch.float32)  # type: ignore[arg-type]
+                t = dequantize_fp8(t, read(index[name + SCALE_SUFFIX]), fp8_block, dtype or torch.float32)  # type: ignore[arg-type]
             yield name, t
     finally:
         for f in handles.values():
-            f.close()  # type: ignore[attr-defined]
+            f.close()
 
 
 def _check_scales(path: str | Path, index: Mapping[str, TensorEntry], name: str, entry: TensorEntry,
