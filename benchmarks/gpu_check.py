@@ -63,11 +63,11 @@ def make_checkpoint(path: Path, spec: dict, layers: int, device: str) -> Path:
 def fp8_twin(src: Path, fp8: Path, twin: Path) -> None:
     """Qwen's FP8 layout from `src` (every projection in e4m3 with a float32 scale per 128x128
     block), and the bf16 checkpoint of its dequantized values."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from cluster.model.checkpoint import dequantize_fp8
+    from cluster.model.checkpoint import dequantize_fp8, load_tensors, tensor_index
 
-    tensors = load_file(src / "model.safetensors") if (src / "model.safetensors").exists() else _sharded(src)
+    tensors = load_tensors(src, {name: e.shape for name, e in tensor_index(src).items()})
     q_out, t_out = {}, {}
     for name, t in tensors.items():
         if name.endswith("proj.weight"):
@@ -85,15 +85,6 @@ def fp8_twin(src: Path, fp8: Path, twin: Path) -> None:
         (d / "config.json").write_text(json.dumps({**cfg, **extra}))
         for f in TOKENIZER_FILES:
             shutil.copy(src / f, d / f)
-
-
-def _sharded(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(src.glob("model-*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,7 +98,7 @@ class Engine:
         self._inbox.put(("add", req))
         finished = False
         held: RequestOutput | None = None  # what waits for stream_interval tokens
-        sent = 0
+        sent_first = False
         try:
             while True:
                 try:
@@ -121,10 +121,10 @@ class Engine:
                         break
                     item.absorb(later)
                 finished = item.finished or failure is not None
-                if not finished and sent and len(item.delta_token_ids) < stream_interval:
+                if not finished and sent_first and len(item.delta_token_ids) < stream_interval:
                     held = item
                     continue
-                sent += 1
+                sent_first = True
                 yield item
                 if failure is not None:
                     raise failure

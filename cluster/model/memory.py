@@ -22,11 +22,8 @@ class MemoryReport:
 
 
 def measure(device: str | torch.device) -> MemoryReport:
-    """The CUDA device's numbers (`torch.cuda` only: there is nothing to measure on a CPU)."""
+    """The CUDA device's numbers (the engine core asks only for CUDA devices)."""
     dev = torch.device(device)
-    if dev.type != "cuda":
-        raise ValueError(f"gpu_memory_utilization: sizes the KV cache on CUDA devices, not {dev.type}; "
-                         "set kv_cache_memory_gb there")
     torch.cuda.synchronize(dev)
     free, total = torch.cuda.mem_get_info(dev)
     return MemoryReport(total, free, torch.cuda.memory_reserved(dev), torch.cuda.max_memory_allocated(dev))

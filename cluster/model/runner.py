@@ -26,7 +26,6 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
-        self.num_blocks = num_blocks
         model.allocate_kv_cache(num_blocks, block_size, dtype, device)
         cos, sin = rope_tables(cfg, max_model_len)
         self.cos = cos.to(device=device, dtype=dtype).unsqueeze(1)
@@ -85,7 +84,7 @@ class ModelRunner:
         if not rows:
             self.last_logits = None
             return []
-        logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=hidden.device)))
+        logits = self.model.compute_logits(hidden[rows])
         self.last_logits = logits
         entries = [e for e in plan.entries if e.params is not None]
         params = [e.params for e in entries]
@@ -103,7 +102,6 @@ class ModelRunner:
         profile step left behind (expert counts, seeded generators)."""
         self.model.allocate_kv_cache(0, self.block_size, self.dtype, self.device)  # free the old one first
         self.model.allocate_kv_cache(num_blocks, self.block_size, self.dtype, self.device)
-        self.num_blocks = num_blocks
         self.generators.clear()
         for m in self.model.modules():
             if isinstance(m, SparseMoe):

@@ -17,7 +17,6 @@ from cluster.model.experts import LocalExperts
 from cluster.model.qwen3_moe import DenseMlp, Qwen3MoeModel, SparseMoe
 
 
-
 def attention_tensors(cfg: ModelConfig) -> dict[str, Shape]:
     """Everything but the routed experts: embeddings, attention, gates, dense MLPs, norms, head."""
     h, hd = cfg.hidden_size, cfg.head_dim
