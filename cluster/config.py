@@ -240,7 +240,13 @@ class ParallelConfig:
     kind (`attention_resources` / `expert_resources`, e.g. a custom node resource), and may be
     pinned to nodes by label (`attention_labels` / `expert_labels`, Ray node labels matched by
     the bundle's label selector), e.g. to put expert groups on one GPU node pool. `placement` is "contiguous" or a load-balanced
-    `ExpertPlacement` built by `cluster.parallel.placement.load_balanced`."""
+    `ExpertPlacement` built by `cluster.parallel.placement.load_balanced`.
+
+    `layout` "separate" gives every shard and every group its own actor and bundle (A + E
+    devices); "colocated" makes actor i attention shard i and expert group i at once, one bundle
+    (one GPU) each, A = E: an attention shard and an expert group share a GPU as one rank,
+    because NCCL refuses two ranks of one communicator on one device (so fractional-GPU bundles
+    are refused in the separate layout)."""
 
     attention_shards: int = 1
     expert_groups: int = 1
@@ -255,6 +261,7 @@ class ParallelConfig:
     use_ray: bool = False          # run even a 1 x 1 instance as actors
     step_timeout_s: float = 60.0   # a step (and each collective) that takes longer fails the instance
     torch_threads: int = 1         # intra-op threads per actor
+    layout: str = "separate"       # or "colocated": shard i and group i in one actor (see above)
 
     def __post_init__(self) -> None:
         if self.attention_shards < 1:
@@ -267,13 +274,50 @@ class ParallelConfig:
             raise ValueError(f"placement_strategy: {self.placement_strategy!r} is not a Ray strategy")
         if self.step_timeout_s <= 0:
             raise ValueError("step_timeout_s: must be > 0")
+        if self.layout not in ("separate", "colocated"):
+            raise ValueError(f"layout: {self.layout!r} is not 'separate' or 'colocated'")
+        if self.colocated and self.expert_groups != self.attention_shards:
+            raise ValueError(
+                f"expert_groups: the colocated layout pairs each attention shard with one expert group, "
+                f"got {self.attention_shards} shards and {self.expert_groups} groups"
+            )
+        gpus = {b.get("GPU", 0.0) for b in self.bundles()}
+        if self.device == "cuda" and not self.colocated and self.num_actors > 1 and any(0 < g < 1 for g in gpus):
+            raise ValueError(
+                "actor_resources: a fractional GPU would put two ranks of the instance's NCCL group on one "
+                "device, which NCCL refuses; to share GPUs between attention shards and expert groups use "
+                "layout='colocated'"
+            )
+
+    @property
+    def colocated(self) -> bool:
+        return self.layout == "colocated"
+
+    @property
+    def num_actors(self) -> int:
+        """Actors (= ranks = bundles) of one instance."""
+        return self.attention_shards if self.colocated else self.attention_shards + self.expert_groups
 
     def bundle(self, kind: str) -> dict[str, float]:
+        """The resources of one actor of `kind` ("attention", "expert" or "colocated")."""
         base = self.actor_resources or ({"CPU": 1.0, "GPU": 1.0} if self.device == "cuda" else {"CPU": 1.0})
-        return {**base, **(self.attention_resources if kind == "attention" else self.expert_resources)}
+        extra = {"attention": self.attention_resources, "expert": self.expert_resources,
+                 "colocated": {**self.expert_resources, **self.attention_resources}}[kind]
+        return {**base, **extra}
 
     def labels(self, kind: str) -> dict[str, str]:
-        return dict(self.attention_labels if kind == "attention" else self.expert_labels)
+        return dict({"attention": self.attention_labels, "expert": self.expert_labels,
+                     "colocated": {**self.expert_labels, **self.attention_labels}}[kind])
+
+    def kinds(self) -> list[str]:
+        """The kind of each rank's actor, in rank order."""
+        if self.colocated:
+            return ["colocated"] * self.attention_shards
+        return ["attention"] * self.attention_shards + ["expert"] * self.expert_groups
+
+    def bundles(self) -> list[dict[str, float]]:
+        """One placement-group bundle per actor, in rank order."""
+        return [self.bundle(k) for k in self.kinds()]
 
 
 @dataclass

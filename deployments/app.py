@@ -23,13 +23,13 @@ def _expert_parallel(pool: PoolConfig) -> bool:
 
 def _instance_bundles(pool: PoolConfig) -> dict[str, Any]:
     """An expert-parallel replica reserves its instance with it: bundle 0 for the replica, then
-    one bundle per attention shard and expert group (what cluster.parallel.instance places them in)."""
+    one bundle per actor of the instance (what cluster.parallel.instance places them in)."""
     if not _expert_parallel(pool):
         return {}
     p = ParallelConfig(attention_shards=pool.attention_shards, expert_groups=pool.expert_groups, device=pool.device,
-                       actor_resources=pool.actor_resources, attention_resources=pool.attention_resources,
-                       expert_resources=pool.expert_resources)
-    bundles = [{"CPU": float(pool.replica_cpus)}] + [p.bundle("attention")] * pool.attention_shards + [p.bundle("expert")] * pool.expert_groups
+                       layout=pool.layout, actor_resources=pool.actor_resources,
+                       attention_resources=pool.attention_resources, expert_resources=pool.expert_resources)
+    bundles = [{"CPU": float(pool.replica_cpus)}] + p.bundles()
     return {"placement_group_bundles": bundles, "placement_group_strategy": "PACK"}
 
 

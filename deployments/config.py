@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.config import ParallelConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -51,6 +53,8 @@ class PoolConfig(_Strict):
     enabled: bool = True
     attention_shards: int = Field(1, ge=1)
     expert_groups: int = Field(1, ge=1)
+    # "colocated": each actor is an attention shard and an expert group on one GPU (wide-EP; A = E)
+    layout: Literal["separate", "colocated"] = "separate"
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: str = "auto"
     max_num_seqs: int = Field(32, ge=1)
@@ -85,6 +89,15 @@ class PoolConfig(_Strict):
             raise ValueError("kv_cache_memory_gb: not used when gpu_memory_utilization sizes the KV cache; give one of them")
         return self
 
+    @model_validator(mode="after")
+    def _layout(self) -> "PoolConfig":
+        """The instance's own checks (colocated needs A = E; no fractional GPUs across ranks),
+        at config time rather than when a replica starts."""
+        ParallelConfig(attention_shards=self.attention_shards, expert_groups=self.expert_groups, device=self.device,
+                       layout=self.layout, actor_resources=self.actor_resources,
+                       attention_resources=self.attention_resources, expert_resources=self.expert_resources)
+        return self
+
     @property
     def ongoing_limit(self) -> int:
         """Requests one replica takes at once: `max_ongoing_requests`, else its instance's batch."""
@@ -96,7 +109,7 @@ class PoolConfig(_Strict):
         return self.cpu_threads or 1
 
     def engine_kwargs(self) -> dict[str, Any]:
-        keys = ("attention_shards", "expert_groups", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
+        keys = ("attention_shards", "expert_groups", "layout", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "block_size", "enable_prefix_caching", "actor_resources",
                 "attention_resources", "expert_resources")
         return {k: getattr(self, k) for k in keys}

@@ -3,7 +3,9 @@ and the exchange (`InstanceActor`); an `AttentionShard` holds embeddings, attent
 norms, lm_head, its sequences' KV cache and sampling, and reaches each MoE layer's experts through
 the exchange; an `ExpertGroup` holds, for every MoE layer, the experts the placement gives it
 (stacked in local-slot order; a redundant copy is just another slot) and serves dispatches in
-lock-step with the shards. Expert groups own no request state and no attention weights."""
+lock-step with the shards. Expert groups own no request state and no attention weights. In the
+colocated layout there are no `ExpertGroup` actors: each `AttentionShard` also holds the expert
+group of its own rank and serves it inside its dispatches (cluster/parallel/dispatch.py)."""
 
 from __future__ import annotations
 
@@ -37,11 +39,14 @@ def param_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 class InstanceActor:
-    def __init__(self, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, device: str, threads: int) -> None:
+    def __init__(
+        self, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, device: str, threads: int,
+        colocated: bool = False,
+    ) -> None:
         torch.set_num_threads(threads)
         self.rank = rank
         self.step_s = 0.0  # seconds spent in steps since the last stats reset
-        self.exchange = Exchange(rank, num_shards, num_groups, placement, device)
+        self.exchange = Exchange(rank, num_shards, num_groups, placement, device, colocated)
 
     def join(self, backend: str, addr: str, port: int, world: int, timeout_s: float) -> None:
         """Joins the instance's process group; the timeout bounds every collective, so a lost
@@ -78,8 +83,12 @@ class AttentionShard(InstanceActor):
     def __init__(
         self, path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, num_blocks: int, block_size: int,
         max_model_len: int, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, threads: int,
+        colocated: bool = False,
     ) -> None:
-        super().__init__(rank, num_shards, num_groups, placement, device, threads)
+        super().__init__(rank, num_shards, num_groups, placement, device, threads, colocated)
+        if colocated:  # this rank is expert group `rank` as well
+            self.exchange.experts = load_expert_stacks(path, cfg, dtype, device, placement.experts_of(rank))
+            native.prepare(device)
         ordinal = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         reset_peak_memory(device)
         model = load_attention_model(path, cfg, dtype, device, lambda layer: DispatchedExperts(self.exchange, ordinal[layer]))
@@ -110,7 +119,8 @@ class AttentionShard(InstanceActor):
         return self.runner.model.expert_counts()
 
     def param_bytes(self) -> int:
-        return param_bytes(self.runner.model.parameters())
+        experts = [t for pair in self.exchange.experts or [] for t in pair]
+        return param_bytes([*self.runner.model.parameters(), *experts])
 
 
 class ExpertGroup(InstanceActor):
@@ -120,7 +130,7 @@ class ExpertGroup(InstanceActor):
     ) -> None:
         super().__init__(rank, num_shards, num_groups, placement, device, threads)
         self.dtype = dtype
-        self.weights = load_expert_stacks(path, cfg, dtype, device, placement.experts_of(rank - num_shards))
+        self.exchange.experts = load_expert_stacks(path, cfg, dtype, device, placement.experts_of(rank - num_shards))
         native.prepare(device)
 
     @torch.inference_mode()
@@ -128,9 +138,9 @@ class ExpertGroup(InstanceActor):
         """Serves one engine step: every MoE layer's exchange, in order. (`_tick` is the step's
         input in the compiled graph; groups need nothing from it.)"""
         start = time.perf_counter()
-        for ordinal, (w_gate_up, w_down) in enumerate(self.weights):
-            self.exchange.serve(ordinal, w_gate_up, w_down, self.dtype)
+        for ordinal in range(len(self.exchange.experts or [])):
+            self.exchange.serve(ordinal, self.dtype)
         self.step_s += time.perf_counter() - start
 
     def param_bytes(self) -> int:
-        return param_bytes(t for pair in self.weights for t in pair)
+        return param_bytes(t for pair in self.exchange.experts or [] for t in pair)

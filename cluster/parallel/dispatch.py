@@ -1,18 +1,23 @@
-"""The token exchange between attention shards and expert groups: the only module that knows
-the all_to_all protocol.
+"""The token exchange between the ranks that hold attention and the ranks that hold experts:
+the only module that knows the all_to_all protocol.
 
-Ranks 0..A-1 are attention shards, A..A+E-1 expert groups, all in one process group. Per MoE
-layer every rank takes part in three `all_to_all_single` calls, in this order:
+Two layouts (ParallelConfig.layout). "separate": ranks 0..A-1 are attention shards, A..A+E-1
+expert groups. "colocated": rank i is attention shard i *and* expert group i (the
+data-parallel-attention + expert-parallel layout of wide-EP deployments), so one GPU holds both;
+NCCL allows one rank per GPU in a communicator, so sharing a GPU means sharing a rank. Every rank
+runs the same three `all_to_all_single` calls per MoE layer, whatever it holds:
 
-1. counts: each shard tells each group how many (token, expert) rows it sends;
-2. rows: per row its hidden state and its local expert slot on the receiving group, packed as
+1. counts: each rank tells each rank how many (token, expert) rows it sends it (only ranks that
+   hold experts receive any);
+2. rows: per row its hidden state and its local expert slot on the receiving rank, packed as
    bytes into one tensor (so any dtype travels with its int64 slot id in one call);
-3. results: the groups send each row's expert output back, in the order received.
+3. results: each expert-holding rank runs its experts on what it received and sends each row's
+   output back, in the order received.
 
-A shard with no tokens sends empty splits; groups own no request state. A token routed to a
-replicated expert goes to one of its copies (round-robin over the token's rows), so the copies
-share the load. Payload per layer and shard: rows out + results back = 2 x rows x hidden x
-dtype size, plus 8 bytes per row of slot ids and the counts.
+A shard with no tokens sends empty splits; a pure expert group sends none; expert groups own no
+request state. A token routed to a replicated expert goes to one of its copies (round-robin over
+the token's rows), so the copies share the load. Payload per layer and rank: 2 x (rows sent +
+rows received) x hidden x dtype size, plus 8 bytes per row of slot ids and the counts.
 """
 
 from __future__ import annotations
@@ -56,14 +61,22 @@ def unpack_rows(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> tuple[
 
 
 class Exchange:
-    """One rank's end of the exchange, shard or group."""
+    """One rank's end of the exchange. `experts` (per MoE layer, this rank's stacked
+    w_gate_up, w_down) is set on ranks that hold an expert group."""
 
-    def __init__(self, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, device: str) -> None:
+    def __init__(
+        self, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, device: str,
+        colocated: bool = False,
+    ) -> None:
         self.rank = rank
-        self.num_shards = num_shards
-        self.world = num_shards + num_groups
+        self.world = num_shards if colocated else num_shards + num_groups
         self.device = device
-        self.tables = [tuple(t.to(device) for t in placement.routing_tables(i)) for i in range(placement.num_layers)]
+        first = 0 if colocated else num_shards  # the rank of expert group 0; group j is rank first + j
+        self.tables = [
+            (copies.to(device), (group + first).to(device), slot.to(device))
+            for copies, group, slot in (placement.routing_tables(i) for i in range(placement.num_layers))
+        ]
+        self.experts: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.stats = ExchangeStats()
         self.stats.reset(placement.num_layers)
 
@@ -72,67 +85,75 @@ class Exchange:
         dist.all_to_all_single(out, inp, out_splits, in_splits)
         self.stats.comm_s += time.perf_counter() - start
 
-    def _counts(self, send: torch.Tensor) -> list[int]:
+    def _splits(self, send: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Rows this rank sends to and receives from each rank: one counts exchange, and one read
+        of both to the host (all_to_all needs its split sizes there)."""
         recv = torch.empty_like(send)
         start = time.perf_counter()
         dist.all_to_all_single(recv, send)
         self.stats.comm_s += time.perf_counter() - start
-        return recv.tolist()
+        both = torch.cat([send, recv]).tolist()
+        return both[: self.world], both[self.world :]
 
-    # -- attention-shard side ------------------------------------------------------------------
-    def dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sends each (token, expert) row to the group holding that expert, returns the
-        router-weighted sum of the experts' outputs per token."""
-        t, k = ids.shape
-        hidden = x.shape[1]
-        num_copies, group_of, slot_of = self.tables[layer]
-        flat = ids.reshape(-1)
-        row = torch.arange(flat.numel(), device=x.device)
-        copy = row % num_copies[flat]
-        dest = group_of[flat, copy]
-        order = dest.argsort(stable=True)
-        send = torch.zeros(self.world, dtype=torch.long, device=x.device)
-        send[self.num_shards:] = torch.bincount(dest, minlength=self.world - self.num_shards)
-        self._counts(send)
-        splits = send.tolist()
-        zeros = [0] * self.world
-        rows = x[order // k]
-        slots = slot_of[flat, copy][order]
-        packed = pack_rows(rows, slots)
-        self._a2a(packed.new_empty(0, packed.shape[1]), packed, zeros, splits)
-        back = x.new_empty(rows.shape)
-        self._a2a(back, x.new_empty(0, hidden), splits, zeros)
-        self.stats.hidden_bytes[layer] += 2 * rows.numel() * rows.element_size()
-        self.stats.index_bytes[layer] += slots.numel() * slots.element_size() + 2 * send.numel() * send.element_size()
-        out = torch.empty_like(back)
-        out[order] = back
-        return torch.bmm(weights.unsqueeze(1).to(out.dtype), out.view(t, k, hidden)).squeeze(1)
+    def _exchange(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, send: torch.Tensor) -> torch.Tensor:
+        """Sends `rows` (sorted by destination rank, `send[r]` of them to rank r), serves what
+        arrives with this rank's experts, and returns the outputs of the rows sent, in order."""
+        hidden, dtype = rows.shape[1], rows.dtype
+        sent, received = self._splits(send)
+        n = sum(received)
+        packed = torch.empty(n, hidden * dtype.itemsize + 8, dtype=torch.uint8, device=rows.device)
+        self._a2a(packed, pack_rows(rows, slots), received, sent)
+        if n:
+            if self.experts is None:
+                raise RuntimeError(f"exchange: rank {self.rank} holds no experts but was sent {n} rows")
+            out = self._run_experts(layer, *unpack_rows(packed, hidden, dtype))
+        else:
+            out = rows.new_empty(0, hidden)
+        back = rows.new_empty(rows.shape)
+        self._a2a(back, out, sent, received)
+        moved = sum(sent) + n
+        self.stats.hidden_bytes[layer] += 2 * moved * hidden * dtype.itemsize
+        self.stats.index_bytes[layer] += moved * 8 + 2 * send.numel() * send.element_size()
+        return back
 
-    # -- expert-group side ---------------------------------------------------------------------
-    def serve(self, layer: int, w_gate_up: torch.Tensor, w_down: torch.Tensor, dtype: torch.dtype) -> None:
-        """Receives every shard's rows for this layer, runs the local experts, sends results."""
-        hidden = w_gate_up.shape[1]
-        send = torch.zeros(self.world, dtype=torch.long, device=self.device)
-        splits = self._counts(send)
-        zeros = [0] * self.world
-        n = sum(splits)
-        width = hidden * dtype.itemsize + 8
-        packed = torch.empty(n, width, dtype=torch.uint8, device=self.device)
-        self._a2a(packed, packed.new_empty(0, width), splits, zeros)
-        rows, slots = unpack_rows(packed, hidden, dtype)
+    def _run_experts(self, layer: int, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Each received row through its local expert slot."""
+        w_gate_up, w_down = self.experts[layer]  # type: ignore[index]
         start = time.perf_counter()
         if (kernels := native.for_tensor(rows)) is not None:
             # The fused kernel with one "routed expert" per row and weight 1: each row's output.
-            out = kernels.moe_experts(rows, slots[:, None], rows.new_ones(n, 1), w_gate_up, w_down)
+            out = kernels.moe_experts(rows, slots[:, None], rows.new_ones(rows.shape[0], 1), w_gate_up, w_down)
         else:
             order = slots.argsort(stable=True)
             counts = torch.bincount(slots, minlength=w_gate_up.shape[0]).tolist()
             out = torch.empty_like(rows)
             out[order] = grouped_swiglu(rows[order], counts, w_gate_up, w_down)
         self.stats.experts_s += time.perf_counter() - start
-        self._a2a(rows.new_empty(0, hidden), out, zeros, splits)
-        self.stats.hidden_bytes[layer] += 2 * rows.numel() * rows.element_size()
-        self.stats.index_bytes[layer] += slots.numel() * slots.element_size() + 2 * send.numel() * send.element_size()
+        return out
+
+    # -- attention-shard side (in the colocated layout, this serves too) -------------------------
+    def dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sends each (token, expert) row to the rank holding that expert, returns the
+        router-weighted sum of the experts' outputs per token."""
+        t, k = ids.shape
+        num_copies, rank_of, slot_of = self.tables[layer]
+        flat = ids.reshape(-1)
+        copy = torch.arange(flat.numel(), device=x.device) % num_copies[flat]
+        dest = rank_of[flat, copy]
+        order = dest.argsort(stable=True)
+        send = torch.zeros(self.world, dtype=torch.long, device=x.device).index_add_(0, dest, torch.ones_like(dest))
+        back = self._exchange(layer, x[order // k], slot_of[flat, copy][order], send)
+        out = torch.empty_like(back)
+        out[order] = back
+        return torch.bmm(weights.unsqueeze(1).to(out.dtype), out.view(t, k, x.shape[1])).squeeze(1)
+
+    # -- expert-group side (separate layout) ---------------------------------------------------
+    def serve(self, layer: int, dtype: torch.dtype) -> None:
+        """Receives every shard's rows for this layer, runs the local experts, sends results."""
+        hidden = self.experts[layer][0].shape[1]  # type: ignore[index]
+        none = torch.zeros(self.world, dtype=torch.long, device=self.device)
+        self._exchange(layer, torch.empty(0, hidden, dtype=dtype, device=self.device),
+                       torch.empty(0, dtype=torch.long, device=self.device), none)
 
 
 class DispatchedExperts:

@@ -1,6 +1,7 @@
-"""One model instance spread over Ray actors: A attention shards and E expert groups in one
-placement group (a bundle per actor) and one torch.distributed group (gloo on CPU, nccl on
-CUDA). Steps run in lock-step: every shard gets its plan and every group serves, each step.
+"""One model instance spread over Ray actors: A attention shards and E expert groups (or, in the
+colocated layout, A actors that are both) in one placement group (a bundle per actor) and one
+torch.distributed group (gloo on CPU, nccl on CUDA). Steps run in lock-step: every shard gets its
+plan and every group serves, each step.
 
 Failure: a step waits on all actors with `ray.wait`, so the first actor that dies or raises is
 seen at once and named; the instance then kills the rest (ending any collective they were
@@ -65,20 +66,22 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(num_cpus=max(os.cpu_count() or 1, 2 * (parallel.attention_shards + parallel.expert_groups)))
         a, e = parallel.attention_shards, parallel.expert_groups
-        bundles = [parallel.bundle("attention")] * a + [parallel.bundle("expert")] * e
+        bundles = parallel.bundles()
+        world = parallel.num_actors
+        colocated = parallel.colocated
         # Inside a Serve replica that reserved bundles for its instance (bundle 0 is the replica
         # itself), the actors go into those; otherwise the instance reserves its own group.
         current = ray.util.get_current_placement_group()
         self.owns_pg = current is None
         if current is not None:
-            if len(current.bundle_specs) < 1 + a + e:
+            if len(current.bundle_specs) < 1 + world:
                 raise InstanceError(
                     f"placement_group_bundles: the replica's placement group has {len(current.bundle_specs)} bundles, "
-                    f"the instance needs 1 + {a + e}"
+                    f"the instance needs 1 + {world}"
                 )
             self.pg, self.offset = current, 1
         else:
-            selectors = [parallel.labels("attention")] * a + [parallel.labels("expert")] * e
+            selectors = [parallel.labels(kind) for kind in parallel.kinds()]
             self.pg, self.offset = placement_group(
                 bundles, strategy=parallel.placement_strategy,
                 bundle_label_selector=selectors if any(selectors) else None,
@@ -92,12 +95,12 @@ class RayExecutor:
         tag = uuid.uuid4().hex[:6]
         self.names: dict[ray.actor.ActorHandle, str] = {}
         self.shards = [
-            self._spawn(AttentionShard, i, f"attention-shard-{i}", bundles[i], tag,
-                        path, cfg, dtype, device, num_blocks, block_size, max_model_len, i, a, e, self.placement,
-                        parallel.torch_threads)
+            self._spawn(AttentionShard, i, f"attention-shard-{i}" + ("+expert-group" if colocated else ""), bundles[i],
+                        tag, path, cfg, dtype, device, num_blocks, block_size, max_model_len, i, a, e, self.placement,
+                        parallel.torch_threads, colocated)
             for i in range(a)
         ]
-        self.groups = [
+        self.groups = [] if colocated else [
             self._spawn(ExpertGroup, a + j, f"expert-group-{j}", bundles[a + j], tag,
                         path, cfg, dtype, device, a + j, a, e, self.placement, parallel.torch_threads)
             for j in range(e)
@@ -107,7 +110,7 @@ class RayExecutor:
         try:
             addr, port = ray.get(self.shards[0].rendezvous_address.remote(), timeout=600)
             self._wait(
-                {a_.join.remote(backend, addr, port, a + e, parallel.step_timeout_s): a_ for a_ in self.actors}, 600
+                {a_.join.remote(backend, addr, port, world, parallel.step_timeout_s): a_ for a_ in self.actors}, 600
             )
         except BaseException:
             self.shutdown()

@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cluster.config import ParallelConfig
 from deployments.config import AppConfig
 from deployments.grpc_api import SERVICER_FUNCTIONS
 
@@ -234,8 +235,10 @@ PRESET_TARGETS = {"qwen3-235b-a22b-h200": (QWEN3_235B, 140.4, 8), "qwen3-235b-a2
 def test_preset_arithmetic_fits_the_devices(path: Path) -> None:
     """Each preset's layout against the model's real shapes (bf16; an FP8 checkpoint is
     dequantized to it on load): an expert group's slice leaves room on its GPU, an attention
-    shard's KV share holds at least one max_model_len sequence, an instance fits one node, the
-    pools' replicas fit the worker pods, and a replica takes as many requests as it can batch."""
+    shard's KV share (on a GPU it shares with an expert group, in the colocated layout) holds at
+    least one max_model_len sequence, an instance fits one node, the pools' replicas fit the
+    worker pods that advertise what their bundles ask for, and a replica takes as many requests
+    as it can batch."""
     s, gib, node_gpus = PRESET_TARGETS[path.stem]
     values = preset(path)
     cfg = AppConfig.model_validate(serve_config(render(values))["applications"][0]["args"])
@@ -245,16 +248,48 @@ def test_preset_arithmetic_fits_the_devices(path: Path) -> None:
     rest = (layers * attention + 2 * s["vocab"] * h) * 2
     kv_per_token = 2 * layers * s["kv_heads"] * s["head_dim"] * 2
     device = gib * 2**30
-    groups = values["workerGroups"]
     for name, pool in cfg.pools().items():
         per_group = -(-s["experts"] // pool.expert_groups) * layers * expert
         assert per_group <= 0.85 * device, f"{name}: {per_group / 2**30:.1f} GiB of experts per GPU"
-        kv = (pool.gpu_memory_utilization or 0) * device - rest - 8 * 2**30  # 8 GiB: activations, NCCL, context
+        weights = rest + (per_group if pool.layout == "colocated" else 0)  # on an attention shard's GPU
+        kv = (pool.gpu_memory_utilization or 0) * device - weights - 8 * 2**30  # 8 GiB: activations, NCCL, context
         assert kv / kv_per_token >= (pool.max_model_len or 40960), f"{name}: {kv / kv_per_token:.0f} KV tokens"
-        assert pool.attention_shards + pool.expert_groups <= node_gpus
+        assert _parallel(pool).num_actors <= node_gpus
         assert pool.ongoing_limit >= pool.autoscaling.target_ongoing_requests
-    for role, per in (("attention", "attention_shards"), ("expert", "expert_groups")):
-        g = groups[role]
-        for bound, pods in (("min_replicas", "minReplicas"), ("max_replicas", "maxReplicas")):
-            need = sum(getattr(p.autoscaling, bound) * getattr(p, per) for p in cfg.pools().values())
-            assert need <= g[pods] * g["gpusPerPod"], f"{role} pods at {bound}: {need} GPUs needed"
+    groups = {k: g for k, g in values["workerGroups"].items() if g.get("enabled", True)}
+    rendered = next(d for d in render(values) if d["kind"] == "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert sorted(g["groupName"] for g in rendered) == sorted(groups)
+    for bound, pods in (("min_replicas", "minReplicas"), ("max_replicas", "maxReplicas")):
+        need: dict[str, float] = {}
+        for pool in cfg.pools().values():
+            for bundle in _parallel(pool).bundles():
+                for key, amount in bundle.items():
+                    if key.startswith("q3serve_"):
+                        need[key] = need.get(key, 0) + amount * getattr(pool.autoscaling, bound)
+        assert need, "the pools' bundles ask for no worker group's resource"
+        for key, amount in need.items():
+            g = groups[key.removeprefix("q3serve_")]
+            assert amount <= g[pods] * g["gpusPerPod"], f"{key} at {bound}: {amount} GPUs needed"
+
+
+def _parallel(pool: Any) -> ParallelConfig:
+    return ParallelConfig(attention_shards=pool.attention_shards, expert_groups=pool.expert_groups, device=pool.device,
+                          layout=pool.layout, actor_resources=pool.actor_resources,
+                          attention_resources=pool.attention_resources, expert_resources=pool.expert_resources)
+
+
+def test_colocated_preset_is_one_worker_group_of_whole_nodes() -> None:
+    """The 235B preset: one instance per 8-GPU pod, every rank an attention shard and an expert
+    group; the default attention / expert groups are switched off, not rendered empty."""
+    values = preset(CHART / "presets" / "qwen3-235b-a22b-h200.yaml")
+    docs = render(values)
+    spec = next(d for d in docs if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    assert [(g["groupName"], g["resources"]) for g in spec["workerGroupSpecs"]] == [("node", {"q3serve_node": "8"})]
+    cfg = AppConfig.model_validate(serve_config(docs)["applications"][0]["args"])
+    for pool in cfg.pools().values():
+        assert pool.layout == "colocated" and _parallel(pool).num_actors == 8
+
+
+def test_colocated_layout_needs_as_many_groups_as_shards() -> None:
+    with pytest.raises(helm_python.HelmError, match="app.thinking.layout"):
+        render({"app": {"thinking": {"layout": "colocated", "attention_shards": 2, "expert_groups": 4}}})

@@ -1,6 +1,6 @@
-"""The expert-parallel instance (attention shards + expert groups on Ray, gloo all_to_all)
-generates exactly what the single-process engine does, holds only its share of the weights,
-and moves exactly the expected bytes."""
+"""The expert-parallel instance (attention shards + expert groups on Ray, gloo all_to_all), in
+the separate and the colocated layout, generates exactly what the single-process engine does,
+holds only its share of the weights, and moves exactly the expected bytes."""
 
 from __future__ import annotations
 
@@ -53,11 +53,13 @@ def reference(moe_checkpoint: Path) -> list[list[int]]:
     return [hf_greedy(ref, p, GREEDY.max_tokens) for p in PROMPTS]
 
 
-@pytest.mark.parametrize(("shards", "groups"), [(1, 2), (2, 2), (2, 3)])
-def test_token_equality(moe_checkpoint: Path, reference: list[list[int]], shards: int, groups: int) -> None:
-    llm = LLM(moe_checkpoint, attention_shards=shards, expert_groups=groups, **ENGINE)
+@pytest.mark.parametrize(("shards", "groups", "layout"),
+                         [(1, 2, "separate"), (2, 2, "separate"), (2, 3, "separate"), (2, 2, "colocated")])
+def test_token_equality(moe_checkpoint: Path, reference: list[list[int]], shards: int, groups: int, layout: str) -> None:
+    llm = LLM(moe_checkpoint, attention_shards=shards, expert_groups=groups, layout=layout, **ENGINE)
     try:
         assert _staggered(llm.core) == reference
+        assert len(llm.core.executor.actors) == (shards if layout == "colocated" else shards + groups)
         if shards == 1:  # one shard's pool is too small for all five: sequences were preempted
             assert llm.core.scheduler.num_preemptions > 0
         assert all(s.blocks.cached for s in llm.core.shards), "every attention shard held sequences"
@@ -95,6 +97,31 @@ def test_actors_hold_only_their_share(moe_checkpoint: Path) -> None:
         attn += cfg.num_hidden_layers * (heads - 2) * cfg.head_dim * 4
         assert shard_bytes == [attn, attn]
         assert group_bytes == [3 * _expert_bytes(cfg), 2 * _expert_bytes(cfg), 3 * _expert_bytes(cfg)]  # 8 experts as 3 + 2 + 3
+    finally:
+        llm.shutdown()
+
+
+def test_colocated_ranks_hold_attention_and_their_experts_and_serve_each_other(moe_checkpoint: Path) -> None:
+    """Two actors, each an attention shard and an expert group: each holds the attention weights
+    and half the experts, and the rows one shard sent are the rows the two ranks served."""
+    cfg = ModelConfig.from_pretrained(moe_checkpoint)
+    llm = LLM(moe_checkpoint, attention_shards=2, expert_groups=2, layout="colocated", **ENGINE)
+    try:
+        ex = llm.core.executor
+        assert ex.groups == [] and len(ex.shards) == 2
+        attn = sum(torch.Size(s).numel() * 4 for s in attention_tensors(cfg).values())
+        heads = cfg.num_attention_heads + cfg.num_key_value_heads
+        attn += cfg.num_hidden_layers * (heads - 2) * cfg.head_dim * 4
+        assert ex.call_all("param_bytes") == [attn + 4 * _expert_bytes(cfg)] * 2
+        ex.call_all("exchange_stats", True)
+        prompt = list(range(30, 43))  # one request: it lands on one shard, whose rows go to both ranks
+        llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+        stats = ex.call_all("exchange_stats")
+        rows = len(prompt) * cfg.num_experts_per_tok
+        # every row is counted once by its sender and once by its server (a row to itself twice)
+        total = [sum(col) for col in zip(*(s["hidden_bytes"] for s in stats))]
+        assert total == [2 * 2 * rows * cfg.hidden_size * 4] * len(cfg.moe_layers)
+        assert all(sum(s["hidden_bytes"]) > 0 for s in stats), "both ranks served experts"
     finally:
         llm.shutdown()
 

@@ -82,3 +82,40 @@ def test_max_ongoing_requests_follows_the_instance_batch() -> None:
                                     "fast": {"max_num_seqs": 16, "max_ongoing_requests": 40}})
     assert cfg.thinking.ongoing_limit == 2048 and cfg.fast.ongoing_limit == 40
     assert AppConfig().thinking.ongoing_limit == 64
+
+
+def test_colocated_layout_reserves_one_gpu_bundle_per_rank() -> None:
+    """Colocated: A actors, each an attention shard and an expert group on one GPU, with both
+    kinds' extra resources; separate: A + E bundles. The replica's own bundle comes first."""
+    from deployments.app import _instance_bundles
+
+    pool = AppConfig.model_validate({"thinking": {
+        "device": "cuda", "attention_shards": 8, "expert_groups": 8, "layout": "colocated",
+        "attention_resources": {"q3serve_attention": 1}, "expert_resources": {"q3serve_expert": 1}}}).thinking
+    bundles = _instance_bundles(pool)["placement_group_bundles"]
+    assert bundles == [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0, "q3serve_attention": 1, "q3serve_expert": 1}] * 8
+    separate = AppConfig.model_validate({"thinking": {"device": "cuda", "attention_shards": 2, "expert_groups": 3}}).thinking
+    assert _instance_bundles(separate)["placement_group_bundles"] == [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 5
+
+
+@pytest.mark.parametrize(
+    ("pool", "where"),
+    [
+        ({"attention_shards": 2, "expert_groups": 4, "layout": "colocated"}, "expert_groups"),
+        ({"layout": "stacked"}, "layout"),
+        # two ranks of one NCCL group on one GPU: NCCL refuses it, so the config does
+        ({"device": "cuda", "attention_shards": 2, "expert_groups": 2, "actor_resources": {"CPU": 1, "GPU": 0.5}},
+         "actor_resources"),
+    ],
+)
+def test_bad_layouts_are_refused_naming_the_field(pool: dict, where: str) -> None:
+    with pytest.raises(ValidationError, match=where):
+        AppConfig.model_validate({"thinking": pool})
+
+
+def test_colocated_fractional_gpus_are_allowed() -> None:
+    """In the colocated layout a GPU holds one rank of an instance, so a fraction (two instances'
+    ranks sharing a device) is each communicator's one rank there: allowed."""
+    pool = {"device": "cuda", "attention_shards": 2, "expert_groups": 2, "layout": "colocated",
+            "actor_resources": {"CPU": 1, "GPU": 0.5}}
+    assert AppConfig.model_validate({"thinking": pool}).thinking.layout == "colocated"

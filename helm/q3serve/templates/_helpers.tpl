@@ -43,6 +43,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if lt $a 1 -}}{{- fail (printf "app.%s.attention_shards: must be at least 1, got %d" $name $a) -}}{{- end -}}
 {{- if lt $e 1 -}}{{- fail (printf "app.%s.expert_groups: must be at least 1, got %d" $name $e) -}}{{- end -}}
 {{- if gt $e (int $m.numExperts) -}}{{- fail (printf "app.%s.expert_groups: %d groups for %d experts (model.numExperts)" $name $e (int $m.numExperts)) -}}{{- end -}}
+{{- if and (eq (index $pool "layout" | default "separate") "colocated") (ne $a $e) -}}
+{{- fail (printf "app.%s.layout: colocated pairs each attention shard with one expert group; got %d shards and %d groups" $name $a $e) -}}
+{{- end -}}
 {{- $as := index $pool "autoscaling" | default dict -}}
 {{- $min := 1 -}}{{- if hasKey $as "min_replicas" -}}{{- $min = int $as.min_replicas -}}{{- end -}}
 {{- $max := 1 -}}{{- if hasKey $as "max_replicas" -}}{{- $max = int $as.max_replicas -}}{{- end -}}
@@ -58,7 +61,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* One Ray container; `role` is head, attention or expert. */}}
+{{/* One Ray container; `role` is head or a worker group's name. */}}
 {{- define "q3serve.container" -}}
 {{- $ := .root -}}
 - name: {{ if eq .role "head" }}ray-head{{ else }}ray-worker{{ end }}
