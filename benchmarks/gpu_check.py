@@ -5,7 +5,9 @@ On a random checkpoint with Qwen3-30B-A3B's layer shapes (hidden 2048, 32 q / 4 
   - greedy generation against transformers on the same GPU (float32), with chunked prefill, a
     prefix-cache hit and preemption; seeded sampled generation reproduces;
   - host syncs per decode step (torch.cuda sync debug mode);
-  - FP8 (Qwen's block layout) loads and generates as its dequantized bf16 twin;
+  - FP8 (Qwen's block layout) loads and generates as its dequantized bf16 twin, dequantized on load
+    and with the experts kept in FP8 (block-scaled FP8 matmuls where the GPU has them): tokens,
+    bytes, decode time;
   - load peak device memory against the weights' bytes; gpu_memory_utilization sizing;
   - bf16 decode step time at 1, 16 and 64 sequences against the HBM read floor of the weights
     and KV it touches (the device's copy bandwidth measured here).
@@ -163,18 +165,39 @@ def host_syncs(llm: LLM, device: str) -> float | None:
 
 
 def fp8_check(path: Path, tmp: Path, device: str) -> dict[str, Any]:
+    """The FP8 checkpoint three ways: experts dequantized on load, experts kept in FP8 (with the
+    block-scaled matmul where the probe accepts it), and the dequantized bf16 twin: greedy
+    tokens, weight bytes, and decode step time at 16 sequences (kept vs dequantized)."""
+    from cluster.model.fp8 import blockwise_fp8_available
+
     fp8, twin = tmp / "fp8", tmp / "twin"
     fp8_twin(path, fp8, twin)
-    prompt = list(range(1000, 1032))
+    prompts = [list(range(1000 + 40 * j, 1032 + 40 * j)) for j in range(16)]
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    outs = {}
-    for name, p in (("fp8", fp8), ("twin", twin)):
-        llm = LLM(p, dtype="bfloat16", device=device, num_kv_blocks=64)
-        outs[name] = llm.generate([prompt], greedy)[0].token_ids
+    out: dict[str, Any] = {"blockwise_scaled_mm": blockwise_fp8_available(device)}
+    for name, p, option in (("dequantized", fp8, "dequantize"), ("kept", fp8, "keep"), ("twin", twin, "auto")):
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        llm = LLM(p, dtype="bfloat16", device=device, num_kv_blocks=256, max_num_seqs=16, fp8_weights=option)
+        weights = torch.cuda.memory_allocated() - before if device == "cuda" else None
+        outs = llm.generate(prompts, greedy)
+        _sync(device)
+        start = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+        _sync(device)
+        out[name] = {"tokens": [o.token_ids for o in outs], "allocated_after_load_bytes": weights,
+                     "decode_16_seqs_s_per_32_tokens": round(time.perf_counter() - start, 3)}
         llm.shutdown()
+    twin_tokens = out["twin"].pop("tokens")
+    out["dequantized_equals_twin"] = out["dequantized"].pop("tokens") == twin_tokens
+    kept = out["kept"].pop("tokens")
+    out["kept_equals_twin"] = kept == twin_tokens
+    out["kept_matching_sequences"] = sum(a == b for a, b in zip(kept, twin_tokens))
     shutil.rmtree(fp8)
     shutil.rmtree(twin)
-    return {"fp8_equals_dequantized_twin": outs["fp8"] == outs["twin"], "mode": "dequantized on load to bf16"}
+    return out
 
 
 def copy_bandwidth(device: str) -> float:

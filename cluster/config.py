@@ -80,6 +80,9 @@ class ModelConfig:
     sampling_defaults: tuple[tuple[str, float], ...] = ()
     # Block-wise FP8 weights (Qwen's -FP8 checkpoints): the [rows, cols] of one scale's block.
     fp8_block: tuple[int, int] | None = None
+    # How this engine holds an FP8 checkpoint's routed experts (not read from config.json; the
+    # engine sets it from EngineConfig.fp8_weights): "auto", "keep" or "dequantize" (cluster/model/fp8.py).
+    fp8_weights: str = "auto"
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
@@ -337,8 +340,13 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None  # CUDA: size the KV pool from the device (vLLM's meaning)
     enable_prefix_caching: bool = True
     seed: int = 0
+    # FP8 checkpoints: keep the routed experts in FP8 ("keep"), dequantize them on load
+    # ("dequantize"), or keep them where the device has block-scaled FP8 matmuls ("auto")
+    fp8_weights: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.fp8_weights not in ("auto", "keep", "dequantize"):
+            raise ValueError(f"fp8_weights: {self.fp8_weights!r} is not 'auto', 'keep' or 'dequantize'")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")

@@ -62,6 +62,8 @@ class PoolConfig(_Strict):
     max_model_len: int | None = Field(None, ge=16)
     kv_cache_memory_gb: float = Field(1.0, gt=0)  # per attention shard; on CUDA gpu_memory_utilization sizes it instead
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # CUDA only: the share of each device the engine may use
+    # FP8 checkpoints: routed experts kept in FP8 where the GPU has block-scaled FP8 matmuls ("auto"), always, or never
+    fp8_weights: Literal["auto", "keep", "dequantize"] = "auto"
     block_size: int = Field(16, ge=1)
     enable_prefix_caching: bool = True
     default_max_tokens: int = Field(1024, ge=1)
@@ -110,7 +112,7 @@ class PoolConfig(_Strict):
 
     def engine_kwargs(self) -> dict[str, Any]:
         keys = ("attention_shards", "expert_groups", "layout", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "block_size", "enable_prefix_caching", "actor_resources",
+                "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "fp8_weights", "block_size", "enable_prefix_caching", "actor_resources",
                 "attention_resources", "expert_resources")
         return {k: getattr(self, k) for k in keys}
 

@@ -4,9 +4,10 @@ sampled tokens into outputs (stop checks, detokenization). `Engine` drives it fr
 
 from __future__ import annotations
 
+
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -72,8 +73,12 @@ class EngineCore:
         config: EngineConfig | None = None, parallel: ParallelConfig | None = None,
     ) -> None:
         self.model_path = Path(model)
-        self.model_config = ModelConfig.from_pretrained(self.model_path)
         self.config = config or EngineConfig()
+        self.model_config = replace(
+            ModelConfig.from_pretrained(self.model_path), fp8_weights=self.config.fp8_weights
+        )
+        if self.config.fp8_weights == "keep" and self.model_config.fp8_block is None:
+            raise ValueError("fp8_weights: 'keep' needs an FP8 checkpoint (config.json has no quantization_config)")
         self.parallel = parallel or ParallelConfig(device=device)
         self.dtype = parse_dtype(self.model_config.torch_dtype if dtype == "auto" else dtype)
         self.tokenizer = load_tokenizer(self.model_path)

@@ -7,16 +7,17 @@ mapped file that were touched stay in the process's resident set while the file 
 mapped load holds the checkpoint and the model at once. Here the host holds one tensor at a time.
 
 FP8 checkpoints in Qwen's layout (e4m3 weights, a float32 `<name>_scale_inv` per block of
-`weight_block_size`) are dequantized block-wise as they are read (`dequantize_fp8`)."""
+`weight_block_size`) are dequantized block-wise as they are read (`dequantize_fp8`), except the
+tensors a caller keeps in FP8 (cluster/model/fp8.py), which come as (values, scales) pairs."""
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +31,13 @@ _DTYPES = {
 }
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIX = "_scale_inv"
+
+
+class Fp8Tensor(NamedTuple):
+    """A block-scaled FP8 weight as stored: e4m3 values and a float32 scale per block."""
+
+    q: torch.Tensor
+    scale_inv: torch.Tensor
 
 
 class CheckpointError(ValueError):
@@ -109,11 +117,12 @@ def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: Shape, dtype
 
 def iter_tensors(
     path: str | Path, expected: Mapping[str, Shape], fp8_block: Shape | None = None,
-    dtype: torch.dtype | None = None, progress: bool | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
+    dtype: torch.dtype | None = None, progress: bool | None = None, keep_fp8: Container[str] = (),
+) -> Iterator[tuple[str, torch.Tensor | Fp8Tensor]]:
     """Yields exactly the tensors named in `expected` (name -> shape), one at a time in file
     order, after checking presence and shapes of all of them before any data is read. An FP8
-    tensor comes dequantized to `dtype` (its scales are found beside it); others come as stored.
+    tensor comes dequantized to `dtype` (its scales are found beside it), or as an `Fp8Tensor`
+    when named in `keep_fp8`; others come as stored.
     A progress bar shows on loads of many files or when `progress` is true."""
     index = tensor_index(path)
     missing = [n for n in expected if n not in index]
@@ -140,7 +149,11 @@ def iter_tensors(
             entry = index[name]
             t = read(entry)
             if entry.dtype in _FP8:
-                t = dequantize_fp8(t, read(index[name + SCALE_SUFFIX]), fp8_block, dtype or torch.float32)  # type: ignore[arg-type]
+                scale = read(index[name + SCALE_SUFFIX])
+                if name in keep_fp8:
+                    yield name, Fp8Tensor(t, scale)
+                    continue
+                t = dequantize_fp8(t, scale, fp8_block, dtype or torch.float32)  # type: ignore[arg-type]
             yield name, t
     finally:
         for f in handles.values():

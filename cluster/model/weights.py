@@ -1,7 +1,8 @@
 """Maps the hub's tensor names onto the engine's fused parameters (q/k/v into one projection,
 gate/up into one, per-expert tensors into per-layer stacks), and says which tensors a part of
 the model needs, so that each actor loads only its own. Parameters are allocated once, in the
-serving dtype, on their device; each checkpoint tensor is copied into its slice as it is read."""
+serving dtype, on their device; each checkpoint tensor is copied into its slice as it is read.
+An FP8 checkpoint's routed experts may be kept in FP8 instead (`Fp8Experts`, see fp8.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cluster import native
 from cluster.model.checkpoint import Shape, iter_tensors
 from cluster.config import ModelConfig
 from cluster.model.experts import LocalExperts
+from cluster.model.fp8 import Fp8Experts, keeps_fp8
 from cluster.model.qwen3_moe import DenseMlp, Qwen3MoeModel, SparseMoe
 
 
@@ -128,13 +130,14 @@ def attention_fills(model: Qwen3MoeModel) -> dict[str, Fill]:
 
 
 def fill_from_checkpoint(path: str | Path, cfg: ModelConfig, expected: dict[str, Shape],
-                         fills: dict[str, Fill], dtype: torch.dtype) -> None:
+                         fills: dict[str, Fill], dtype: torch.dtype, keep_fp8: frozenset[str] = frozenset()) -> None:
     """Reads each tensor of `expected` once and copies it where `fills` says, so that the host
-    holds one checkpoint tensor at a time and the device only the parameters (plus one tensor)."""
+    holds one checkpoint tensor at a time and the device only the parameters (plus one tensor).
+    Tensors named in `keep_fp8` reach their fill as FP8 values with their scales."""
     assert expected.keys() == fills.keys(), sorted(expected.keys() ^ fills.keys())[:3]
     with torch.no_grad():
-        for name, t in iter_tensors(path, expected, cfg.fp8_block, dtype):
-            fills[name](t)
+        for name, t in iter_tensors(path, expected, cfg.fp8_block, dtype, keep_fp8=keep_fp8):
+            fills[name](t)  # type: ignore[arg-type]
 
 
 def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None) -> Qwen3MoeModel:  # noqa: ANN001
@@ -153,15 +156,21 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None)
 
 
 def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu") -> Qwen3MoeModel:
-    """The whole model in this process: attention weights plus every layer's local experts."""
-    model = empty_model(cfg, dtype, device)
+    """The whole model in this process: attention weights plus every layer's local experts
+    (in FP8 where `keeps_fp8` says so)."""
+    fp8 = {i: Fp8Experts(cfg, cfg.num_experts, device) for i in cfg.moe_layers} if keeps_fp8(cfg, cfg.fp8_weights, device) else {}
+    model = empty_model(cfg, dtype, device, fp8.__getitem__ if fp8 else None)
     expected, fills = attention_tensors(cfg), attention_fills(model)
     for i in cfg.moe_layers:
+        expected.update(expert_tensors(cfg, i, range(cfg.num_experts)))
+        if fp8:
+            fills.update(fp8[i].fills(cfg, i, range(cfg.num_experts)))
+            continue
         experts = model.layers[i].mlp.experts
         assert isinstance(experts, LocalExperts)
-        expected.update(expert_tensors(cfg, i, range(cfg.num_experts)))
         fills.update(expert_fills(cfg, i, range(cfg.num_experts), experts.w_gate_up, experts.w_down))
-    fill_from_checkpoint(path, cfg, expected, fills, dtype)
+    keep = frozenset(n for n in expected if ".mlp.experts." in n) if fp8 else frozenset()
+    fill_from_checkpoint(path, cfg, expected, fills, dtype, keep)
     return model.eval().requires_grad_(False)
 
 
@@ -175,19 +184,31 @@ def load_attention_model(
     return model.eval().requires_grad_(False)
 
 
+ExpertStack = tuple[torch.Tensor, torch.Tensor] | Fp8Experts
+
+
 def load_expert_stacks(
     path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str, slots: Sequence[Sequence[int]]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """An expert group's weights: for each MoE layer (in order) the input-major stacks of the
-    experts in `slots[ordinal]`, allocated once and filled as the checkpoint is read."""
+) -> list[ExpertStack]:
+    """An expert group's weights: for each MoE layer (in order) the experts in `slots[ordinal]`,
+    allocated once and filled as the checkpoint is read: input-major (w_gate_up, w_down) stacks
+    in the serving dtype, or an `Fp8Experts` where `keeps_fp8` says so."""
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
-    stacks, expected, fills = [], {}, {}
+    fp8 = keeps_fp8(cfg, cfg.fp8_weights, device)
+    stacks: list[ExpertStack] = []
+    expected: dict[str, Shape] = {}
+    fills: dict[str, Fill] = {}
     for ordinal, layer in enumerate(cfg.moe_layers):
         mine = list(slots[ordinal])
+        expected.update(expert_tensors(cfg, layer, sorted(set(mine))))
+        if fp8:
+            stack = Fp8Experts(cfg, len(mine), device)
+            fills.update(stack.fills(cfg, layer, mine))  # type: ignore[arg-type]
+            stacks.append(stack)
+            continue
         gu = torch.empty(len(mine), h, 2 * i, dtype=dtype, device=device)
         dn = torch.empty(len(mine), i, h, dtype=dtype, device=device)
         stacks.append((gu, dn))
-        expected.update(expert_tensors(cfg, layer, sorted(set(mine))))
         fills.update(expert_fills(cfg, layer, mine, gu, dn))
-    fill_from_checkpoint(path, cfg, expected, fills, dtype)
+    fill_from_checkpoint(path, cfg, expected, fills, dtype, frozenset(expected) if fp8 else frozenset())
     return stacks

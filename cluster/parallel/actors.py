@@ -23,7 +23,8 @@ from cluster.config import ModelConfig
 from cluster.engine.plan import Sampled, StepPlan
 from cluster.model.memory import MemoryReport, reset_peak_memory
 from cluster.model.runner import ModelRunner
-from cluster.model.weights import load_attention_model, load_expert_stacks
+from cluster.model.fp8 import Fp8Experts
+from cluster.model.weights import ExpertStack, load_attention_model, load_expert_stacks
 from cluster.parallel.dispatch import DispatchedExperts, Exchange
 from cluster.parallel.placement import ExpertPlacement
 
@@ -36,6 +37,11 @@ def param_bytes(tensors: Iterable[torch.Tensor]) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def expert_tensors(stacks: list[ExpertStack] | None) -> list[torch.Tensor]:
+    """Every tensor of an expert group's stacks, bf16 pairs or FP8 values and scales."""
+    return [t for stack in stacks or [] for t in (stack.tensors() if isinstance(stack, Fp8Experts) else stack)]
 
 
 class InstanceActor:
@@ -119,8 +125,7 @@ class AttentionShard(InstanceActor):
         return self.runner.model.expert_counts()
 
     def param_bytes(self) -> int:
-        experts = [t for pair in self.exchange.experts or [] for t in pair]
-        return param_bytes([*self.runner.model.parameters(), *experts])
+        return param_bytes([*self.runner.model.parameters(), *expert_tensors(self.exchange.experts)])
 
 
 class ExpertGroup(InstanceActor):
@@ -143,4 +148,4 @@ class ExpertGroup(InstanceActor):
         self.step_s += time.perf_counter() - start
 
     def param_bytes(self) -> int:
-        return param_bytes(t for pair in self.exchange.experts or [] for t in pair)
+        return param_bytes(expert_tensors(self.exchange.experts))

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from cluster import native
-from cluster.model.experts import grouped_swiglu
+from cluster.model.experts import group_offsets, grouped_mm_available, grouped_swiglu, grouped_swiglu_offsets
+from cluster.model.fp8 import Fp8Experts
 from cluster.parallel.placement import ExpertPlacement
 
 
@@ -62,7 +63,7 @@ def unpack_rows(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> tuple[
 
 class Exchange:
     """One rank's end of the exchange. `experts` (per MoE layer, this rank's stacked
-    w_gate_up, w_down) is set on ranks that hold an expert group."""
+    (w_gate_up, w_down), or its `Fp8Experts`) is set on ranks that hold an expert group."""
 
     def __init__(
         self, rank: int, num_shards: int, num_groups: int, placement: ExpertPlacement, device: str,
@@ -76,7 +77,7 @@ class Exchange:
             (copies.to(device), (group + first).to(device), slot.to(device))
             for copies, group, slot in (placement.routing_tables(i) for i in range(placement.num_layers))
         ]
-        self.experts: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.experts: list[tuple[torch.Tensor, torch.Tensor] | Fp8Experts] | None = None
         self.stats = ExchangeStats()
         self.stats.reset(placement.num_layers)
 
@@ -118,11 +119,22 @@ class Exchange:
 
     def _run_experts(self, layer: int, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Each received row through its local expert slot."""
-        w_gate_up, w_down = self.experts[layer]  # type: ignore[index]
+        stack = self.experts[layer]  # type: ignore[index]
         start = time.perf_counter()
+        if isinstance(stack, Fp8Experts):
+            order = slots.argsort(stable=True)
+            out = torch.empty_like(rows)
+            out[order] = stack.run_sorted(rows[order], torch.bincount(slots, minlength=stack.num_slots).tolist())
+            self.stats.experts_s += time.perf_counter() - start
+            return out
+        w_gate_up, w_down = stack
         if (kernels := native.for_tensor(rows)) is not None:
             # The fused kernel with one "routed expert" per row and weight 1: each row's output.
             out = kernels.moe_experts(rows, slots[:, None], rows.new_ones(rows.shape[0], 1), w_gate_up, w_down)
+        elif grouped_mm_available(str(rows.device), rows.dtype):  # no read of the counts to the host
+            order, offs = group_offsets(slots, w_gate_up.shape[0])
+            out = torch.empty_like(rows)
+            out[order] = grouped_swiglu_offsets(rows[order], offs, w_gate_up, w_down)
         else:
             order = slots.argsort(stable=True)
             counts = torch.bincount(slots, minlength=w_gate_up.shape[0]).tolist()
@@ -150,7 +162,8 @@ class Exchange:
     # -- expert-group side (separate layout) ---------------------------------------------------
     def serve(self, layer: int, dtype: torch.dtype) -> None:
         """Receives every shard's rows for this layer, runs the local experts, sends results."""
-        hidden = self.experts[layer][0].shape[1]  # type: ignore[index]
+        stack = self.experts[layer]  # type: ignore[index]
+        hidden = stack.gate.q.shape[-1] if isinstance(stack, Fp8Experts) else stack[0].shape[1]
         none = torch.zeros(self.world, dtype=torch.long, device=self.device)
         self._exchange(layer, torch.empty(0, hidden, dtype=dtype, device=self.device),
                        torch.empty(0, dtype=torch.long, device=self.device), none)

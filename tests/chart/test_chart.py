@@ -233,8 +233,8 @@ PRESET_TARGETS = {"qwen3-235b-a22b-h200": (QWEN3_235B, 140.4, 8), "qwen3-235b-a2
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_arithmetic_fits_the_devices(path: Path) -> None:
-    """Each preset's layout against the model's real shapes (bf16; an FP8 checkpoint is
-    dequantized to it on load): an expert group's slice leaves room on its GPU, an attention
+    """Each preset's layout against the model's real shapes in bf16 (the worst case for an FP8
+    checkpoint too: a GPU that cannot keep its experts in FP8 dequantizes them): an expert group's slice leaves room on its GPU, an attention
     shard's KV share (on a GPU it shares with an expert group, in the colocated layout) holds at
     least one max_model_len sequence, an instance fits one node, the pools' replicas fit the
     worker pods that advertise what their bundles ask for, and a replica takes as many requests

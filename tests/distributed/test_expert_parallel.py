@@ -126,6 +126,33 @@ def test_colocated_ranks_hold_attention_and_their_experts_and_serve_each_other(m
         llm.shutdown()
 
 
+def test_fp8_experts_kept_across_colocated_ranks(tmp_path: Path) -> None:
+    """An FP8 checkpoint with fp8_weights="keep" in a colocated 2 x 2 instance: each rank holds
+    its experts as e4m3 values and block scales (a quarter of float32's bytes plus the scales),
+    serves them through the exchange, and the instance generates what the dequantized twin does
+    in one process."""
+    from tests.unit.test_fp8 import fp8_pair
+
+    block = (16, 16)
+    fp8, twin = fp8_pair(tmp_path, block)
+    cfg = ModelConfig.from_pretrained(fp8)
+    ref = LLM(twin, **ENGINE)
+    want = [o.token_ids for o in ref.generate(PROMPTS, GREEDY)]
+    ref.shutdown()
+    llm = LLM(fp8, attention_shards=2, expert_groups=2, layout="colocated", fp8_weights="keep", **ENGINE)
+    try:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        h, i = cfg.hidden_size, cfg.moe_intermediate_size
+        scales = (2 * -(-i // 16) * -(-h // 16) + -(-h // 16) * -(-i // 16)) * 4
+        per_expert = (3 * h * i + scales) * len(cfg.moe_layers)
+        attn = sum(torch.Size(s).numel() * 4 for s in attention_tensors(cfg).values())
+        heads = cfg.num_attention_heads + cfg.num_key_value_heads
+        attn += cfg.num_hidden_layers * (heads - 2) * cfg.head_dim * 4
+        assert llm.core.executor.call_all("param_bytes") == [attn + 4 * per_expert] * 2
+    finally:
+        llm.shutdown()
+
+
 def test_bytes_per_layer_match_routing(moe_checkpoint: Path) -> None:
     cfg = ModelConfig.from_pretrained(moe_checkpoint)
     llm = LLM(moe_checkpoint, attention_shards=1, expert_groups=2, **ENGINE)

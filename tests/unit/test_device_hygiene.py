@@ -187,3 +187,29 @@ def test_expert_parallel_dispatch_stays_on_device(colocated: bool) -> None:
     assert [g[0] for g in got] == [0, 1]
     assert got[0][1] == [] and got[1][1] == [], (got[0][1][:5], got[1][1][:5])
     assert got[0][2] and got[1][2], "dispatched experts differ from the local reference"
+
+
+def test_device_side_expert_paths_stay_on_device() -> None:
+    """The paths a GPU takes that a CPU does not choose: the grouped experts (counts and offsets
+    made on the device) and FP8 experts (dequantized per matmul), under the check."""
+    from cluster.config import ModelConfig
+    from cluster.model.experts import LocalExperts
+    from cluster.model.fp8 import Fp8Experts
+
+    raw = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+           "quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    cfg = ModelConfig.from_dict(raw)
+    local = LocalExperts(cfg)
+    torch.nn.init.normal_(local.w_gate_up)
+    torch.nn.init.normal_(local.w_down)
+    fp8 = Fp8Experts(cfg, 4, "cpu")
+    for w in (fp8.gate, fp8.up, fp8.down):
+        w.q.copy_(torch.randn(w.q.shape))
+        w.scale_inv.fill_(0.01)
+    x, ids, weights = torch.randn(6, 32), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    with torch.inference_mode(), OnlyOnModelDevice() as mode:
+        a = local.forward_grouped(x, ids, weights)
+        b = fp8(x, ids, weights)
+    assert mode.strays == [], mode.strays[:5]
+    assert a.shape == b.shape == x.shape and a.device == b.device == torch.device("cpu")

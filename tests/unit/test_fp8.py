@@ -140,3 +140,70 @@ def test_fp8_tensors_without_config_or_scales_are_refused(tmp_path: Path) -> Non
     save_file(tensors, fp8 / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing tensor 'model.layers.0.self_attn.o_proj.weight_scale_inv'"):
         LLM(fp8, dtype="float32")
+
+
+@pytest.mark.parametrize("block", [(128, 128), (16, 32)])
+def test_experts_kept_in_fp8_generate_as_the_dequantized_twin(tmp_path: Path, block: tuple[int, int]) -> None:
+    """fp8_weights="keep": every routed expert stays e4m3 with its scales (gate, up and down
+    apart, so ragged blocks keep theirs), and the model generates what the dequantized twin does.
+    On the CPU each expert matmul goes through the exactly dequantized weight (the path a GPU
+    without block-scaled FP8 matmuls takes too)."""
+    from cluster.model.fp8 import Fp8Experts
+
+    fp8, twin = fp8_pair(tmp_path, block, hidden_size=160, moe_intermediate_size=48, intermediate_size=200,
+                         mlp_only_layers=[0], num_hidden_layers=3)
+    prompts = [[4, 8, 15, 16, 23, 42], list(range(50, 90))]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    kept = LLM(fp8, dtype="float32", num_kv_blocks=64, fp8_weights="keep")
+    try:
+        layers = kept.core.executor.runner.model.layers
+        experts = [layer.mlp.experts for layer in layers[1:]]
+        assert all(isinstance(e, Fp8Experts) for e in experts)
+        e = experts[0]
+        assert e.gate.q.dtype == torch.float8_e4m3fn and e.gate.q.shape == (8, 48, 160)
+        assert e.gate.scale_inv.shape == (8, -(-48 // block[0]), -(-160 // block[1]))
+        assert e.down.scale_inv.shape == (8, -(-160 // block[0]), -(-48 // block[1]))
+        got = [o.token_ids for o in kept.generate(prompts, greedy)]
+    finally:
+        kept.shutdown()
+    ref = LLM(twin, dtype="float32", num_kv_blocks=64)
+    try:
+        assert got == [o.token_ids for o in ref.generate(prompts, greedy)]
+    finally:
+        ref.shutdown()
+
+
+def test_block_scaled_matmul_reference_is_the_dense_product_within_fp8_error() -> None:
+    """Activations quantized per token and 128-wide group (ragged K too), times block-scaled
+    weights: within e4m3's precision of the float product; all-zero rows stay zero."""
+    from cluster.model.checkpoint import Fp8Tensor
+    from cluster.model.fp8 import blockwise_reference, quantize_rows
+
+    torch.manual_seed(0)
+    for m, k, n in ((5, 256, 384), (3, 200, 130)):
+        x = torch.randn(m, k)
+        x[0] = 0
+        w = torch.randn(n, k) * 0.05
+        q, s = _quantize(w, (128, 128))
+        xq, xs = quantize_rows(x)
+        assert xq.dtype == torch.float8_e4m3fn and xs.shape == (m, -(-k // 128))
+        got = blockwise_reference(xq, xs, Fp8Tensor(q, s), (128, 128), torch.float32)
+        want = x @ w.t()
+        assert torch.equal(got[0], torch.zeros(n))
+        assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
+def test_fp8_weights_option(tmp_path: Path) -> None:
+    """"auto" keeps FP8 only where block-scaled matmuls run (never on the CPU); "keep" on a
+    checkpoint that is not FP8 is refused naming the option."""
+    from cluster.model.fp8 import blockwise_fp8_available, keeps_fp8
+
+    fp8, twin = fp8_pair(tmp_path, (16, 16))
+    assert not blockwise_fp8_available("cpu")
+    cfg = ModelConfig.from_pretrained(fp8)
+    assert keeps_fp8(cfg, "auto", "cpu") is False and keeps_fp8(cfg, "keep", "cpu") is True
+    assert keeps_fp8(cfg, "dequantize", "cpu") is False
+    with pytest.raises(ValueError, match="fp8_weights: 'keep' needs an FP8 checkpoint"):
+        LLM(twin, dtype="float32", fp8_weights="keep")
+    with pytest.raises(ValueError, match="fp8_weights: 'fast'"):
+        LLM(fp8, dtype="float32", fp8_weights="fast")

@@ -275,3 +275,19 @@ def test_stale_build_lock_is_cleared(tmp_path, monkeypatch) -> None:
     os.utime(lock, (old, old))
     native._clear_stale_lock(directory)
     assert not lock.exists()
+
+
+@torch.inference_mode()
+def test_sync_free_grouped_experts_match_naive() -> None:
+    """The GPU path that reads no counts to the host (device-side offsets, torch's grouped
+    matmul, which also runs on the CPU): against the per-token reference, with experts that get
+    no rows; on the CPU it is never chosen (the probe says so) but computes the same."""
+    from cluster.model.experts import grouped_mm_available
+
+    m = _experts(8, 32, 16, torch.float32)
+    for t, k in [(1, 2), (6, 2), (40, 2), (3, 1)]:
+        x = torch.randn(t, 32, generator=torch.Generator().manual_seed(t))
+        ids, weights = _routing(t, 8, k, seed=t)
+        got = m.forward_grouped(x, ids, weights)
+        assert (got.double() - _naive(m, x, ids, weights)).abs().max().item() < 1e-5
+    assert not grouped_mm_available("cpu", torch.float32)
