@@ -22,17 +22,34 @@ from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnava
 from deployments.pool import PoolChunk
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content as OpenAI's SDKs send it ({"type": "text", "text": ...});
+    this model reads text only."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = Field(None, validate_default=True)
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
     reasoning_content: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _content(cls, value: str | None, info: ValidationInfo) -> str:
-        """Qwen3's template reads every message's content; as in OpenAI's API, only an assistant
-        turn (one that made tool calls) may leave it out."""
+    def _content(cls, value: str | list[ContentPart] | None, info: ValidationInfo) -> str:
+        """Qwen3's template reads every message's content as text: a list of text parts is
+        joined with newlines (as vLLM does), any other part is refused naming its type. As in
+        OpenAI's API, only an assistant turn (one that made tool calls) may leave content out."""
+        if isinstance(value, list):
+            for j, part in enumerate(value):
+                if part.type != "text":
+                    raise ValueError(f"part {j} has type {part.type!r}; this model reads only 'text' parts")
+                if part.text is None:
+                    raise ValueError(f"part {j} of type 'text' has no 'text'")
+            return "\n".join(part.text or "" for part in value)
         if value is not None:
             return value
         role = info.data.get("role")
@@ -45,10 +62,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Types only: the values are checked once, by Frontend.sampling, for both APIs; None is unset."""
+# OpenAI fields with no effect on the output, accepted and ignored as OpenAI-compatible servers do.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                            "safety_identifier"})
 
-    model_config = ConfigDict(extra="allow")  # OpenAI clients pass unknown extras through; ignore them
+
+def _unused(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == [] or value == {}
+
+
+# Fields of OpenAI's (or vLLM's) API this server does not honour yet, each with the values that
+# mean "not used"; any other value is refused naming the field rather than silently dropped.
+NOT_HONOURED: dict[str, Any] = {
+    "tools": _unused, "functions": _unused, "function_call": lambda v: v in (None, "none", "auto"),
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "logit_bias": _unused, "presence_penalty": _unused, "frequency_penalty": _unused,
+    "repetition_penalty": lambda v: v in (None, 1, 1.0), "top_logprobs": _unused, "prompt_logprobs": _unused,
+    "echo": _unused, "best_of": lambda v: v in (None, 1), "suffix": _unused, "min_tokens": _unused,
+    "structured_outputs": _unused, "guided_json": _unused, "guided_regex": _unused, "guided_choice": _unused,
+    "guided_grammar": _unused, "reasoning_effort": _unused, "modalities": lambda v: v in (None, ["text"]),
+    "audio": _unused, "prediction": _unused, "web_search_options": _unused,
+}
+
+
+class _Sampling(BaseModel):
+    """Types only: the values are checked once, by Frontend.sampling, for both APIs; None is unset.
+    Extra fields are kept so that `check_honoured` can name one the server would not apply."""
+
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -61,13 +103,27 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+    def check_honoured(self) -> None:
+        """A field this server would not apply is an error naming it, never silently dropped:
+        OpenAI fields not built yet (unless at their "not used" value) and unknown fields;
+        fields with no effect on the output (`user`, `metadata`, ...) pass."""
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED_FIELDS:
+                continue
+            if name in NOT_HONOURED:
+                if NOT_HONOURED[name](value):
+                    continue
+                raise RequestError(name, f"{name}={value!r} is not supported by this server yet")
+            raise RequestError(name, f"unknown field {name!r}")
 
     def sampling(self, frontend: Frontend, thinking: bool, max_tokens: int | None, logprobs: bool,
                  budget: int | None) -> SamplingParams:
         return frontend.sampling(
             thinking, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            thinking_budget=budget,
+            min_p=self.min_p, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos, logprobs=logprobs, thinking_budget=budget,
         )
 
 
@@ -159,6 +215,7 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     async def chat(body: ChatRequest) -> Any:
         try:
             frontend.check_model(body.model)
+            body.check_honoured()
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
             thinking, ids = frontend.chat_prompt(messages, body.explicit_thinking())
             params = body.sampling(frontend, thinking, body.max_completion_tokens or body.max_tokens, body.logprobs,
@@ -171,6 +228,7 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     async def completions(body: CompletionRequest) -> Any:
         try:
             frontend.check_model(body.model)
+            body.check_honoured()
             ids = body.prompt if isinstance(body.prompt, list) else frontend.encode(body.prompt)
             thinking = body.thinking_budget is not None
             params = body.sampling(frontend, thinking, body.max_tokens, bool(body.logprobs), body.thinking_budget)

@@ -127,6 +127,17 @@ def test_completions(client: openai.OpenAI) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}, {"role": "tool"}]}, 400, "messages.1.content"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 1100}]}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),
+        # content parts: text only; an image part is refused naming the content
+        ({"model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages.0.content"),
+        # fields not built yet are refused naming them, never silently dropped
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, 400, "tools"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+         400, "response_format"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, 400, "frobnicate"),
     ],
 )
 def test_bad_requests_get_openai_errors(server: str, body: dict, status: int, param: str) -> None:
@@ -239,3 +250,24 @@ def test_sampling_fields_pass_through(client: openai.OpenAI) -> None:
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[: text.index(stop)]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(**kw, n=2)
+
+
+def test_content_parts_are_joined_text(client: openai.OpenAI) -> None:
+    """Text parts (what many SDKs and `vllm bench serve --backend openai-chat` send) are the
+    same prompt as their texts joined by newlines."""
+    kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"enable_thinking": False})
+    parts = client.chat.completions.create(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is 2+3?"}, {"type": "text", "text": "Answer briefly."}]}], **kw)
+    plain = client.chat.completions.create(messages=[{"role": "user", "content": "What is 2+3?\nAnswer briefly."}], **kw)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_fields_at_their_unused_values_and_output_neutral_fields_pass(client: openai.OpenAI) -> None:
+    """What SDKs send by default (zero penalties, tool_choice none, text format) and fields with
+    no effect on the output (user, metadata) are accepted."""
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0,
+        presence_penalty=0, frequency_penalty=0, tool_choice="none", response_format={"type": "text"}, user="u1",
+        extra_body={"enable_thinking": False, "metadata": {}, "ignore_eos": True})
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens == 8
