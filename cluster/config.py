@@ -385,12 +385,27 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     thinking_budget: int | None = None  # Qwen3: tokens allowed inside <think> before it is closed
+    # OpenAI's and vLLM's meanings: presence/frequency subtract from the logits of tokens already
+    # generated (once, and per occurrence); repetition divides (or multiplies, when negative) the
+    # logits of tokens in the prompt or the output; logit_bias adds to given tokens' logits;
+    # top_logprobs returns that many most likely tokens with their logprobs at each position.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        try:
+            self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        except (TypeError, ValueError):
+            raise RequestError("logit_bias", "must map token ids to numbers") from None
+        if self.top_logprobs:
+            self.logprobs = True
         checks = [
             ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens > 0),
              "must be a positive integer"),
@@ -400,6 +415,12 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("thinking_budget", self.thinking_budget is None
              or (isinstance(self.thinking_budget, int) and self.thinking_budget >= 0), "must be a non-negative integer"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 10 and math.isfinite(self.repetition_penalty),
+             "must be in (0, 10]"),
+            ("logit_bias", all(-100 <= v <= 100 for v in self.logit_bias.values()), "values must be in [-100, 100]"),
+            ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -410,3 +431,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the tokens generated so far (and the prompt's, for repetition)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)

@@ -95,7 +95,9 @@ class Frontend:
         self, thinking: bool, *, max_tokens: int | None = None, temperature: float | None = None,
         top_p: float | None = None, top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-        logprobs: bool = False, thinking_budget: int | None = None,
+        logprobs: bool = False, thinking_budget: int | None = None, top_logprobs: int = 0,
+        presence_penalty: float | None = None, frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None, logit_bias: dict[Any, float] | None = None,
     ) -> SamplingParams:
         """The one place a request's sampling fields are checked, whichever API they came by: the
         mode's defaults for the fields left unset, OpenAI's temperature range here, the engine's
@@ -109,7 +111,9 @@ class Frontend:
         return SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids),
-            ignore_eos=ignore_eos, logprobs=logprobs, thinking_budget=thinking_budget,
+            ignore_eos=ignore_eos, logprobs=logprobs, thinking_budget=thinking_budget, top_logprobs=top_logprobs,
+            presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, logit_bias=logit_bias or {},
         )
 
     async def start(

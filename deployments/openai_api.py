@@ -77,8 +77,7 @@ NOT_HONOURED: dict[str, Any] = {
     "tools": _unused, "functions": _unused, "function_call": lambda v: v in (None, "none", "auto"),
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or v == {"type": "text"},
-    "logit_bias": _unused, "presence_penalty": _unused, "frequency_penalty": _unused,
-    "repetition_penalty": lambda v: v in (None, 1, 1.0), "top_logprobs": _unused, "prompt_logprobs": _unused,
+    "prompt_logprobs": _unused,
     "echo": _unused, "best_of": lambda v: v in (None, 1), "suffix": _unused, "min_tokens": _unused,
     "structured_outputs": _unused, "guided_json": _unused, "guided_regex": _unused, "guided_choice": _unused,
     "guided_grammar": _unused, "reasoning_effort": _unused, "modalities": lambda v: v in (None, ["text"]),
@@ -104,6 +103,10 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as JSON writes keys) -> bias
 
     def check_honoured(self) -> None:
         """A field this server would not apply is an error naming it, never silently dropped:
@@ -119,11 +122,19 @@ class _Sampling(BaseModel):
             raise RequestError(name, f"unknown field {name!r}")
 
     def sampling(self, frontend: Frontend, thinking: bool, max_tokens: int | None, logprobs: bool,
-                 budget: int | None) -> SamplingParams:
+                 budget: int | None, top_logprobs: int = 0) -> SamplingParams:
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise RequestError("logit_bias", "keys must be token ids") from None
         return frontend.sampling(
             thinking, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, thinking_budget=budget,
+            ignore_eos=self.ignore_eos, logprobs=logprobs, thinking_budget=budget, top_logprobs=top_logprobs,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=bias,
         )
 
 
@@ -131,6 +142,7 @@ class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_budget: int | None = None
@@ -152,7 +164,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=1)
+    logprobs: int | None = Field(None, ge=0, le=20)  # the chosen token's logprob and this many alternatives
     thinking_budget: int | None = None  # applies when the raw prompt leaves <think> open
 
 
@@ -218,8 +230,10 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
             body.check_honoured()
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
             thinking, ids = frontend.chat_prompt(messages, body.explicit_thinking())
+            if body.top_logprobs and not body.logprobs:
+                raise RequestError("top_logprobs", "needs logprobs: true")
             params = body.sampling(frontend, thinking, body.max_completion_tokens or body.max_tokens, body.logprobs,
-                                   body.budget())
+                                   body.budget(), body.top_logprobs or 0)
             return await _serve(frontend, "chat", body, ids, params, thinking)
         except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:
             return error_response(exc)
@@ -231,7 +245,8 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
             body.check_honoured()
             ids = body.prompt if isinstance(body.prompt, list) else frontend.encode(body.prompt)
             thinking = body.thinking_budget is not None
-            params = body.sampling(frontend, thinking, body.max_tokens, bool(body.logprobs), body.thinking_budget)
+            params = body.sampling(frontend, thinking, body.max_tokens, body.logprobs is not None, body.thinking_budget,
+                                   body.logprobs or 0)
             return await _serve(frontend, "completion", body, ids, params, thinking)
         except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:
             return error_response(exc)
@@ -258,23 +273,49 @@ def _usage(frontend: Frontend, last: PoolChunk, thinking: bool) -> dict[str, Any
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
+def _chat_logprobs(frontend: Frontend, ids: list[int], lps: list[float],
+                   tops: list[list[tuple[int, float]]] | None) -> dict[str, Any]:
+    """OpenAI's chat shape: per token its text, logprob, bytes and top alternatives."""
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        text = frontend.tokenizer.decode([t])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (tops[i] if tops else [])]}
+                        for i, (t, lp) in enumerate(zip(ids, lps))]}
+
+
+def _completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float],
+                         tops: list[list[tuple[int, float]]] | None, offset: int) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists of tokens, their logprobs, a {token: logprob}
+    map of alternatives per position (when asked), and each token's offset in the text."""
+    tokens = [frontend.tokenizer.decode([t]) for t in ids]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    top = [{frontend.tokenizer.decode([a]): alp for a, alp in row} for row in tops] if tops else None
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+
 async def _collect(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterator[PoolChunk], thinking: bool
                    ) -> dict[str, Any]:
     texts: list[str] = []
     lps: list[float] = []
     ids: list[int] = []
+    tops: list[list[tuple[int, float]]] | None = None
     last = PoolChunk("none", [], "", [], 0, 0, 0)
     async for c in chunks:
         texts.append(c.delta_text)
         lps += c.delta_logprobs
         ids += c.delta_token_ids
+        if c.delta_top_logprobs is not None:
+            tops = (tops or []) + c.delta_top_logprobs
         last = c
     text = "".join(texts)
     base = {"id": rid, "created": int(time.time()), "model": frontend.model_name,
             "usage": _usage(frontend, last, thinking), "q3serve_pool": last.pool}
     if kind == "completion":
         choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
-                  "logprobs": {"token_logprobs": lps} if lps else None}
+                  "logprobs": _completion_logprobs(frontend, ids, lps, tops, 0) if lps else None}
         return {**base, "object": "text_completion", "choices": [choice]}
     # With thinking off the template closed <think> in the prompt: all output is content.
     parsed = split_reasoning(text) if thinking else Parsed(None, text)
@@ -282,10 +323,7 @@ async def _collect(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterato
     if parsed.reasoning is not None:
         message["reasoning_content"] = parsed.reasoning
     choice = {"index": 0, "message": message, "finish_reason": last.finish_reason,
-              "logprobs": {"content": [
-                  {"token": frontend.tokenizer.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
-                  for t, lp in zip(ids, lps)
-              ]} if lps else None}
+              "logprobs": _chat_logprobs(frontend, ids, lps, tops) if lps else None}
     return {**base, "object": "chat.completion", "choices": [choice]}
 
 
@@ -296,6 +334,7 @@ async def _sse(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterator[Po
     parser = StreamingReasoningParser()
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     last: PoolChunk | None = None
+    offset = 0  # completions: where the next chunk's text starts
 
     def event(choice: dict[str, Any] | None, **extra: Any) -> str:
         return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
@@ -308,8 +347,11 @@ async def _sse(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterator[Po
         done = c.finished
         finish = c.finish_reason if done else None
         if kind == "completion":
-            if c.delta_text or done:
-                yield event({"index": 0, "text": c.delta_text, "finish_reason": finish})
+            if c.delta_text or done or c.delta_logprobs:
+                lp = (_completion_logprobs(frontend, c.delta_token_ids, c.delta_logprobs, c.delta_top_logprobs, offset)
+                      if c.delta_logprobs else None)
+                offset += len(c.delta_text)
+                yield event({"index": 0, "text": c.delta_text, "logprobs": lp, "finish_reason": finish})
             continue
         reasoning, content = parser.feed(c.delta_text, final=done) if thinking else ("", c.delta_text)
         delta: dict[str, Any] = {}
@@ -317,7 +359,10 @@ async def _sse(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterator[Po
             delta["reasoning_content"] = reasoning
         if content:
             delta["content"] = content
-        if delta or done:
+        if c.delta_logprobs:  # per token, with the chunk that carries it (the text may lag the ids)
+            yield event({"index": 0, "delta": delta, "finish_reason": finish,
+                         "logprobs": _chat_logprobs(frontend, c.delta_token_ids, c.delta_logprobs, c.delta_top_logprobs)})
+        elif delta or done:
             yield event({"index": 0, "delta": delta, "finish_reason": finish})
     if include_usage and last is not None:
         yield event(None, usage=_usage(frontend, last, thinking))

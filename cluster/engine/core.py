@@ -36,6 +36,7 @@ class RequestOutput:
     delta_token_ids: list[int]
     delta_text: str
     delta_logprobs: list[float] | None = None  # when the request asked for logprobs
+    delta_top_logprobs: list[list[tuple[int, float]]] | None = None  # when it asked for top_logprobs
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_reasoning_tokens: int = 0    # output tokens of the <think> part, tags included
@@ -47,6 +48,7 @@ class RequestOutput:
     token_ids: list[int] | None = None         # final output only: every output id
     text: str | None = None                    # final output only: the whole text
     logprobs: list[float] | None = None        # final output only, when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # final output only, when asked for
 
     def absorb(self, later: "RequestOutput") -> None:
         """Takes in the next output of the same request, as if both steps had been one."""
@@ -54,8 +56,11 @@ class RequestOutput:
         self.delta_text += later.delta_text
         if later.delta_logprobs is not None:
             self.delta_logprobs = (self.delta_logprobs or []) + later.delta_logprobs
+        if later.delta_top_logprobs is not None:
+            self.delta_top_logprobs = (self.delta_top_logprobs or []) + later.delta_top_logprobs
         for name in ("num_prompt_tokens", "num_output_tokens", "num_reasoning_tokens", "num_cached_tokens",
-                     "finished", "finish_reason", "stop_reason", "prompt_token_ids", "token_ids", "text", "logprobs"):
+                     "finished", "finish_reason", "stop_reason", "prompt_token_ids", "token_ids", "text", "logprobs",
+                     "top_logprobs"):
             setattr(self, name, getattr(later, name))
 
 
@@ -175,6 +180,9 @@ class EngineCore:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab})")
         thinking = ThinkingState()
         if params.thinking_budget is not None and self.thinking is None:
             raise RequestError("thinking_budget", "this model's vocabulary has no <think> / </think> tokens")
@@ -239,14 +247,15 @@ class EngineCore:
             req = self.requests[r.request_id]
             seq = req.seq
             tokens = [r.token]
-            delta = self._append(req, r.token, r.logprob)
+            delta = self._append(req, r.token, r.logprob, r.top_logprobs)
             forced = self.thinking.after_token(req.thinking, r.token, seq.params.thinking_budget) if self.thinking else []
             for f in forced:
                 if seq.finished:
                     break
                 tokens.append(f)
                 # forced: probability 1 by construction
-                delta += self._append(req, f, 0.0 if seq.params.logprobs else None)
+                delta += self._append(req, f, 0.0 if seq.params.logprobs else None,
+                                      [(f, 0.0)] if seq.params.top_logprobs else None)
                 self.thinking.after_token(req.thinking, f, seq.params.thinking_budget)
             if seq.finished:
                 self._release(req)
@@ -256,12 +265,15 @@ class EngineCore:
             outputs.append(self._output(req, tokens, delta))
         return outputs
 
-    def _append(self, req: _Request, token: int, logprob: float | None) -> str:
+    def _append(self, req: _Request, token: int, logprob: float | None,
+                top: list[tuple[int, float]] | None = None) -> str:
         """Adds one output token: stop checks, then the text it makes safe to emit."""
         seq = req.seq
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
+        if top is not None:
+            seq.top_logprobs.append(top)
         self.num_generated_tokens += 1
         self._check_stop(seq, token)
         delta = req.detok.step(token, seq.finished)
@@ -286,6 +298,8 @@ class EngineCore:
             delta_token_ids=delta_ids,
             delta_text=delta_text,
             delta_logprobs=(seq.logprobs[len(seq.logprobs) - len(delta_ids):] if delta_ids else []) if logprobs else None,
+            delta_top_logprobs=(seq.top_logprobs[len(seq.top_logprobs) - len(delta_ids):] if delta_ids else [])
+            if seq.params.top_logprobs else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_reasoning_tokens=req.thinking.reasoning_tokens,
@@ -299,6 +313,7 @@ class EngineCore:
             out.token_ids = seq.output_token_ids
             out.text = req.detok.text
             out.logprobs = list(seq.logprobs) if logprobs else None
+            out.top_logprobs = list(seq.top_logprobs) if seq.params.top_logprobs else None
         return out
 
     def expert_counts(self) -> torch.Tensor:

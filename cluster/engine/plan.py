@@ -18,6 +18,10 @@ class PlanEntry:
     start: int                    # position of the first of them
     block_table: list[int]        # blocks covering start + len(token_ids)
     params: SamplingParams | None  # set when the step ends at the sequence's last token: sample
+    # For a sampling entry with penalties: the tokens generated so far, and (repetition penalty
+    # only) the prompt's. Plain lists, sent only for such requests.
+    output_token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -31,4 +35,5 @@ class Sampled:
     request_id: str
     token: int
     logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None = None  # when the request asked for alternatives
 

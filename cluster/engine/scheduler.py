@@ -113,10 +113,16 @@ def plan_from_batch(batch: ScheduledBatch, block_size: int, finished: list[str])
     for seq, n in batch.entries:
         start = seq.num_computed_tokens
         end = start + n
-        entries.append(PlanEntry(
+        samples = end == seq.num_tokens
+        entry = PlanEntry(
             seq.request_id, seq.token_ids[start:end], start, seq.block_table[: -(-end // block_size)],
-            seq.params if end == seq.num_tokens else None,
-        ))
+            seq.params if samples else None,
+        )
+        if samples and seq.params.penalized:
+            entry.output_token_ids = seq.output_token_ids
+            if seq.params.repetition_penalty != 1.0:
+                entry.prompt_token_ids = seq.prompt_token_ids
+        entries.append(entry)
     return StepPlan(entries, finished)
 
 

@@ -28,6 +28,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.top_logprobs
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -13,6 +13,7 @@ from cluster.model.memory import MemoryReport, measure
 from cluster.model.qwen3_moe import Qwen3MoeModel, SparseMoe
 from cluster.engine.plan import Sampled, StepPlan
 from cluster.model.profiler import section
+from cluster.model.logits import process_logits
 from cluster.model.sampler import sample
 
 
@@ -90,8 +91,10 @@ class ModelRunner:
         params = [e.params for e in entries]
         gens = [self._generator(e.request_id, p.seed) if p.seed is not None else None for e, p in zip(entries, params)]
         with section("sampling"):
-            tokens, lps = sample(logits, params, gens)  # type: ignore[arg-type]
-        return [Sampled(e.request_id, t, lp) for e, t, lp in zip(entries, tokens, lps)]
+            processed = process_logits(logits, params, [e.output_token_ids for e in entries],  # type: ignore[arg-type]
+                                       [e.prompt_token_ids for e in entries])
+            tokens, lps, tops = sample(processed, params, gens, raw=logits)  # type: ignore[arg-type]
+        return [Sampled(e.request_id, t, lp, top) for e, t, lp, top in zip(entries, tokens, lps, tops)]
 
     def memory_report(self) -> MemoryReport:
         """The device's memory after a profile step (CUDA only)."""

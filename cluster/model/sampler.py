@@ -24,11 +24,19 @@ _local = threading.local()
 TOP_P_CANDIDATES = 256
 
 
+TopLogprobs = list[tuple[int, float]]
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> tuple[list[int], list[float | None]]:
-    """logits [B, V] -> (token ids, logprob of each chosen token under the model, or None)."""
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    raw: torch.Tensor | None = None,
+) -> tuple[list[int], list[float | None], list[TopLogprobs | None]]:
+    """logits [B, V] (processed, see logits.py) -> (token ids, the logprob of each chosen token
+    under the model's own distribution `raw` (default: `logits`), and the `top_logprobs` most
+    likely tokens with theirs), logprobs only for rows that asked. The logprobs are the model's
+    before any processing, as vLLM returns by default."""
     logits = logits.float()
+    raw = logits if raw is None else raw
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(rows) == len(params):
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
@@ -39,12 +47,20 @@ def sample(
         tokens[_index(rows, logits)] = _sample_rows(_take(logits, rows), [params[i] for i in rows], u)
     want = [i for i, p in enumerate(params) if p.logprobs]
     lps: list[float | None] = [None] * len(params)
+    tops: list[TopLogprobs | None] = [None] * len(params)
     if want:
         w = _index(want, logits)
-        chosen = torch.log_softmax(logits[w], dim=-1).gather(1, tokens[w].unsqueeze(1)).squeeze(1)
+        logp = torch.log_softmax(raw[w].float(), dim=-1)
+        chosen = logp.gather(1, tokens[w].unsqueeze(1)).squeeze(1)
         for i, v in zip(want, chosen.tolist()):
             lps[i] = v
-    return tokens.tolist(), lps
+        k = max(params[i].top_logprobs for i in want)
+        if k:
+            values, ids = logp.topk(k, dim=-1)
+            for i, vs, ts in zip(want, values.tolist(), ids.tolist()):
+                n = params[i].top_logprobs
+                tops[i] = list(zip(ts[:n], vs[:n])) if n else None
+    return tokens.tolist(), lps, tops
 
 
 def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:

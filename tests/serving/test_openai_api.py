@@ -135,8 +135,10 @@ def test_completions(client: openai.OpenAI) -> None:
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, 400, "tools"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
          400, "response_format"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, 400, "presence_penalty"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}, 400, "presence_penalty"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 5}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 1}, 400, "prompt_logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, 400, "frobnicate"),
     ],
 )
@@ -271,3 +273,55 @@ def test_fields_at_their_unused_values_and_output_neutral_fields_pass(client: op
         presence_penalty=0, frequency_penalty=0, tool_choice="none", response_format={"type": "text"}, user="u1",
         extra_body={"enable_thinking": False, "metadata": {}, "ignore_eos": True})
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens == 8
+
+
+def test_top_logprobs_in_chat_streamed_and_not(client: openai.OpenAI) -> None:
+    """top_logprobs: per token, that many alternatives, most likely first; greedy picks the
+    first. The stream carries the same entries, chunk by chunk."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=6, temperature=0,
+              logprobs=True, top_logprobs=3, extra_body={"enable_thinking": False, "ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == 6
+    for tok in content:
+        assert len(tok.top_logprobs) == 3 and tok.top_logprobs[0].token == tok.token
+        assert tok.top_logprobs[0].logprob == pytest.approx(tok.logprob)
+        assert [t.logprob for t in tok.top_logprobs] == sorted((t.logprob for t in tok.top_logprobs), reverse=True)
+        assert bytes(tok.bytes).decode() == tok.token
+    streamed = [t for ch in client.chat.completions.create(**kw, stream=True)
+                if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, [a.token for a in t.top_logprobs]) for t in streamed] == [
+        (t.token, [a.token for a in t.top_logprobs]) for t in content]
+
+
+def test_completion_logprobs_shape(client: openai.OpenAI) -> None:
+    """`logprobs: k` on /v1/completions: tokens that make the text, their logprobs, k
+    alternatives each as {token: logprob}, and each token's offset into the text; streamed too."""
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0, logprobs=2,
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 5
+    assert all(len(alts) == 2 and tok in alts for tok, alts in zip(lp.tokens, lp.top_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.text_offset] == lp.text_offset
+
+
+def test_penalties_and_logit_bias_change_the_output(client: openai.OpenAI) -> None:
+    """Applied, not just accepted. This random model never repeats a token in 12, so the
+    penalties are shown the way that moves it: negative frequency / presence penalties (a reward
+    for what was generated) make greedy output one token over and over, a repetition penalty
+    below 1 pulls it back to the prompt's tokens; a +100 bias makes one token win every step."""
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, logprobs=0,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].logprobs.tokens
+    assert len(set(plain)) == 12
+    for field in ("frequency_penalty", "presence_penalty"):
+        rewarded = client.completions.create(**kw, **{field: -2.0}).choices[0].logprobs.tokens
+        assert rewarded == [plain[0]] * 12, field
+    echoed = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "repetition_penalty": 0.1}})
+    assert set(echoed.choices[0].logprobs.tokens) & {"Once", " upon", " a", " time"}
+    biased = client.completions.create(**kw, logit_bias={"1000": 100}).choices[0].logprobs.tokens
+    assert len(set(biased)) == 1 and biased[0] != plain[0]

@@ -14,7 +14,7 @@ from cluster.model.sampler import sample
 def _draws(logits: torch.Tensor, params: SamplingParams, n: int = 400) -> set[int]:
     g = torch.Generator().manual_seed(0)
     rows = logits.expand(n, -1)
-    toks, _ = sample(rows, [params] * n, [g] * n)
+    toks, _, _ = sample(rows, [params] * n, [g] * n)
     return set(toks)
 
 
@@ -32,15 +32,15 @@ def test_filters_restrict_support() -> None:
 def test_temperature_sharpens() -> None:
     logits = torch.tensor([[1.0, 0.5, 0.0]])
     g = torch.Generator().manual_seed(0)
-    hot, _ = sample(logits.expand(2000, -1), [SamplingParams(temperature=5.0)] * 2000, [g] * 2000)
-    cold, _ = sample(logits.expand(2000, -1), [SamplingParams(temperature=0.2)] * 2000, [g] * 2000)
+    hot, _, _ = sample(logits.expand(2000, -1), [SamplingParams(temperature=5.0)] * 2000, [g] * 2000)
+    cold, _, _ = sample(logits.expand(2000, -1), [SamplingParams(temperature=0.2)] * 2000, [g] * 2000)
     assert cold.count(0) > hot.count(0) + 500
 
 
 def test_logprobs_are_model_log_softmax() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
     params = [SamplingParams(temperature=0.0, logprobs=True), SamplingParams(temperature=0.7, logprobs=True), SamplingParams()]
-    toks, lps = sample(logits, params, [None, torch.Generator().manual_seed(2), None])
+    toks, lps, _ = sample(logits, params, [None, torch.Generator().manual_seed(2), None])
     ref = torch.log_softmax(logits, -1)
     assert lps[0] == pytest.approx(ref[0, toks[0]].item(), abs=1e-6)
     assert lps[1] == pytest.approx(ref[1, toks[1]].item(), abs=1e-6)

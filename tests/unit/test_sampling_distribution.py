@@ -55,7 +55,7 @@ def test_draws_match_the_exact_distribution(params: SamplingParams, monkeypatch:
     # A mixed batch: greedy rows and another sampled configuration interleaved with the tested rows.
     other = SamplingParams(temperature=1.0, top_k=3)
     rows = [params if i % 3 else (SamplingParams(temperature=0.0) if i % 2 else other) for i in range(n)]
-    toks, _ = sample(logits.expand(n, -1).contiguous(), rows, [None] * n)
+    toks, _, _ = sample(logits.expand(n, -1).contiguous(), rows, [None] * n)
     mine = torch.tensor([t for t, p in zip(toks, rows) if p is params])
     counts = torch.bincount(mine, minlength=vocab).double()
     expected = exact(logits, params) * len(mine)
@@ -76,7 +76,7 @@ def test_a_far_nucleus_is_not_cut_to_the_candidates(monkeypatch: pytest.MonkeyPa
     """Flat logits: top_p 0.9 needs 90% of the vocabulary, far more than the candidates."""
     monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 8)
     n, vocab = 4000, 100
-    toks, _ = sample(torch.zeros(n, vocab), [SamplingParams(temperature=1.0, top_p=0.9)] * n, [None] * n)
+    toks, _, _ = sample(torch.zeros(n, vocab), [SamplingParams(temperature=1.0, top_p=0.9)] * n, [None] * n)
     assert len(set(toks)) > 80
 
 

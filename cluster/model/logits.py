@@ -1,0 +1,67 @@
+"""Logits processors applied before sampling, batched over the rows that ask for them:
+`logit_bias` (OpenAI: added to the named tokens' logits), then the penalties in vLLM's meaning:
+repetition (tokens in the prompt or the output: positive logits divided by it, negative ones
+multiplied), frequency (minus it times the token's count in the output) and presence (minus it
+once for any token in the output). Greedy rows are processed too: the argmax comes after.
+
+The history a penalty needs travels in the step plan (`PlanEntry.output_token_ids` /
+`prompt_token_ids`, only for such requests) and becomes per-row counts on the device with one
+scatter, so there is no per-token Python."""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.config import SamplingParams
+
+
+def process_logits(
+    logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int] | None],
+    prompts: list[list[int] | None],
+) -> torch.Tensor:
+    """logits [B, V] -> processed float32 logits (a new tensor when anything applies, else the
+    input as float32). `outputs` / `prompts` hold each row's history where its penalties need it."""
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    if not biased and not penalized:
+        return logits.float()
+    out = logits.float().clone()
+    if biased:
+        rows, cols, vals = [], [], []
+        for i in biased:
+            for token, bias in params[i].logit_bias.items():
+                rows.append(i)
+                cols.append(token)
+                vals.append(bias)
+        dev = out.device
+        out.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                       torch.tensor(vals, dtype=out.dtype, device=dev), accumulate=True)
+    if penalized:
+        idx = torch.tensor(penalized, device=out.device)
+        sub = out.index_select(0, idx)
+        ps = [params[i] for i in penalized]
+        counts = _counts([outputs[i] or [] for i in penalized], out.shape[1], out.device)
+        rep = [p.repetition_penalty for p in ps]
+        if any(r != 1.0 for r in rep):
+            seen = (counts > 0) | (_counts([prompts[i] or [] for i in penalized], out.shape[1], out.device) > 0)
+            r = _column(rep, sub)
+            sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+        sub = sub - _column([p.frequency_penalty for p in ps], sub) * counts
+        sub = sub - _column([p.presence_penalty for p in ps], sub) * (counts > 0)
+        out.index_copy_(0, idx, sub)
+    return out
+
+
+def _counts(histories: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] float32 occurrence counts of each row's token ids."""
+    width = max((len(h) for h in histories), default=0)
+    if width == 0:
+        return torch.zeros(len(histories), vocab, device=device)
+    ids = torch.tensor([h + [vocab] * (width - len(h)) for h in histories], device=device)  # pad: a spare column
+    counts = torch.zeros(len(histories), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
