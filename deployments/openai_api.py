@@ -5,10 +5,12 @@ request is in the `x-q3serve-pool` header."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -62,6 +64,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_N = 16  # choices per request
+
 # OpenAI fields with no effect on the output, accepted and ignored as OpenAI-compatible servers do.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
                             "safety_identifier"})
@@ -98,7 +102,7 @@ class _Sampling(BaseModel):
     min_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -258,19 +262,90 @@ async def _serve(frontend: Frontend, kind: str, body: _Sampling, ids: list[int],
                  thinking: bool) -> Any:
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     route = "chat" if kind == "chat" else "completions"
-    pool, chunks = await frontend.start(route, ids, params, thinking, "messages" if kind == "chat" else "prompt", rid)
+    prompt_param = "messages" if kind == "chat" else "prompt"
+    pool, first = await frontend.start(route, ids, params, thinking, prompt_param, rid)
+    streams = [first]
+    if body.n > 1:
+        streams = await _more_choices(frontend, route, ids, params, thinking, prompt_param, rid, body.n, first)
     headers = {"x-q3serve-pool": pool}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _sse(frontend, kind, rid, chunks, thinking, include_usage)
+        gen = _sse(frontend, kind, rid, streams, thinking, include_usage)
         return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
-    return JSONResponse(await _collect(frontend, kind, rid, chunks, thinking), headers=headers)
+    return JSONResponse(await _collect(frontend, kind, rid, streams, thinking), headers=headers)
 
 
-def _usage(frontend: Frontend, last: PoolChunk, thinking: bool) -> dict[str, Any]:
-    u = frontend.usage(last, thinking)
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
-            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+async def _more_choices(frontend: Frontend, route: str, ids: list[int], params: SamplingParams, thinking: bool,
+                        prompt_param: str, rid: str, n: int, first: AsyncIterator[PoolChunk]
+                        ) -> list[AsyncIterator[PoolChunk]]:
+    """`n` > 1: the other choices start once the first has its first chunk, so its prompt's
+    full KV blocks are in the prefix cache and they compute only the rest (on the same replica;
+    the router may put them on another, which then computes the prompt again). A seeded request's
+    choice i uses seed + i, so the choices differ but the request reproduces. If a choice cannot
+    start, the started ones are cancelled and the error is the request's."""
+    head = await anext(first, None)
+    streams: list[AsyncIterator[PoolChunk]] = [_prepend(head, first)]
+    try:
+        for i in range(1, n):
+            p = replace(params, seed=None if params.seed is None else params.seed + i)
+            streams.append((await frontend.start(route, ids, p, thinking, prompt_param, f"{rid}-{i}"))[1])
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise
+    return streams
+
+
+async def _prepend(head: PoolChunk | None, rest: AsyncIterator[PoolChunk]) -> AsyncIterator[PoolChunk]:
+    try:
+        if head is not None:
+            yield head
+        async for c in rest:
+            yield c
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+async def _merged(streams: list[AsyncIterator[PoolChunk]]) -> AsyncIterator[tuple[int, PoolChunk]]:
+    """The choices' chunks as they come, tagged with their index; closing this (a client that
+    went away) cancels every choice's request."""
+    if len(streams) == 1:
+        async for c in streams[0]:
+            yield 0, c
+        return
+    queue: asyncio.Queue[tuple[int, PoolChunk | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[PoolChunk]) -> None:
+        try:
+            async for c in stream:
+                await queue.put((i, c, None))
+            await queue.put((i, None, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, c, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if c is None:
+                remaining -= 1
+                continue
+            yield i, c
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(frontend: Frontend, lasts: list[PoolChunk], thinking: bool) -> dict[str, Any]:
+    """The prompt once, the completions (and their reasoning) of every choice summed."""
+    us = [frontend.usage(last, thinking) for last in lasts]
+    prompt, completion = us[0].prompt_tokens, sum(u.completion_tokens for u in us)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "completion_tokens_details": {"reasoning_tokens": sum(u.reasoning_tokens for u in us)}}
 
 
 def _chat_logprobs(frontend: Frontend, ids: list[int], lps: list[float],
@@ -296,8 +371,23 @@ def _completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float],
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
 
-async def _collect(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterator[PoolChunk], thinking: bool
-                   ) -> dict[str, Any]:
+async def _collect(frontend: Frontend, kind: str, rid: str, streams: list[AsyncIterator[PoolChunk]],
+                   thinking: bool) -> dict[str, Any]:
+    try:
+        async with asyncio.TaskGroup() as group:  # one choice failing cancels the others
+            tasks = [group.create_task(_choice(frontend, kind, i, c, thinking)) for i, c in enumerate(streams)]
+    except BaseExceptionGroup as group_error:  # the request's error is the first choice's
+        raise group_error.exceptions[0] from None
+    choices, lasts = zip(*(t.result() for t in tasks))
+    base = {"id": rid, "created": int(time.time()), "model": frontend.model_name,
+            "usage": _usage(frontend, list(lasts), thinking), "q3serve_pool": lasts[0].pool}
+    obj = "text_completion" if kind == "completion" else "chat.completion"
+    return {**base, "object": obj, "choices": list(choices)}
+
+
+async def _choice(frontend: Frontend, kind: str, index: int, chunks: AsyncIterator[PoolChunk], thinking: bool
+                  ) -> tuple[dict[str, Any], PoolChunk]:
+    """One choice, whole, and its last chunk (for usage)."""
     texts: list[str] = []
     lps: list[float] = []
     ids: list[int] = []
@@ -311,59 +401,57 @@ async def _collect(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterato
             tops = (tops or []) + c.delta_top_logprobs
         last = c
     text = "".join(texts)
-    base = {"id": rid, "created": int(time.time()), "model": frontend.model_name,
-            "usage": _usage(frontend, last, thinking), "q3serve_pool": last.pool}
     if kind == "completion":
-        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
-                  "logprobs": _completion_logprobs(frontend, ids, lps, tops, 0) if lps else None}
-        return {**base, "object": "text_completion", "choices": [choice]}
+        return {"index": index, "text": text, "finish_reason": last.finish_reason,
+                "logprobs": _completion_logprobs(frontend, ids, lps, tops, 0) if lps else None}, last
     # With thinking off the template closed <think> in the prompt: all output is content.
     parsed = split_reasoning(text) if thinking else Parsed(None, text)
     message = {"role": "assistant", "content": parsed.content}
     if parsed.reasoning is not None:
         message["reasoning_content"] = parsed.reasoning
-    choice = {"index": 0, "message": message, "finish_reason": last.finish_reason,
-              "logprobs": _chat_logprobs(frontend, ids, lps, tops) if lps else None}
-    return {**base, "object": "chat.completion", "choices": [choice]}
+    return {"index": index, "message": message, "finish_reason": last.finish_reason,
+            "logprobs": _chat_logprobs(frontend, ids, lps, tops) if lps else None}, last
 
 
-async def _sse(frontend: Frontend, kind: str, rid: str, chunks: AsyncIterator[PoolChunk], thinking: bool,
+async def _sse(frontend: Frontend, kind: str, rid: str, streams: list[AsyncIterator[PoolChunk]], thinking: bool,
                include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
     model = frontend.model_name
-    parser = StreamingReasoningParser()
+    n = len(streams)
+    parsers = [StreamingReasoningParser() for _ in range(n)]
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    last: PoolChunk | None = None
-    offset = 0  # completions: where the next chunk's text starts
+    lasts: list[PoolChunk | None] = [None] * n
+    offsets = [0] * n  # completions: where each choice's next chunk's text starts
 
     def event(choice: dict[str, Any] | None, **extra: Any) -> str:
         return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
                                       "choices": [choice] if choice else [], **extra}) + "\n\n"
 
     if kind == "chat":
-        yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    async for c in chunks:
-        last = c
+        for i in range(n):
+            yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    async for i, c in _merged(streams):
+        lasts[i] = c
         done = c.finished
         finish = c.finish_reason if done else None
         if kind == "completion":
             if c.delta_text or done or c.delta_logprobs:
-                lp = (_completion_logprobs(frontend, c.delta_token_ids, c.delta_logprobs, c.delta_top_logprobs, offset)
-                      if c.delta_logprobs else None)
-                offset += len(c.delta_text)
-                yield event({"index": 0, "text": c.delta_text, "logprobs": lp, "finish_reason": finish})
+                lp = (_completion_logprobs(frontend, c.delta_token_ids, c.delta_logprobs, c.delta_top_logprobs,
+                                           offsets[i]) if c.delta_logprobs else None)
+                offsets[i] += len(c.delta_text)
+                yield event({"index": i, "text": c.delta_text, "logprobs": lp, "finish_reason": finish})
             continue
-        reasoning, content = parser.feed(c.delta_text, final=done) if thinking else ("", c.delta_text)
+        reasoning, content = parsers[i].feed(c.delta_text, final=done) if thinking else ("", c.delta_text)
         delta: dict[str, Any] = {}
         if reasoning:
             delta["reasoning_content"] = reasoning
         if content:
             delta["content"] = content
         if c.delta_logprobs:  # per token, with the chunk that carries it (the text may lag the ids)
-            yield event({"index": 0, "delta": delta, "finish_reason": finish,
+            yield event({"index": i, "delta": delta, "finish_reason": finish,
                          "logprobs": _chat_logprobs(frontend, c.delta_token_ids, c.delta_logprobs, c.delta_top_logprobs)})
         elif delta or done:
-            yield event({"index": 0, "delta": delta, "finish_reason": finish})
-    if include_usage and last is not None:
-        yield event(None, usage=_usage(frontend, last, thinking))
+            yield event({"index": i, "delta": delta, "finish_reason": finish})
+    if include_usage and all(last is not None for last in lasts):
+        yield event(None, usage=_usage(frontend, lasts, thinking))  # type: ignore[arg-type]
     yield "data: [DONE]\n\n"

@@ -162,19 +162,20 @@ def test_malformed_json(server: str) -> None:
     assert r.status_code == 400 and "error" in r.json()
 
 
-def test_client_cancel_frees_kv_blocks(server: str) -> None:
-
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_cancel_frees_kv_blocks(server: str, n: int) -> None:
+    """A client that goes away mid-stream ends its request (every choice of it) in the engine."""
     from ray import serve
 
     pool = serve.get_deployment_handle("fast-pool", app_name="q3serve")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True,
-            "ignore_eos": True, "enable_thinking": False}
+            "ignore_eos": True, "enable_thinking": False, "n": n}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
-        for _ in range(5):
+        for _ in range(5 * n):
             next(lines)
-        assert pool.stats.remote().result(timeout_s=30)["running"] == 1
+        assert pool.stats.remote().result(timeout_s=30)["running"] == n
     stats = pool_idle_stats("fast-pool")
     assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
@@ -251,7 +252,7 @@ def test_sampling_fields_pass_through(client: openai.OpenAI) -> None:
     cut = client.chat.completions.create(**kw, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[: text.index(stop)]
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(**kw, n=2)
+        client.chat.completions.create(**kw, n=17)
 
 
 def test_content_parts_are_joined_text(client: openai.OpenAI) -> None:
@@ -325,3 +326,32 @@ def test_penalties_and_logit_bias_change_the_output(client: openai.OpenAI) -> No
     assert set(echoed.choices[0].logprobs.tokens) & {"Once", " upon", " a", " time"}
     biased = client.completions.create(**kw, logit_bias={"1000": 100}).choices[0].logprobs.tokens
     assert len(set(biased)) == 1 and biased[0] != plain[0]
+
+
+def test_n_choices_streamed_and_not(client: openai.OpenAI) -> None:
+    """n=3 sampled with a seed: three choices (indexed 0..2), not all alike, reproducible, the
+    prompt counted once and the completions summed; streamed, each index gets the same text as
+    the non-streamed request's choice."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "tell me"}], max_tokens=6, temperature=1.0, seed=11,
+              n=3, extra_body={"enable_thinking": False, "ignore_eos": True})
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in sorted(a.choices, key=lambda c: c.index)]
+    assert [c.index for c in a.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert texts == [c.message.content for c in sorted(b.choices, key=lambda c: c.index)]
+    one = client.chat.completions.create(**{**kw, "n": 1})
+    assert a.usage.prompt_tokens == one.usage.prompt_tokens and a.usage.completion_tokens == 18
+    assert texts[0] == one.choices[0].message.content
+    streamed = ["", "", ""]
+    for ch in client.chat.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == texts
+    done = client.completions.create(model=MODEL, prompt="Once", max_tokens=4, temperature=0, n=2)
+    assert len(done.choices) == 2 and done.choices[0].text == done.choices[1].text
+
+
+def test_n_over_the_limit_is_refused(server: str) -> None:
+    r = httpx.post(f"{server}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 17}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
