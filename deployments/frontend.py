@@ -63,6 +63,7 @@ class Frontend:
         mc = ModelConfig.from_pretrained(model_path)
         context = min(min(p.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
                       for p in cfg.pools().values())
+        self.max_model_len = context
         self.prompt_limit = min(context - 1, cfg.limits.max_prompt_tokens or context)
         self.created = int(time.time())
         self.metrics = RouterMetrics()

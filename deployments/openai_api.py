@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP over the Frontend: /v1/chat/completions, /v1/completions, /v1/models,
-/health. Request and response shapes and SSE live here; everything else is the Frontend's.
+/health, and vLLM's /tokenize and /detokenize. Request and response shapes and SSE live here; everything else is the Frontend's.
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}; the pool that served a
 request is in the `x-q3serve-pool` header."""
 
@@ -172,6 +172,25 @@ class CompletionRequest(_Sampling):
     thinking_budget: int | None = None  # applies when the raw prompt leaves <think> open
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a raw prompt, or chat messages rendered by the template (with thinking
+    decided as for a chat request)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = False
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
 
@@ -205,7 +224,7 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     @app.middleware("http")
     async def _guard(request: Request, call_next):  # noqa: ANN001, ANN202
         """API keys and body size for /v1; /health stays open (and Ray's metrics port too)."""
-        if request.url.path.startswith("/v1/"):
+        if request.url.path.startswith(("/v1/", "/tokenize", "/detokenize")):
             try:
                 frontend.authorize(request.headers.get("authorization"))
             except Unauthenticated as exc:
@@ -226,6 +245,38 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
         return {"object": "list", "data": [
             {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "q3serve"}
         ]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> Any:
+        try:
+            if body.model is not None:
+                frontend.check_model(body.model)
+            if (body.prompt is None) == (body.messages is None):
+                raise RequestError("prompt", "give exactly one of prompt and messages")
+            if body.messages is not None:
+                explicit = body.enable_thinking
+                if explicit is None and body.chat_template_kwargs and "enable_thinking" in body.chat_template_kwargs:
+                    explicit = bool(body.chat_template_kwargs["enable_thinking"])
+                _, ids = frontend.chat_prompt([m.model_dump(exclude_none=True) for m in body.messages], explicit)
+            else:
+                ids = frontend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            return {"count": len(ids), "max_model_len": frontend.max_model_len, "tokens": ids,
+                    "token_strs": frontend.tokenizer.convert_ids_to_tokens(ids)}
+        except (RequestError, ModelNotFound) as exc:
+            return error_response(exc)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Any:
+        try:
+            if body.model is not None:
+                frontend.check_model(body.model)
+            vocab = len(frontend.tokenizer)
+            bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError("tokens", f"token id {bad} is outside the vocabulary [0, {vocab})")
+            return {"prompt": frontend.tokenizer.decode(body.tokens)}
+        except (RequestError, ModelNotFound) as exc:
+            return error_response(exc)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Any:

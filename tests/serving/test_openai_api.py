@@ -355,3 +355,22 @@ def test_n_over_the_limit_is_refused(server: str) -> None:
     r = httpx.post(f"{server}/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 17}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_tokenize_and_detokenize(server: str, client: openai.OpenAI) -> None:
+    """vLLM's extension: a prompt's ids round-trip; chat messages tokenize to exactly the prompt a
+    chat request is charged for; bad input names its field."""
+    r = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": "Once upon a time"}, timeout=30).json()
+    assert r["count"] == len(r["tokens"]) == 4 and r["max_model_len"] >= 1024 - 1 and len(r["token_strs"]) == 4
+    back = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": r["tokens"]}, timeout=30).json()
+    assert back == {"prompt": "Once upon a time"}
+    messages = [{"role": "user", "content": "hello there"}]
+    chat = httpx.post(f"{server}/tokenize", json={"messages": messages, "enable_thinking": False}, timeout=30).json()
+    used = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                          extra_body={"enable_thinking": False})
+    assert chat["count"] == used.usage.prompt_tokens
+    for path, body, param in (("/tokenize", {"model": MODEL}, "prompt"),
+                              ("/detokenize", {"tokens": [10**9]}, "tokens"),
+                              ("/tokenize", {"prompt": "x", "model": "other"}, "model")):
+        resp = httpx.post(f"{server}{path}", json=body, timeout=30)
+        assert resp.status_code in (400, 404) and resp.json()["error"]["param"] == param, resp.text
