@@ -394,6 +394,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int = 0
+    # vLLM's: the logprob of every prompt token after the first (and this many alternatives);
+    # such a request computes its whole prompt (no prefix-cache hit), in slices of rows.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -407,8 +410,8 @@ class SamplingParams:
         if self.top_logprobs:
             self.logprobs = True
         checks = [
-            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens > 0),
-             "must be a positive integer"),
+            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
+             "must be a non-negative integer (0: compute the prompt only)"),
             ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
@@ -421,6 +424,8 @@ class SamplingParams:
              "must be in (0, 10]"),
             ("logit_bias", all(-100 <= v <= 100 for v in self.logit_bias.values()), "values must be in [-100, 100]"),
             ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None
+             or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20), "must be in [0, 20]"),
         ]
         for name, ok, rule in checks:
             if not ok:

@@ -99,6 +99,7 @@ class Frontend:
         logprobs: bool = False, thinking_budget: int | None = None, top_logprobs: int = 0,
         presence_penalty: float | None = None, frequency_penalty: float | None = None,
         repetition_penalty: float | None = None, logit_bias: dict[Any, float] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The one place a request's sampling fields are checked, whichever API they came by: the
         mode's defaults for the fields left unset, OpenAI's temperature range here, the engine's
@@ -115,6 +116,7 @@ class Frontend:
             ignore_eos=ignore_eos, logprobs=logprobs, thinking_budget=thinking_budget, top_logprobs=top_logprobs,
             presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, logit_bias=logit_bias or {},
+            prompt_logprobs=prompt_logprobs,
         )
 
     async def start(
@@ -173,4 +175,5 @@ class Frontend:
             await chunks.aclose()  # a client that left: the pool's stream is cancelled now, not at GC
             if last is not None:
                 self.metrics.tokens_in.inc(last.num_prompt_tokens, tags=tags)
-                self.metrics.tokens_out.inc(last.num_output_tokens, tags=tags)
+                if last.num_output_tokens:  # max_tokens 0 (the prompt only); Ray's counters refuse 0
+                    self.metrics.tokens_out.inc(last.num_output_tokens, tags=tags)

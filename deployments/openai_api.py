@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -169,6 +169,7 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)  # the chosen token's logprob and this many alternatives
+    echo: bool = False  # the prompt before the completion, with its logprobs when logprobs is set
     thinking_budget: int | None = None  # applies when the raw prompt leaves <think> open
 
 
@@ -302,6 +303,8 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
             thinking = body.thinking_budget is not None
             params = body.sampling(frontend, thinking, body.max_tokens, body.logprobs is not None, body.thinking_budget,
                                    body.logprobs or 0)
+            if body.echo and body.logprobs is not None:
+                params = replace(params, prompt_logprobs=body.logprobs)
             return await _serve(frontend, "completion", body, ids, params, thinking)
         except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:
             return error_response(exc)
@@ -319,11 +322,23 @@ async def _serve(frontend: Frontend, kind: str, body: _Sampling, ids: list[int],
     if body.n > 1:
         streams = await _more_choices(frontend, route, ids, params, thinking, prompt_param, rid, body.n, first)
     headers = {"x-q3serve-pool": pool}
+    echo = None
+    if getattr(body, "echo", False):
+        prompt = body.prompt  # type: ignore[attr-defined]
+        echo = Echo(prompt if isinstance(prompt, str) else frontend.tokenizer.decode(prompt), ids)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _sse(frontend, kind, rid, streams, thinking, include_usage)
+        gen = _sse(frontend, kind, rid, streams, thinking, include_usage, echo)
         return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
-    return JSONResponse(await _collect(frontend, kind, rid, streams, thinking), headers=headers)
+    return JSONResponse(await _collect(frontend, kind, rid, streams, thinking, echo), headers=headers)
+
+
+@dataclass
+class Echo:
+    """/v1/completions with echo: the prompt as given, and its ids (whose logprobs come back)."""
+
+    text: str
+    ids: list[int]
 
 
 async def _more_choices(frontend: Frontend, route: str, ids: list[int], params: SamplingParams, thinking: bool,
@@ -409,24 +424,37 @@ def _chat_logprobs(frontend: Frontend, ids: list[int], lps: list[float],
                         for i, (t, lp) in enumerate(zip(ids, lps))]}
 
 
-def _completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float],
-                         tops: list[list[tuple[int, float]]] | None, offset: int) -> dict[str, Any]:
+def _completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float | None],
+                         tops: list[list[tuple[int, float]] | None] | None, offset: int) -> dict[str, Any]:
     """The legacy completions shape: parallel lists of tokens, their logprobs, a {token: logprob}
-    map of alternatives per position (when asked), and each token's offset in the text."""
+    map of alternatives per position (when asked), and each token's offset in the text. An
+    echoed prompt's first token has None for both, as in OpenAI's API."""
     tokens = [frontend.tokenizer.decode([t]) for t in ids]
     offsets = []
     for tok in tokens:
         offsets.append(offset)
         offset += len(tok)
-    top = [{frontend.tokenizer.decode([a]): alp for a, alp in row} for row in tops] if tops else None
+    top = [None if row is None else {frontend.tokenizer.decode([a]): alp for a, alp in row} for row in tops] if tops else None
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
 
+def _echoed(echo: Echo | None, c: PoolChunk, ids: list[int], lps: list[float | None],
+            tops: list[list[tuple[int, float]] | None] | None) -> tuple[str, list[int], list[float | None], Any]:
+    """The prompt's text, ids, logprobs and alternatives put before a choice's first chunk."""
+    if echo is None:
+        return "", ids, lps, tops
+    if c.prompt_logprobs is None:  # echo without logprobs
+        return echo.text, ids, lps, tops
+    ptops = c.prompt_top_logprobs
+    both_tops = ([*ptops, *(tops or [])] if ptops is not None else None)
+    return echo.text, [*echo.ids, *ids], [*c.prompt_logprobs, *lps], both_tops
+
+
 async def _collect(frontend: Frontend, kind: str, rid: str, streams: list[AsyncIterator[PoolChunk]],
-                   thinking: bool) -> dict[str, Any]:
+                   thinking: bool, echo: Echo | None = None) -> dict[str, Any]:
     try:
         async with asyncio.TaskGroup() as group:  # one choice failing cancels the others
-            tasks = [group.create_task(_choice(frontend, kind, i, c, thinking)) for i, c in enumerate(streams)]
+            tasks = [group.create_task(_choice(frontend, kind, i, c, thinking, echo)) for i, c in enumerate(streams)]
     except BaseExceptionGroup as group_error:  # the request's error is the first choice's
         raise group_error.exceptions[0] from None
     choices, lasts = zip(*(t.result() for t in tasks))
@@ -436,15 +464,17 @@ async def _collect(frontend: Frontend, kind: str, rid: str, streams: list[AsyncI
     return {**base, "object": obj, "choices": list(choices)}
 
 
-async def _choice(frontend: Frontend, kind: str, index: int, chunks: AsyncIterator[PoolChunk], thinking: bool
-                  ) -> tuple[dict[str, Any], PoolChunk]:
+async def _choice(frontend: Frontend, kind: str, index: int, chunks: AsyncIterator[PoolChunk], thinking: bool,
+                  echo: Echo | None = None) -> tuple[dict[str, Any], PoolChunk]:
     """One choice, whole, and its last chunk (for usage)."""
     texts: list[str] = []
-    lps: list[float] = []
+    lps: list[float | None] = []
     ids: list[int] = []
-    tops: list[list[tuple[int, float]]] | None = None
+    tops: list[list[tuple[int, float]] | None] | None = None
     last = PoolChunk("none", [], "", [], 0, 0, 0)
+    first = None
     async for c in chunks:
+        first = first or c
         texts.append(c.delta_text)
         lps += c.delta_logprobs
         ids += c.delta_token_ids
@@ -453,8 +483,12 @@ async def _choice(frontend: Frontend, kind: str, index: int, chunks: AsyncIterat
         last = c
     text = "".join(texts)
     if kind == "completion":
+        asked = lps or (first is not None and first.prompt_logprobs is not None)
+        if first is not None:
+            prefix, ids, lps, tops = _echoed(echo, first, ids, lps, tops)
+            text = prefix + text
         return {"index": index, "text": text, "finish_reason": last.finish_reason,
-                "logprobs": _completion_logprobs(frontend, ids, lps, tops, 0) if lps else None}, last
+                "logprobs": _completion_logprobs(frontend, ids, lps, tops, 0) if asked else None}, last
     # With thinking off the template closed <think> in the prompt: all output is content.
     parsed = split_reasoning(text) if thinking else Parsed(None, text)
     message = {"role": "assistant", "content": parsed.content}
@@ -465,7 +499,7 @@ async def _choice(frontend: Frontend, kind: str, index: int, chunks: AsyncIterat
 
 
 async def _sse(frontend: Frontend, kind: str, rid: str, streams: list[AsyncIterator[PoolChunk]], thinking: bool,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, echo: Echo | None = None) -> AsyncIterator[str]:
     created = int(time.time())
     model = frontend.model_name
     n = len(streams)
@@ -473,6 +507,7 @@ async def _sse(frontend: Frontend, kind: str, rid: str, streams: list[AsyncItera
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     lasts: list[PoolChunk | None] = [None] * n
     offsets = [0] * n  # completions: where each choice's next chunk's text starts
+    echoed = [False] * n
 
     def event(choice: dict[str, Any] | None, **extra: Any) -> str:
         return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
@@ -486,11 +521,16 @@ async def _sse(frontend: Frontend, kind: str, rid: str, streams: list[AsyncItera
         done = c.finished
         finish = c.finish_reason if done else None
         if kind == "completion":
-            if c.delta_text or done or c.delta_logprobs:
-                lp = (_completion_logprobs(frontend, c.delta_token_ids, c.delta_logprobs, c.delta_top_logprobs,
-                                           offsets[i]) if c.delta_logprobs else None)
-                offsets[i] += len(c.delta_text)
-                yield event({"index": i, "text": c.delta_text, "logprobs": lp, "finish_reason": finish})
+            text, ids, lps, tops = c.delta_text, c.delta_token_ids, list(c.delta_logprobs), c.delta_top_logprobs
+            asked = bool(lps) or c.prompt_logprobs is not None
+            if echo is not None and not echoed[i]:
+                echoed[i] = True
+                prefix, ids, lps, tops = _echoed(echo, c, ids, lps, tops)
+                text = prefix + text
+            if text or done or asked:
+                lp = _completion_logprobs(frontend, ids, lps, tops, offsets[i]) if asked else None
+                offsets[i] += len(text)
+                yield event({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
             continue
         reasoning, content = parsers[i].feed(c.delta_text, final=done) if thinking else ("", c.delta_text)
         delta: dict[str, Any] = {}

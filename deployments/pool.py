@@ -43,12 +43,14 @@ class PoolChunk:
     finished: bool = False
     finish_reason: str | None = None
     delta_top_logprobs: list[list[tuple[int, float]]] | None = None  # when the request asked for them
+    prompt_logprobs: list[float | None] | None = None  # on the first chunk, when asked for
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
     @classmethod
     def of(cls, pool: str, out: RequestOutput) -> "PoolChunk":
         return cls(pool, out.delta_token_ids, out.delta_text, out.delta_logprobs or [], out.num_prompt_tokens,
                    out.num_output_tokens, out.num_reasoning_tokens, out.finished, out.finish_reason,
-                   out.delta_top_logprobs)
+                   out.delta_top_logprobs, out.prompt_logprobs, out.prompt_top_logprobs)
 
 
 class ModelPool:

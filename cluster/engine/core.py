@@ -49,6 +49,10 @@ class RequestOutput:
     text: str | None = None                    # final output only: the whole text
     logprobs: list[float] | None = None        # final output only, when asked for
     top_logprobs: list[list[tuple[int, float]]] | None = None  # final output only, when asked for
+    # When asked for (params.prompt_logprobs): per prompt token its logprob (None for the first,
+    # which nothing predicts) and alternatives; on the request's first output and its final one.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
     def absorb(self, later: "RequestOutput") -> None:
         """Takes in the next output of the same request, as if both steps had been one."""
@@ -62,6 +66,9 @@ class RequestOutput:
                      "finished", "finish_reason", "stop_reason", "prompt_token_ids", "token_ids", "text", "logprobs",
                      "top_logprobs"):
             setattr(self, name, getattr(later, name))
+        for name in ("prompt_logprobs", "prompt_top_logprobs"):  # set on the first output: keep it
+            if getattr(later, name) is not None:
+                setattr(self, name, getattr(later, name))
 
 
 @dataclass
@@ -246,6 +253,17 @@ class EngineCore:
         for r in results:
             req = self.requests[r.request_id]
             seq = req.seq
+            if r.prompt_logprobs is not None and r.prompt_start == len(seq.prompt_logprobs) + 1:  # not a recompute
+                seq.prompt_logprobs += r.prompt_logprobs
+                seq.prompt_top_logprobs += r.prompt_top_logprobs or []
+            if r.token is None:
+                continue
+            if seq.params.max_tokens == 0:  # the prompt only: its last position's token is not kept
+                seq.finish("length")
+                self._release(req)
+                del self.requests[seq.request_id]
+                outputs.append(self._output(req, [], ""))
+                continue
             tokens = [r.token]
             delta = self._append(req, r.token, r.logprob, r.top_logprobs)
             forced = self.thinking.after_token(req.thinking, r.token, seq.params.thinking_budget) if self.thinking else []
@@ -308,6 +326,10 @@ class EngineCore:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+        if seq.params.prompt_logprobs is not None and (seq.finished or seq.num_output_tokens == len(delta_ids)):
+            out.prompt_logprobs = [None, *seq.prompt_logprobs]
+            if seq.params.prompt_logprobs:
+                out.prompt_top_logprobs = [None, *seq.prompt_top_logprobs]
         if seq.finished:
             out.prompt_token_ids = seq.prompt_token_ids
             out.token_ids = seq.output_token_ids

@@ -22,6 +22,11 @@ class PlanEntry:
     # only) the prompt's. Plain lists, sent only for such requests.
     output_token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    # For a request that asked for prompt logprobs, while its prompt is computed: the prompt
+    # tokens that this entry's positions predict (position p predicts token p + 1), and how many
+    # alternatives to return for each.
+    prompt_targets: list[int] | None = None
+    prompt_top: int = 0
 
 
 @dataclass
@@ -32,8 +37,15 @@ class StepPlan:
 
 @dataclass
 class Sampled:
+    """A step's result for one request: the sampled token (None for a prompt chunk that only
+    returns prompt logprobs) and what was asked along with it."""
+
     request_id: str
-    token: int
+    token: int | None
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None = None  # when the request asked for alternatives
+    # Logprobs of prompt tokens `prompt_start` .. (with alternatives when asked), computed this step.
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_start: int = 0
 

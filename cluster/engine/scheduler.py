@@ -66,7 +66,7 @@ class Scheduler:
             i += 1
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and seq.params.prompt_logprobs is None:  # those compute every position
                 self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
@@ -118,6 +118,10 @@ def plan_from_batch(batch: ScheduledBatch, block_size: int, finished: list[str])
             seq.request_id, seq.token_ids[start:end], start, seq.block_table[: -(-end // block_size)],
             seq.params if samples else None,
         )
+        last = seq.num_prompt_tokens - 1  # the last prompt position that predicts a prompt token
+        if seq.params.prompt_logprobs is not None and start < last and len(seq.prompt_logprobs) < last:
+            entry.prompt_targets = seq.token_ids[start + 1 : min(end, last) + 1]
+            entry.prompt_top = seq.params.prompt_logprobs
         if samples and seq.params.penalized:
             entry.output_token_ids = seq.output_token_ids
             if seq.params.repetition_penalty != 1.0:

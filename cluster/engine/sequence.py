@@ -29,6 +29,8 @@ class Sequence:
     stop_reason: int | str | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.top_logprobs
+    prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1.. (params.prompt_logprobs)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -82,19 +82,48 @@ class ModelRunner:
             self.generators.pop(rid, None)
         input_ids, meta, rows = self.prepare(plan)
         hidden = self.model(input_ids, meta)
-        if not rows:
+        results: dict[str, Sampled] = {}
+        if rows:
+            logits = self.model.compute_logits(hidden[rows])
+            self.last_logits = logits
+            entries = [e for e in plan.entries if e.params is not None]
+            params = [e.params for e in entries]
+            gens = [self._generator(e.request_id, p.seed) if p.seed is not None else None
+                    for e, p in zip(entries, params)]
+            with section("sampling"):
+                processed = process_logits(logits, params, [e.output_token_ids for e in entries],  # type: ignore[arg-type]
+                                           [e.prompt_token_ids for e in entries])
+                tokens, lps, tops = sample(processed, params, gens, raw=logits)  # type: ignore[arg-type]
+            results = {e.request_id: Sampled(e.request_id, t, lp, top) for e, t, lp, top in zip(entries, tokens, lps, tops)}
+        else:
             self.last_logits = None
-            return []
-        logits = self.model.compute_logits(hidden[rows])
-        self.last_logits = logits
-        entries = [e for e in plan.entries if e.params is not None]
-        params = [e.params for e in entries]
-        gens = [self._generator(e.request_id, p.seed) if p.seed is not None else None for e, p in zip(entries, params)]
-        with section("sampling"):
-            processed = process_logits(logits, params, [e.output_token_ids for e in entries],  # type: ignore[arg-type]
-                                       [e.prompt_token_ids for e in entries])
-            tokens, lps, tops = sample(processed, params, gens, raw=logits)  # type: ignore[arg-type]
-        return [Sampled(e.request_id, t, lp, top) for e, t, lp, top in zip(entries, tokens, lps, tops)]
+        row = 0
+        for e in plan.entries:
+            if e.prompt_targets:
+                r = results.setdefault(e.request_id, Sampled(e.request_id, None, None))
+                r.prompt_start = e.start + 1
+                r.prompt_logprobs, r.prompt_top_logprobs = self._prompt_logprobs(hidden, row, e.prompt_targets, e.prompt_top)
+            row += len(e.token_ids)
+        return list(results.values())
+
+    # Rows of prompt logits computed at once: [rows, vocab] float32 is 78 MB at 128 rows of Qwen3's vocabulary.
+    PROMPT_LOGPROB_ROWS = 128
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, row: int, targets: list[int], top: int
+                         ) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+        """Logprob of each target token from the position before it (rows row.. of `hidden`),
+        and the `top` most likely tokens there, a slice of rows at a time."""
+        values: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
+        want = torch.tensor(targets, device=hidden.device)
+        for a in range(0, len(targets), self.PROMPT_LOGPROB_ROWS):
+            b = min(a + self.PROMPT_LOGPROB_ROWS, len(targets))
+            logp = torch.log_softmax(self.model.compute_logits(hidden[row + a : row + b]).float(), dim=-1)
+            values += logp.gather(1, want[a:b, None]).squeeze(1).tolist()
+            if top:
+                v, i = logp.topk(top, dim=-1)
+                tops += [list(zip(ti, vi)) for ti, vi in zip(i.tolist(), v.tolist())]
+        return values, tops if top else None
 
     def memory_report(self) -> MemoryReport:
         """The device's memory after a profile step (CUDA only)."""

@@ -374,3 +374,28 @@ def test_tokenize_and_detokenize(server: str, client: openai.OpenAI) -> None:
                               ("/tokenize", {"prompt": "x", "model": "other"}, "model")):
         resp = httpx.post(f"{server}{path}", json=body, timeout=30)
         assert resp.status_code in (400, 404) and resp.json()["error"]["param"] == param, resp.text
+
+
+def test_echo_with_prompt_logprobs_and_max_tokens_zero(server: str, client: openai.OpenAI) -> None:
+    """How lm-evaluation-harness scores log-likelihood: echo + logprobs + max_tokens 0 gives the
+    prompt back with a logprob per token (None for the first); with tokens to generate, the
+    prompt comes first and the completion after, streamed the same."""
+    prompt = "The capital of France is Paris"
+    n = httpx.post(f"{server}/tokenize", json={"prompt": prompt}, timeout=30).json()["count"]
+    only = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    c = only.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and only.usage.completion_tokens == 0
+    assert "".join(c.logprobs.tokens) == prompt and len(c.logprobs.tokens) == n
+    assert c.logprobs.token_logprobs[0] is None and all(v <= 0 for v in c.logprobs.token_logprobs[1:])
+    assert c.logprobs.top_logprobs[0] is None and all(len(t) == 1 for t in c.logprobs.top_logprobs[1:])
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=0,
+              extra_body={"ignore_eos": True})
+    more = client.completions.create(**kw).choices[0]
+    assert more.text.startswith(prompt) and len(more.logprobs.tokens) == n + 3
+    assert more.logprobs.token_logprobs[0] is None
+    assert more.logprobs.token_logprobs[1:n] == pytest.approx(c.logprobs.token_logprobs[1:], abs=1e-4)
+    streamed = [ch.choices[0] for ch in client.completions.create(**kw, stream=True) if ch.choices]
+    assert "".join(s.text for s in streamed) == more.text
+    assert [t for s in streamed if s.logprobs for t in s.logprobs.tokens] == more.logprobs.tokens
+    plain_echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, temperature=0)
+    assert plain_echo.choices[0].text.startswith(prompt) and plain_echo.choices[0].logprobs is None
