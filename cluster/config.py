@@ -368,6 +368,21 @@ class EngineConfig:
         return max(1, int(self.kv_cache_memory_gb * (1 << 30)) // per_block)
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output, compiled by xgrammar in the engine (cluster/engine/structured.py).
+    `kind`: "json_schema" (spec: the schema as JSON text), "json_object" (any JSON object), "regex",
+    "choice" (spec: a JSON list of strings), "grammar" (xgrammar's EBNF), or "tool_call" (spec: JSON
+    {"tools": [...], "choice": name or null}: one or more `<tool_call>` blocks, Qwen3's format).
+    `param` is the request field that asked (errors name it); with `after_think` the constraint
+    starts after the model's `</think>` (reasoning stays free, as vLLM's reasoning-aware outputs)."""
+
+    kind: str
+    spec: str = ""
+    param: str = "structured_output"
+    after_think: bool = False
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding controls, named as in vLLM. temperature 0 means greedy."""
@@ -397,6 +412,7 @@ class SamplingParams:
     # vLLM's: the logprob of every prompt token after the first (and this many alternatives);
     # such a request computes its whole prompt (no prefix-cache hit), in slices of rows.
     prompt_logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster import ModelConfig, RequestError, SamplingParams, load_tokenizer, render_chat
+from cluster.config import StructuredOutput
 from cluster.default_model import default_model_path
 from deployments.auth import ApiKeys, load_keys
 from deployments.chat import decide_thinking
@@ -99,7 +100,7 @@ class Frontend:
         logprobs: bool = False, thinking_budget: int | None = None, top_logprobs: int = 0,
         presence_penalty: float | None = None, frequency_penalty: float | None = None,
         repetition_penalty: float | None = None, logit_bias: dict[Any, float] | None = None,
-        prompt_logprobs: int | None = None,
+        prompt_logprobs: int | None = None, structured_output: StructuredOutput | None = None,
     ) -> SamplingParams:
         """The one place a request's sampling fields are checked, whichever API they came by: the
         mode's defaults for the fields left unset, OpenAI's temperature range here, the engine's
@@ -116,7 +117,7 @@ class Frontend:
             ignore_eos=ignore_eos, logprobs=logprobs, thinking_budget=thinking_budget, top_logprobs=top_logprobs,
             presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, logit_bias=logit_bias or {},
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs=prompt_logprobs, structured_output=structured_output,
         )
 
     async def start(

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cluster import SamplingParams
+from cluster.config import StructuredOutput
 from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
 from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Unauthenticated
 from deployments.pool import PoolChunk
@@ -80,13 +81,33 @@ def _unused(value: Any) -> bool:
 NOT_HONOURED: dict[str, Any] = {
     "tools": _unused, "functions": _unused, "function_call": lambda v: v in (None, "none", "auto"),
     "tool_choice": lambda v: v in (None, "none", "auto"),
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "prompt_logprobs": _unused,
     "echo": _unused, "best_of": lambda v: v in (None, 1), "suffix": _unused, "min_tokens": _unused,
-    "structured_outputs": _unused, "guided_json": _unused, "guided_regex": _unused, "guided_choice": _unused,
-    "guided_grammar": _unused, "reasoning_effort": _unused, "modalities": lambda v: v in (None, ["text"]),
+    "reasoning_effort": _unused, "modalities": lambda v: v in (None, ["text"]),
     "audio": _unused, "prediction": _unused, "web_search_options": _unused,
 }
+
+
+def _vllm_structured(key: str, value: Any, param: str) -> StructuredOutput:
+    """vLLM's structured_outputs / guided_* values as one StructuredOutput."""
+    if key == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise RequestError(param, "is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise RequestError(param, "must be a JSON schema object")
+        return StructuredOutput("json_schema", json.dumps(value), param)
+    if key == "json_object":
+        return StructuredOutput("json_object", param=param)
+    if key == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise RequestError(param, "must be a non-empty list of strings")
+        return StructuredOutput("choice", json.dumps(value), param)
+    if not isinstance(value, str) or not value:
+        raise RequestError(param, "must be a non-empty string")
+    return StructuredOutput(key, value, param)
 
 
 class _Sampling(BaseModel):
@@ -111,6 +132,46 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as JSON writes keys) -> bias
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self, thinking: bool) -> StructuredOutput | None:
+        """The one output constraint the request asks for, by whichever field; two is an error.
+        In thinking mode it applies after </think>."""
+        found: list[StructuredOutput] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                found.append(StructuredOutput("json_object", param="response_format"))
+            elif kind == "json_schema":
+                schema = (rf.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise RequestError("response_format.json_schema.schema", "a JSON schema object is required")
+                found.append(StructuredOutput("json_schema", json.dumps(schema), "response_format"))
+            elif kind != "text":
+                raise RequestError("response_format.type", f"{kind!r} is not 'text', 'json_object' or 'json_schema'")
+        so = self.structured_outputs
+        if so:
+            keys = [k for k in ("json", "regex", "choice", "grammar", "json_object") if so.get(k) not in (None, False)]
+            unknown = sorted(set(so) - {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace"})
+            if unknown:
+                raise RequestError(f"structured_outputs.{unknown[0]}", "is not supported")
+            if len(keys) != 1:
+                raise RequestError("structured_outputs", "give exactly one of json, regex, choice, grammar, json_object")
+            found.append(_vllm_structured(keys[0], so[keys[0]], f"structured_outputs.{keys[0]}"))
+        for key, value in (("json", self.guided_json), ("regex", self.guided_regex), ("choice", self.guided_choice),
+                           ("grammar", self.guided_grammar)):
+            if value is not None:
+                found.append(_vllm_structured(key, value, f"guided_{key}"))
+        if len(found) > 1:
+            raise RequestError(found[1].param, f"only one output constraint per request (also {found[0].param})")
+        return replace(found[0], after_think=thinking) if found else None
 
     def check_honoured(self) -> None:
         """A field this server would not apply is an error naming it, never silently dropped:
@@ -138,7 +199,7 @@ class _Sampling(BaseModel):
             min_p=self.min_p, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=logprobs, thinking_budget=budget, top_logprobs=top_logprobs,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, logit_bias=bias,
+            repetition_penalty=self.repetition_penalty, logit_bias=bias, structured_output=self.structured(thinking),
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from cluster.engine.kv_cache import BlockManager
 from cluster.engine.plan import StepPlan
 from cluster.engine.scheduler import Scheduler, plan_from_batch, profile_plan
 from cluster.engine.sequence import Sequence
+from cluster.engine.structured import Constraint, GrammarCompiler
 from cluster.engine.thinking import ThinkingBudget, ThinkingState
 from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START, load_tokenizer
 
@@ -77,6 +79,14 @@ class _Request:
     detok: Detokenizer
     thinking: ThinkingState
     shard: int = 0
+    constraint: Constraint | None = None  # structured output
+
+
+def _think_closed(ids: list[int], start: int, end: int) -> bool:
+    """Whether the prompt closed a thinking part (non-thinking mode, or a budget of 0)."""
+    last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
+    last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
+    return last_end > last_start
 
 
 class EngineCore:
@@ -111,6 +121,8 @@ class EngineCore:
         eos = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
         torch.manual_seed(self.config.seed)
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self.executor = build_executor(
             self.model_path, self.model_config, self.dtype, self.parallel, num_blocks, self.config.block_size,
             self.max_model_len,
@@ -198,13 +210,30 @@ class EngineCore:
             if thinking.inside and params.thinking_budget == 0:  # nothing may be thought: close it now
                 ids = ids + self.thinking.stop_ids
                 thinking = ThinkingState(done=True)
+        constraint = None
+        if params.structured_output is not None:
+            so = params.structured_output
+            state = "active"
+            if so.after_think and self.thinking is not None and not _think_closed(ids, self.thinking.start,
+                                                                                  self.thinking.end):
+                state = "waiting" if thinking.inside else "pending"
+            constraint = self._grammars().constraint(so, state)
         if len(ids) >= self.max_model_len:
             raise RequestError(
                 "prompt", f"{len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}"
             )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         seq = Sequence(rid, ids, params)
-        return _Request(seq, Detokenizer(self.tokenizer, ids, params), thinking)
+        return _Request(seq, Detokenizer(self.tokenizer, ids, params), thinking, constraint=constraint)
+
+    def _grammars(self) -> GrammarCompiler:
+        """The engine's grammar compiler, made on the first structured request (building
+        xgrammar's view of the vocabulary takes about a second)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                         sorted(self.eos_token_ids))
+            return self._grammar_compiler
 
     def add(self, req: _Request) -> None:
         rid = req.seq.request_id
@@ -244,6 +273,11 @@ class EngineCore:
             return []
         bs = self.config.block_size
         plans = [plan_from_batch(b, bs, self._forget[i]) for i, b in enumerate(batches)]
+        for plan in plans:  # structured outputs: the tokens each constrained row may take
+            for e in plan.entries:
+                c = self.requests[e.request_id].constraint if e.params is not None else None
+                if c is not None and c.state != "waiting":
+                    e.token_bitmask = c.bitmask(self.thinking.start if c.state == "pending" else None)
         self._forget = [[] for _ in self.shards]
         results = [r for shard in self.executor.execute(plans) for r in shard]
         self.num_steps += 1
@@ -273,7 +307,7 @@ class EngineCore:
                 tokens.append(f)
                 # forced: probability 1 by construction
                 delta += self._append(req, f, 0.0 if seq.params.logprobs else None,
-                                      [(f, 0.0)] if seq.params.top_logprobs else None)
+                                      [(f, 0.0)] if seq.params.top_logprobs else None, forced=True)
                 self.thinking.after_token(req.thinking, f, seq.params.thinking_budget)
             if seq.finished:
                 self._release(req)
@@ -284,8 +318,10 @@ class EngineCore:
         return outputs
 
     def _append(self, req: _Request, token: int, logprob: float | None,
-                top: list[tuple[int, float]] | None = None) -> str:
-        """Adds one output token: stop checks, then the text it makes safe to emit."""
+                top: list[tuple[int, float]] | None = None, forced: bool = False) -> str:
+        """Adds one output token: stop checks, then the text it makes safe to emit. A forced token
+        (the thinking budget's stop text, ending "</think>\n\n") is not the answer's: a structured
+        output's grammar starts after it."""
         seq = req.seq
         seq.token_ids.append(token)
         if logprob is not None:
@@ -294,6 +330,14 @@ class EngineCore:
             seq.top_logprobs.append(top)
         self.num_generated_tokens += 1
         self._check_stop(seq, token)
+        if (c := req.constraint) is not None and not seq.finished:
+            if c.state == "pending":  # the answer's first token: reasoning opens, or the answer starts
+                c.state = "waiting" if token == self.thinking.start else "active"  # type: ignore[union-attr]
+            if c.state == "waiting":
+                if token == self.thinking.end:  # type: ignore[union-attr]
+                    c.state = "active"
+            elif not forced and (not c.accept(token) or c.done):  # complete (its stop token) or refused
+                seq.finish("stop")
         delta = req.detok.step(token, seq.finished)
         if req.detok.stopped is not None and not seq.finished:
             seq.finish("stop", req.detok.stopped)

@@ -7,6 +7,7 @@ model runner reads it without importing the engine."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cluster.config import SamplingParams
 
@@ -27,6 +28,8 @@ class PlanEntry:
     # alternatives to return for each.
     prompt_targets: list[int] | None = None
     prompt_top: int = 0
+    # Structured output: the tokens allowed next, 32 to an int32 word (cluster/engine/structured.py).
+    token_bitmask: Any = None
 
 
 @dataclass

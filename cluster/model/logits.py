@@ -65,3 +65,14 @@ def _counts(histories: list[list[int]], vocab: int, device: torch.device) -> tor
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
+    """Structured outputs: in place, -inf for every token whose bit is clear in its row's mask
+    ([words] int32, 32 tokens a word, as xgrammar fills it); all rows in one batched op."""
+    vocab = logits.shape[1]
+    words = torch.stack(masks).to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab].bool()
+    idx = torch.tensor(rows, device=logits.device)
+    logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))

@@ -13,7 +13,7 @@ from cluster.model.memory import MemoryReport, measure
 from cluster.model.qwen3_moe import Qwen3MoeModel, SparseMoe
 from cluster.engine.plan import Sampled, StepPlan
 from cluster.model.profiler import section
-from cluster.model.logits import process_logits
+from cluster.model.logits import apply_token_bitmask, process_logits
 from cluster.model.sampler import sample
 
 
@@ -93,6 +93,11 @@ class ModelRunner:
             with section("sampling"):
                 processed = process_logits(logits, params, [e.output_token_ids for e in entries],  # type: ignore[arg-type]
                                            [e.prompt_token_ids for e in entries])
+                masked = [i for i, e in enumerate(entries) if e.token_bitmask is not None]
+                if masked:
+                    if processed.data_ptr() == logits.data_ptr():  # the raw logits give the logprobs
+                        processed = processed.clone()
+                    apply_token_bitmask(processed, masked, [entries[i].token_bitmask for i in masked])
                 tokens, lps, tops = sample(processed, params, gens, raw=logits)  # type: ignore[arg-type]
             results = {e.request_id: Sampled(e.request_id, t, lp, top) for e, t, lp, top in zip(entries, tokens, lps, tops)}
         else:
