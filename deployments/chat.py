@@ -82,7 +82,7 @@ class StreamingReasoningParser:
                     self.buffer = self.buffer[idx + len(THINK_CLOSE):]
                     self.state = "after_think"
                     continue
-                keep = _partial_suffix(self.buffer, THINK_CLOSE) if not final else 0
+                keep = partial_suffix(self.buffer, THINK_CLOSE) if not final else 0
                 reasoning += self.buffer[: len(self.buffer) - keep]
                 self.buffer = self.buffer[len(self.buffer) - keep:]
                 break
@@ -99,7 +99,7 @@ class StreamingReasoningParser:
         return reasoning, content
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

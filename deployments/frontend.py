@@ -84,10 +84,13 @@ class Frontend:
             raise ModelNotFound(f"model: '{model}' does not exist; this server serves '{self.model_name}'")
 
     # -- the request ----------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict[str, Any]], explicit: bool | None) -> tuple[bool, list[int]]:
-        """Thinking mode and the prompt ids, through Qwen3's own template."""
+    def chat_prompt(self, messages: list[dict[str, Any]], explicit: bool | None,
+                    tools: list[dict[str, Any]] | None = None) -> tuple[bool, list[int]]:
+        """Thinking mode and the prompt ids, through Qwen3's own template (with its tools section
+        when `tools` are offered)."""
         thinking = decide_thinking(explicit, messages, self.cfg.router.default_thinking)
-        prompt = render_chat(self.tokenizer, messages, enable_thinking=thinking)
+        extra = {"tools": tools} if tools else {}
+        prompt = render_chat(self.tokenizer, messages, enable_thinking=thinking, **extra)
         return thinking, self.encode(prompt)
 
     def encode(self, text: str) -> list[int]:

@@ -23,6 +23,7 @@ from cluster.config import StructuredOutput
 from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
 from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Unauthenticated
 from deployments.pool import PoolChunk
+from deployments.tools import StreamingToolParser, check_tools, parse_tool_calls, tool_constraint
 
 
 class ContentPart(BaseModel):
@@ -68,7 +69,7 @@ class StreamOptions(BaseModel):
 MAX_N = 16  # choices per request
 
 # OpenAI fields with no effect on the output, accepted and ignored as OpenAI-compatible servers do.
-IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
                             "safety_identifier"})
 
 
@@ -79,8 +80,7 @@ def _unused(value: Any) -> bool:
 # Fields of OpenAI's (or vLLM's) API this server does not honour yet, each with the values that
 # mean "not used"; any other value is refused naming the field rather than silently dropped.
 NOT_HONOURED: dict[str, Any] = {
-    "tools": _unused, "functions": _unused, "function_call": lambda v: v in (None, "none", "auto"),
-    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "functions": _unused, "function_call": lambda v: v in (None, "none", "auto"),
     "prompt_logprobs": _unused,
     "echo": _unused, "best_of": lambda v: v in (None, 1), "suffix": _unused, "min_tokens": _unused,
     "reasoning_effort": _unused, "modalities": lambda v: v in (None, ["text"]),
@@ -205,6 +205,9 @@ class _Sampling(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -346,12 +349,21 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
             frontend.check_model(body.model)
             body.check_honoured()
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            thinking, ids = frontend.chat_prompt(messages, body.explicit_thinking())
+            functions, forced, required = check_tools(body.tools, body.tool_choice)
+            offered = [{"type": "function", "function": f} for f in functions]
+            thinking, ids = frontend.chat_prompt(messages, body.explicit_thinking(), offered)
             if body.top_logprobs and not body.logprobs:
                 raise RequestError("top_logprobs", "needs logprobs: true")
             params = body.sampling(frontend, thinking, body.max_completion_tokens or body.max_tokens, body.logprobs,
                                    body.budget(), body.top_logprobs or 0)
-            return await _serve(frontend, "chat", body, ids, params, thinking)
+            if required:
+                if params.structured_output is not None:
+                    raise RequestError("tool_choice", f"a required tool call and {params.structured_output.param} "
+                                                      "cannot both constrain the output")
+                params = replace(params, structured_output=tool_constraint(functions, forced, thinking,
+                                                                           body.parallel_tool_calls))
+            return await _serve(frontend, "chat", body, ids, params, thinking,
+                                tools=ToolUse(bool(functions), body.parallel_tool_calls))
         except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:
             return error_response(exc)
 
@@ -373,8 +385,16 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     return app
 
 
+@dataclass
+class ToolUse:
+    """Whether a chat request offered tools (its answers are parsed for calls) and may get several."""
+
+    offered: bool = False
+    parallel: bool = True
+
+
 async def _serve(frontend: Frontend, kind: str, body: _Sampling, ids: list[int], params: SamplingParams,
-                 thinking: bool) -> Any:
+                 thinking: bool, tools: ToolUse | None = None) -> Any:
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     route = "chat" if kind == "chat" else "completions"
     prompt_param = "messages" if kind == "chat" else "prompt"
@@ -389,9 +409,10 @@ async def _serve(frontend: Frontend, kind: str, body: _Sampling, ids: list[int],
         echo = Echo(prompt if isinstance(prompt, str) else frontend.tokenizer.decode(prompt), ids)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _sse(frontend, kind, rid, streams, thinking, include_usage, echo)
+        gen = _sse(frontend, kind, rid, streams, thinking, include_usage, echo, tools or ToolUse())
         return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
-    return JSONResponse(await _collect(frontend, kind, rid, streams, thinking, echo), headers=headers)
+    return JSONResponse(await _collect(frontend, kind, rid, streams, thinking, echo, tools or ToolUse()),
+                        headers=headers)
 
 
 @dataclass
@@ -512,10 +533,11 @@ def _echoed(echo: Echo | None, c: PoolChunk, ids: list[int], lps: list[float | N
 
 
 async def _collect(frontend: Frontend, kind: str, rid: str, streams: list[AsyncIterator[PoolChunk]],
-                   thinking: bool, echo: Echo | None = None) -> dict[str, Any]:
+                   thinking: bool, echo: Echo | None = None, tools: ToolUse = ToolUse()) -> dict[str, Any]:
     try:
         async with asyncio.TaskGroup() as group:  # one choice failing cancels the others
-            tasks = [group.create_task(_choice(frontend, kind, i, c, thinking, echo)) for i, c in enumerate(streams)]
+            tasks = [group.create_task(_choice(frontend, kind, i, c, thinking, echo, tools))
+                     for i, c in enumerate(streams)]
     except BaseExceptionGroup as group_error:  # the request's error is the first choice's
         raise group_error.exceptions[0] from None
     choices, lasts = zip(*(t.result() for t in tasks))
@@ -526,7 +548,7 @@ async def _collect(frontend: Frontend, kind: str, rid: str, streams: list[AsyncI
 
 
 async def _choice(frontend: Frontend, kind: str, index: int, chunks: AsyncIterator[PoolChunk], thinking: bool,
-                  echo: Echo | None = None) -> tuple[dict[str, Any], PoolChunk]:
+                  echo: Echo | None = None, tools: ToolUse = ToolUse()) -> tuple[dict[str, Any], PoolChunk]:
     """One choice, whole, and its last chunk (for usage)."""
     texts: list[str] = []
     lps: list[float | None] = []
@@ -552,15 +574,21 @@ async def _choice(frontend: Frontend, kind: str, index: int, chunks: AsyncIterat
                 "logprobs": _completion_logprobs(frontend, ids, lps, tops, 0) if asked else None}, last
     # With thinking off the template closed <think> in the prompt: all output is content.
     parsed = split_reasoning(text) if thinking else Parsed(None, text)
-    message = {"role": "assistant", "content": parsed.content}
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    finish = last.finish_reason
+    if tools.offered:
+        message["content"], calls = parse_tool_calls(parsed.content)
+        if calls:
+            message["tool_calls"] = calls if tools.parallel else calls[:1]
+            finish = "tool_calls" if finish == "stop" else finish
     if parsed.reasoning is not None:
         message["reasoning_content"] = parsed.reasoning
-    return {"index": index, "message": message, "finish_reason": last.finish_reason,
+    return {"index": index, "message": message, "finish_reason": finish,
             "logprobs": _chat_logprobs(frontend, ids, lps, tops) if lps else None}, last
 
 
 async def _sse(frontend: Frontend, kind: str, rid: str, streams: list[AsyncIterator[PoolChunk]], thinking: bool,
-               include_usage: bool, echo: Echo | None = None) -> AsyncIterator[str]:
+               include_usage: bool, echo: Echo | None = None, tools: ToolUse = ToolUse()) -> AsyncIterator[str]:
     created = int(time.time())
     model = frontend.model_name
     n = len(streams)
@@ -569,6 +597,7 @@ async def _sse(frontend: Frontend, kind: str, rid: str, streams: list[AsyncItera
     lasts: list[PoolChunk | None] = [None] * n
     offsets = [0] * n  # completions: where each choice's next chunk's text starts
     echoed = [False] * n
+    tool_parsers = [StreamingToolParser() for _ in range(n)] if tools.offered else None
 
     def event(choice: dict[str, Any] | None, **extra: Any) -> str:
         return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
@@ -597,6 +626,14 @@ async def _sse(frontend: Frontend, kind: str, rid: str, streams: list[AsyncItera
         delta: dict[str, Any] = {}
         if reasoning:
             delta["reasoning_content"] = reasoning
+        if tool_parsers is not None:
+            content, calls = tool_parsers[i].feed(content, final=done)
+            if not tools.parallel:
+                calls = [d for d in calls if d["index"] == 0]
+            if calls:
+                delta["tool_calls"] = calls
+            if done and tool_parsers[i].calls and finish == "stop":
+                finish = "tool_calls"
         if content:
             delta["content"] = content
         if c.delta_logprobs:  # per token, with the chunk that carries it (the text may lag the ids)

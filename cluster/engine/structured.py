@@ -107,4 +107,5 @@ def tool_call_grammar(spec: dict[str, Any]) -> str:
               "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     body = re.sub(r"\broot\b", "call", str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)))
-    return (f'root ::= block ("\\n" block)*\nblock ::= "{TOOL_CALL_OPEN}\\n" call "\\n{TOOL_CALL_CLOSE}"\n' + body)
+    blocks = 'block ("\\n" block)*' if spec.get("parallel", True) else "block"
+    return (f'root ::= {blocks}\nblock ::= "{TOOL_CALL_OPEN}\\n" call "\\n{TOOL_CALL_CLOSE}"\n' + body)

@@ -134,10 +134,10 @@ def test_completions(client: openai.OpenAI) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": [
             {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages.0.content"),
         # fields not built yet are refused naming them, never silently dropped
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, 400, "tools"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-         400, "response_format"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]},
+         400, "tools.0.type"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, 400, "functions"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}, 400, "presence_penalty"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 5}}, 400, "logit_bias"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
@@ -468,3 +468,67 @@ def test_bad_structured_output_requests_name_the_field(server: str, extra: dict,
         "model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, **extra}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "multiply", "description": "a times b",
+                                      "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                                    "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+                                                     "required": ["a", "b"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "description": "the time now",
+                                      "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}},
+]
+
+
+def test_required_and_named_tool_calls_with_the_sdk(client: openai.OpenAI) -> None:
+    """tool_choice "required" and a named function are enforced by the grammar: the answer is
+    OpenAI tool_calls (ids, arguments a JSON string valid for the function), finish_reason
+    tool_calls; streamed, the SDK's deltas (name first, then arguments) assemble the same calls."""
+    import jsonschema
+
+    msgs = [{"role": "user", "content": "what is 6 times 7?"}]
+    # one call each (parallel_tool_calls false): this random model, free to add blocks, might not stop
+    kw = dict(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=200, temperature=0, parallel_tool_calls=False,
+              extra_body={"enable_thinking": False})
+    r = client.chat.completions.create(**kw, tool_choice="required")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for call in choice.message.tool_calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    named = client.chat.completions.create(**kw, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for ch in client.chat.completions.create(**kw, tool_choice="required", stream=True):
+        if not ch.choices:
+            continue
+        finish = ch.choices[0].finish_reason or finish
+        for d in ch.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            if d.function.name:
+                assert not entry["arguments"], "the name comes before the arguments"
+                entry["name"] = d.function.name
+            entry["arguments"] += d.function.arguments or ""
+    assert finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+
+
+def test_tool_turns_render_back_and_none_hides_the_tools(server: str, client: openai.OpenAI) -> None:
+    """An assistant turn with tool_calls and the tool's result render into Qwen3's template (the
+    conversation continues); tool_choice none offers no tools (the prompt is the plain one)."""
+    history = [{"role": "user", "content": "6 times 7?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "multiply", "arguments": '{"a": 6, "b": 7}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4,
+                                       extra_body={"enable_thinking": False})
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with_tools = httpx.post(f"{server}/tokenize", json={"messages": history[:1], "enable_thinking": False}, timeout=30).json()
+    hidden = client.chat.completions.create(model=MODEL, messages=history[:1], tools=TOOLS, tool_choice="none",
+                                            max_tokens=1, extra_body={"enable_thinking": False})
+    offered = client.chat.completions.create(model=MODEL, messages=history[:1], tools=TOOLS, max_tokens=1,
+                                             extra_body={"enable_thinking": False})
+    assert hidden.usage.prompt_tokens == with_tools["count"] < offered.usage.prompt_tokens
