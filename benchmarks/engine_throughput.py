@@ -10,11 +10,17 @@ Also writes a per-step time breakdown for (b) and this machine's matmul and memo
 floor for the lm_head.
 
     python -m benchmarks.engine_throughput --part sampling [--out PATH]
+    python -m benchmarks.engine_throughput --part structured [--out PATH]
 
 Sampled decoding beside greedy, engine only, on (a), (b) and the embedded default model: greedy,
 Qwen3's recommended non-thinking sampling (temperature 0.7, top_p 0.8, top_k 20) and temperature
 alone (1.0, the full vocabulary), alternating, best of --repeats; with the time the sampler takes
 per step in each.
+
+Structured outputs (--part structured): every row constrained (a JSON schema of an object with
+an array of at least 400 strings, and a regex of 4000 characters: no row can complete early) beside the same rows unconstrained, Qwen3's
+non-thinking sampling, on (b) and the embedded model: tokens/s, and per step the engine's bitmask
+fill (xgrammar, per row) and the runner's batched mask, against the whole step.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 
 from cluster import LLM, SamplingParams
+from cluster.config import StructuredOutput
 from cluster import native
 from cluster.model import profiler
 
@@ -62,8 +69,20 @@ SAMPLING = {
 }
 
 
-def run_ours(llm: LLM, batch: list[list[int]], sampling: dict | None = None) -> float:
-    params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True, **(sampling or SAMPLING["greedy"]))
+CONSTRAINTS = {
+    "none": None,
+    # long enough that no row can complete (and stop) within OUTPUT_LEN tokens
+    "json_schema": StructuredOutput("json_schema", json.dumps(
+        {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}, "minItems": 400}},
+         "required": ["notes"]})),
+    "regex": StructuredOutput("regex", "[a-z ,.]{4000}"),
+}
+
+
+def run_ours(llm: LLM, batch: list[list[int]], sampling: dict | None = None,
+             structured: StructuredOutput | None = None) -> float:
+    params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True, structured_output=structured,
+                            **(sampling or SAMPLING["greedy"]))
     start = time.perf_counter()
     outs = llm.generate(batch, params)
     elapsed = time.perf_counter() - start
@@ -173,9 +192,56 @@ def sampled_vs_greedy(models: list[str], concurrency: list[int], repeats: int, t
     return rows
 
 
+def structured_cost(models: list[str], concurrency: list[int], repeats: int, tmp: Path) -> list[dict]:
+    """Tokens/s with every row constrained against none, alternating, best of `repeats`; and the
+    per-step milliseconds of the engine's bitmask fill and the runner's mask, against the step."""
+    from cluster.default_model import default_model_path
+
+    sampling = SAMPLING["qwen3_non_thinking"]
+    rows = []
+    for name in models:
+        path = default_model_path() if name == "default" else make_checkpoint(tmp / name, MODELS[name])
+        llm = LLM(path, dtype="float32", max_num_seqs=64, max_num_batched_tokens=4096,
+                  kv_cache_memory_gb=1.0, enable_prefix_caching=False)
+        for so in CONSTRAINTS.values():  # builds the grammar compiler and compiles each grammar (cached after)
+            run_ours(llm, prompts(2, 151936), sampling, so)
+        for c in concurrency:
+            batch = prompts(c, 151936)
+            best = dict.fromkeys(CONSTRAINTS, 0.0)
+            for _ in range(repeats):
+                for key, so in CONSTRAINTS.items():
+                    best[key] = max(best[key], run_ours(llm, batch, sampling, so))
+            row: dict = {"model": name, "concurrency": c, **{f"{k}_tok_s": round(v, 1) for k, v in best.items()}}
+            for key, so in CONSTRAINTS.items():
+                if so is None:
+                    continue
+                row[f"{key}_vs_none"] = round(best[key] / best["none"], 3)
+                llm.core.grammar_s = 0.0
+                for p in batch:
+                    llm.core.add_request(p, SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True, structured_output=so,
+                                                           **sampling))
+                profiler.enable()
+                steps, total = 0, 0.0
+                while llm.core.has_work():
+                    t = time.perf_counter()
+                    llm.core.step()
+                    total += time.perf_counter() - t
+                    steps += 1
+                sections = profiler.disable()
+                row[f"{key}_ms_per_step"] = {
+                    "step": round(1e3 * total / steps, 3),
+                    "grammar_engine": round(1e3 * llm.core.grammar_s / steps, 3),  # bitmask fills + token accepts
+                    "mask_apply_runner": round(1e3 * sections.get("structured_mask", 0.0) / steps, 3)}
+                row[f"{key}_share_of_step"] = round((llm.core.grammar_s + sections.get("structured_mask", 0.0)) / total, 3)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        llm.shutdown()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("transformers", "sampling"), default="transformers",
+    ap.add_argument("--part", choices=("transformers", "sampling", "structured"), default="transformers",
                     help="transformers: greedy engine vs transformers; sampling: sampled vs greedy, engine only")
     ap.add_argument("--models", nargs="+", default=None, help="default: a b (transformers), a b default (sampling)")
     ap.add_argument("--concurrency", nargs="+", type=int, default=None, help="default: 1 16 64 / 16 64")
@@ -185,6 +251,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = Path(__file__).parent / "results"
+    if args.part == "structured":
+        from benchmarks.machine import describe_machine
+
+        out = Path(args.out or results / "engine_structured.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = structured_cost(args.models or ["b", "default"], args.concurrency or [16, 64], args.repeats, Path(tmp))
+        out.write_text(json.dumps({
+            "machine": describe_machine(), "threads": args.threads, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,
+            "dtype": "float32", "repeats": args.repeats, "native_kernels": native.kernels() is not None,
+            "sampling": SAMPLING["qwen3_non_thinking"],
+            "constraints": {k: None if v is None else {"kind": v.kind, "spec": v.spec} for k, v in CONSTRAINTS.items()},
+            "runs": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     if args.part == "sampling":
         from benchmarks.machine import describe_machine
 

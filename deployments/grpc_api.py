@@ -8,15 +8,19 @@ which frees its KV blocks."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 
+from cluster.config import StructuredOutput
 from deployments.chat import StreamingReasoningParser
 from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Unauthenticated
 from deployments.pool import PoolChunk
+from deployments.tools import StreamingToolParser, check_tools, tool_constraint
 from protos.q3serve.v1 import q3serve_pb2 as pb
 
 SERVICER_FUNCTIONS = [
@@ -24,7 +28,7 @@ SERVICER_FUNCTIONS = [
     "protos.q3serve.v1.q3serve_pb2_grpc.add_ModelServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 STATUS = {
     RequestError: grpc.StatusCode.INVALID_ARGUMENT, ModelNotFound: grpc.StatusCode.NOT_FOUND,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED, Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -54,6 +58,66 @@ def _usage(frontend: Frontend, last: PoolChunk, thinking: bool) -> pb.Usage:
                     reasoning_tokens=u.reasoning_tokens)
 
 
+def _message(m: pb.Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+                             for c in m.tool_calls]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tools(tools: Any) -> list[dict[str, Any]] | None:
+    out = []
+    for i, t in enumerate(tools):
+        fn: dict[str, Any] = {"name": t.name, "description": t.description}
+        if t.parameters_json:
+            try:
+                fn["parameters"] = json.loads(t.parameters_json)
+            except ValueError:
+                raise RequestError(f"tools[{i}].parameters_json", "is not valid JSON") from None
+        out.append({"type": "function", "function": fn})
+    return out or None
+
+
+def _tool_choice(choice: str) -> Any:
+    if choice in ("", "auto", "none", "required"):
+        return choice or None
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _whole_calls(deltas: list[dict[str, Any]]) -> list[pb.ToolCall]:
+    """The streaming tool parser's deltas (name, then arguments) as whole calls."""
+    calls: dict[int, pb.ToolCall] = {}
+    for d in deltas:
+        if "id" in d:
+            calls[d["index"]] = pb.ToolCall(id=d["id"], name=d["function"]["name"])
+        else:
+            calls[d["index"]].arguments += d["function"]["arguments"]
+    return list(calls.values())
+
+
+def _constraint(req: Any, thinking: bool) -> StructuredOutput | None:
+    """The request's OutputConstraint as the engine's StructuredOutput (after </think> in thinking mode)."""
+    if not req.HasField("constraint"):
+        return None
+    c = req.constraint
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json_object", param="constraint.json_object", after_think=thinking)
+    if kind == "choice":
+        if not c.choice.values:
+            raise RequestError("constraint.choice", "must list at least one string")
+        return StructuredOutput("choice", json.dumps(list(c.choice.values)), "constraint.choice", thinking)
+    value = getattr(c, kind)
+    if not value:
+        raise RequestError(f"constraint.{kind}", "must not be empty")
+    return StructuredOutput(kind, value, f"constraint.{kind}", thinking)
+
+
 class GrpcApi:
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
@@ -67,7 +131,9 @@ class GrpcApi:
         return self.frontend.sampling(
             thinking, max_tokens=_opt(req, "max_tokens"), temperature=_opt(req, "temperature"), top_p=_opt(req, "top_p"),
             top_k=_opt(req, "top_k"), seed=_opt(req, "seed"), stop=list(req.stop),
-            thinking_budget=_opt(req, "thinking_budget"), **extra,
+            thinking_budget=_opt(req, "thinking_budget"), presence_penalty=_opt(req, "presence_penalty"),
+            frequency_penalty=_opt(req, "frequency_penalty"), repetition_penalty=_opt(req, "repetition_penalty"),
+            structured_output=_constraint(req, thinking), **extra,
         )
 
     # -- q3serve.v1.ChatService -----------------------------------------------------------------
@@ -79,21 +145,34 @@ class GrpcApi:
             for i, m in enumerate(request.messages):
                 if m.role not in ROLES:
                     raise RequestError(f"messages[{i}].role", f"'{m.role}' is not one of {', '.join(ROLES)}")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            thinking, ids = self.frontend.chat_prompt(messages, _opt(request, "enable_thinking"))
+            messages = [_message(m) for m in request.messages]
+            functions, forced, required = check_tools(_tools(request.tools), _tool_choice(request.tool_choice))
+            offered = [{"type": "function", "function": f} for f in functions]
+            thinking, ids = self.frontend.chat_prompt(messages, _opt(request, "enable_thinking"), offered)
             params = self._sampling(request, thinking)
+            if required:
+                if params.structured_output is not None:
+                    raise RequestError("tool_choice", "a required tool call and constraint cannot both constrain the output")
+                params = replace(params, structured_output=tool_constraint(
+                    functions, forced, thinking, request.parallel_tool_calls))
             pool, chunks = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
         parser = StreamingReasoningParser()
+        tool_parser = StreamingToolParser() if functions else None
         async for c in chunks:
             done = c.finished
             reasoning, content = parser.feed(c.delta_text, final=done) if thinking else ("", c.delta_text)
-            if not (reasoning or content or done):
+            calls = []
+            if tool_parser is not None:
+                content, deltas = tool_parser.feed(content, final=done)
+                calls = _whole_calls(deltas)
+            if not (reasoning or content or calls or done):
                 continue
-            chunk = pb.ChatChunk(reasoning_content=reasoning, content=content, pool=pool)
+            chunk = pb.ChatChunk(reasoning_content=reasoning, content=content, pool=pool, tool_calls=calls)
             if done:
-                chunk.finish_reason = c.finish_reason or ""
+                finish = c.finish_reason or ""
+                chunk.finish_reason = "tool_calls" if tool_parser is not None and tool_parser.calls and finish == "stop" else finish
                 chunk.usage.CopyFrom(_usage(self.frontend, c, thinking))
             yield chunk
 

@@ -1,5 +1,5 @@
 """The Serve ingress deployment: one class that takes both protocols over one Frontend. HTTP is
-the FastAPI app `build_openai_app` makes for this replica's Frontend (Serve asks for it through
+the FastAPI app `build_openai_app` makes for this replica's Frontend (plus /v1/responses) (Serve asks for it through
 `__serve_build_asgi_app__` once the replica is constructed); gRPC arrives as calls of the methods
 named after the RPCs, which hand over to `GrpcApi`."""
 
@@ -16,6 +16,7 @@ from deployments.config import AppConfig
 from deployments.frontend import Frontend
 from deployments.grpc_api import GrpcApi
 from deployments.openai_api import build_openai_app
+from deployments.responses_api import add_responses_routes
 from deployments.router import PoolRouter
 from protos.q3serve.v1 import q3serve_pb2 as pb
 
@@ -27,7 +28,9 @@ class Ingress:
         self.grpc = GrpcApi(self.frontend)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_openai_app(self.frontend)
+        app = build_openai_app(self.frontend)
+        add_responses_routes(app, self.frontend)
+        return app
 
     # -- gRPC: q3serve.v1.ChatService, q3serve.v1.ModelService, grpc.health.v1.Health ------------
     async def Chat(self, request: pb.ChatRequest, grpc_context: Any) -> AsyncIterator[pb.ChatChunk]:  # noqa: N802

@@ -95,9 +95,10 @@ class ModelRunner:
                                            [e.prompt_token_ids for e in entries])
                 masked = [i for i, e in enumerate(entries) if e.token_bitmask is not None]
                 if masked:
-                    if processed.data_ptr() == logits.data_ptr():  # the raw logits give the logprobs
-                        processed = processed.clone()
-                    apply_token_bitmask(processed, masked, [entries[i].token_bitmask for i in masked])
+                    with section("structured_mask"):
+                        if processed.data_ptr() == logits.data_ptr():  # the raw logits give the logprobs
+                            processed = processed.clone()
+                        apply_token_bitmask(processed, masked, [entries[i].token_bitmask for i in masked])
                 tokens, lps, tops = sample(processed, params, gens, raw=logits)  # type: ignore[arg-type]
             results = {e.request_id: Sampled(e.request_id, t, lp, top) for e, t, lp, top in zip(entries, tokens, lps, tops)}
         else:

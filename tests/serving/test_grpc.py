@@ -1,8 +1,11 @@
 """gRPC over a real channel to the running app: streaming chat in both modes with the pool in
-the response, Generate equal to LLM.generate, ListModels, health, and every status code."""
+the response, Generate equal to LLM.generate, ListModels, health, every status code, tools in and
+tool calls out, output constraints and penalties."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import grpc
@@ -166,3 +169,53 @@ def test_grpc_fuzz_never_internal(server: str, roles, content, max_tokens, tempe
         assert exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED), exc.details()
     finally:
         client.close()
+
+
+TOOL = {"name": "multiply", "description": "a times b", "parameters_json": json.dumps(
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                      "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+     "required": ["a", "b"], "additionalProperties": False})}
+
+
+def test_tools_in_tool_calls_out(client: Q3ServeClient) -> None:
+    """gRPC carries what the HTTP API does: tools in, a required call out as a whole ToolCall
+    (finish_reason tool_calls), and the call and its result back in as history."""
+    from protos.q3serve.v1 import q3serve_pb2 as pb
+
+    chunks = list(client.chat([{"role": "user", "content": "6 times 7?"}], enable_thinking=False, max_tokens=200,
+                              temperature=0, tools=[pb.Tool(**TOOL)], tool_choice="multiply"))
+    calls = [c for ch in chunks for c in ch.tool_calls]
+    assert len(calls) >= 1 and calls[0].name == "multiply" and calls[0].id.startswith("call_")
+    args = json.loads(calls[0].arguments)
+    assert set(args) == {"a", "b"}
+    assert chunks[-1].finish_reason == "tool_calls"
+    history = [{"role": "user", "content": "6 times 7?"},
+               {"role": "assistant", "content": "", "tool_calls": [pb.ToolCall(id=calls[0].id, name="multiply",
+                                                                                 arguments=calls[0].arguments)]},
+               {"role": "tool", "content": "42", "tool_call_id": calls[0].id}]
+    more = list(client.chat(history, enable_thinking=False, max_tokens=3, tools=[pb.Tool(**TOOL)]))
+    assert more[-1].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_output_constraints_and_penalties(client: Q3ServeClient) -> None:
+    from protos.q3serve.v1 import q3serve_pb2 as pb
+
+    chunks = list(client.chat([{"role": "user", "content": "pick"}], enable_thinking=False, max_tokens=10, temperature=1.0,
+                              constraint=pb.OutputConstraint(choice=pb.StringList(values=["red", "green"]))))
+    assert "".join(c.content for c in chunks) in ("red", "green")
+    gen = list(client.generate("code:", max_tokens=10, constraint=pb.OutputConstraint(regex="[A-Z]{2}[0-9]")))
+    assert re.fullmatch("[A-Z]{2}[0-9]", "".join(c.text for c in gen))
+    rewarded = list(client.generate("Once upon a time", max_tokens=6, temperature=0, ignore_eos=True, frequency_penalty=-2.0))
+    ids = [t for c in rewarded for t in c.token_ids]
+    assert len(set(ids)) == 1
+
+
+def test_bad_tools_and_constraints_are_invalid_argument(client: Q3ServeClient) -> None:
+    from protos.q3serve.v1 import q3serve_pb2 as pb
+
+    for fields in ({"tools": [pb.Tool(name="f", parameters_json="{oops")]},
+                   {"tool_choice": "nope", "tools": [pb.Tool(**TOOL)]},
+                   {"constraint": pb.OutputConstraint(regex="(unclosed")}):
+        with pytest.raises(grpc.RpcError) as exc:
+            list(client.chat([{"role": "user", "content": "x"}], enable_thinking=False, max_tokens=2, **fields))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields

@@ -532,3 +532,59 @@ def test_tool_turns_render_back_and_none_hides_the_tools(server: str, client: op
     offered = client.chat.completions.create(model=MODEL, messages=history[:1], tools=TOOLS, max_tokens=1,
                                              extra_body={"enable_thinking": False})
     assert hidden.usage.prompt_tokens == with_tools["count"] < offered.usage.prompt_tokens
+
+
+def test_responses_api_with_the_sdk(client: openai.OpenAI) -> None:
+    """/v1/responses through the SDK's client.responses: text in, instructions, output_text and
+    usage; the stream's events in order with deltas that add up to the same text."""
+    kw = dict(model=MODEL, input="Say something.", instructions="Be brief.", max_output_tokens=8, temperature=0,
+              reasoning={"effort": "minimal"}, store=False)
+    r = client.responses.create(**kw)
+    assert r.object == "response" and r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text and r.usage.output_tokens == 8 and r.usage.input_tokens > 0
+    assert [item.type for item in r.output] == ["message"]
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert kinds.index("response.output_item.added") < kinds.index("response.output_text.delta") < kinds.index("response.output_item.done")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].response.output_text == r.output_text
+
+
+def test_responses_function_tools_and_structured_text(client: openai.OpenAI) -> None:
+    """A required function call comes out as a function_call item (call_id, name, JSON arguments),
+    streamed as added / arguments delta / done; its output goes back as a function_call_output
+    item; text.format json_schema constrains the message."""
+    import jsonschema
+
+    tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+              "parameters": t["function"]["parameters"]} for t in TOOLS]
+    kw = dict(model=MODEL, input="6 times 7?", tools=tools, tool_choice="required", parallel_tool_calls=False,
+              max_output_tokens=200, temperature=0, reasoning={"effort": "minimal"})
+    r = client.responses.create(**kw)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].call_id.startswith("call_") and calls[0].name in ("multiply", "get_time")
+    json.loads(calls[0].arguments)
+    streamed = list(client.responses.create(**kw, stream=True))
+    args = "".join(e.delta for e in streamed if e.type == "response.function_call_arguments.delta")
+    assert json.loads(args) == json.loads(calls[0].arguments)
+    follow = client.responses.create(model=MODEL, tools=tools, max_output_tokens=4, reasoning={"effort": "minimal"}, input=[
+        {"role": "user", "content": "6 times 7?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": calls[0].name, "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "42"}])
+    assert follow.status in ("completed", "incomplete")
+    structured = client.responses.create(model=MODEL, input="json please", max_output_tokens=60, temperature=0,
+                                         reasoning={"effort": "minimal"},
+                                         text={"format": {"type": "json_schema", "name": "a", "schema": SCHEMA, "strict": True}})
+    jsonschema.validate(json.loads(structured.output_text), SCHEMA)
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"frobnicate": 1}, "frobnicate"), ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0.type"),
+])
+def test_responses_refusals_name_the_field(server: str, extra: dict, param: str) -> None:
+    r = httpx.post(f"{server}/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2, **extra}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -90,3 +90,25 @@ def test_a_thinking_answer_may_open_reasoning_or_start_the_answer(llm: LLM) -> N
     mask = grammars.constraint(so, "pending").bitmask(also=think)
     assert mask[think // 32] >> (think % 32) & 1
     assert not grammars.constraint(so, "active").bitmask()[think // 32] >> (think % 32) & 1
+
+
+def test_bitmask_application_matches_xgrammars_kernel() -> None:
+    """The runner's batched mask (a byte lookup, any device) against xgrammar's own CPU kernel,
+    on all rows and on some rows of a batch, with a vocabulary that does not fill the last word."""
+    import torch
+    import xgrammar as xgr
+
+    from cluster.model.logits import apply_token_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 1000
+    words = torch.randint(-2**31, 2**31 - 1, (4, -(-vocab // 32)), dtype=torch.int32, generator=g)
+    logits = torch.randn(4, vocab, generator=g)
+    want = logits.clone()
+    xgr.apply_token_bitmask_inplace(want, words)
+    got = logits.clone()
+    apply_token_bitmask(got, [0, 1, 2, 3], list(words))
+    assert torch.equal(got, want)
+    some = logits.clone()
+    apply_token_bitmask(some, [1, 3], [words[1], words[3]])
+    assert torch.equal(some[[1, 3]], want[[1, 3]]) and torch.equal(some[[0, 2]], logits[[0, 2]])

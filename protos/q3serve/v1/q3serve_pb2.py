@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/q3serve/v1/q3serve.proto\x12\nq3serve.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdf\x02\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.q3serve.v1.Message\x12\x1c\n\x0f\x65nable_thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x0fthinking_budget\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\r\n\x05model\x18\n \x01(\tB\x12\n\x10_enable_thinkingB\x12\n\x10_thinking_budgetB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"S\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10reasoning_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"~\n\tChatChunk\x12\x19\n\x11reasoning_content\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.q3serve.v1.Usage\x12\x0c\n\x04pool\x18\x05 \x01(\t\"\xd9\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1c\n\x0fthinking_budget\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\r\n\x05model\x18\x0c \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x12\n\x10_thinking_budget\"w\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.q3serve.v1.Usage\x12\x0c\n\x04pool\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"%\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.q3serve.v1.Model2\x8d\x01\n\x0b\x43hatService\x12\x38\n\x04\x43hat\x12\x17.q3serve.v1.ChatRequest\x1a\x15.q3serve.v1.ChatChunk0\x01\x12\x44\n\x08Generate\x12\x1b.q3serve.v1.GenerateRequest\x1a\x19.q3serve.v1.GenerateChunk0\x01\x32[\n\x0cModelService\x12K\n\nListModels\x12\x1d.q3serve.v1.ListModelsRequest\x1a\x1e.q3serve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/q3serve/v1/q3serve.proto\x12\nq3serve.v1\"h\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.q3serve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x96\x01\n\x10OutputConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.q3serve.v1.StringListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x86\x05\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.q3serve.v1.Message\x12\x1c\n\x0f\x65nable_thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x0fthinking_budget\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x1f\n\x05tools\x18\x0b \x03(\x0b\x32\x10.q3serve.v1.Tool\x12\x13\n\x0btool_choice\x18\x0c \x01(\t\x12\x1b\n\x13parallel_tool_calls\x18\r \x01(\x08\x12\x30\n\nconstraint\x18\x0e \x01(\x0b\x32\x1c.q3serve.v1.OutputConstraint\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\t\x88\x01\x01\x42\x12\n\x10_enable_thinkingB\x12\n\x10_thinking_budgetB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"S\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10reasoning_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\xa8\x01\n\tChatChunk\x12\x19\n\x11reasoning_content\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.q3serve.v1.Usage\x12\x0c\n\x04pool\x18\x05 \x01(\t\x12(\n\ntool_calls\x18\x06 \x03(\x0b\x32\x14.q3serve.v1.ToolCall\"\xad\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1c\n\x0fthinking_budget\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\r\n\x05model\x18\x0c \x01(\t\x12\x30\n\nconstraint\x18\r \x01(\x0b\x32\x1c.q3serve.v1.OutputConstraint\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x02H\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x12\n\x10_thinking_budgetB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"w\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.q3serve.v1.Usage\x12\x0c\n\x04pool\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"%\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.q3serve.v1.Model2\x8d\x01\n\x0b\x43hatService\x12\x38\n\x04\x43hat\x12\x17.q3serve.v1.ChatRequest\x1a\x15.q3serve.v1.ChatChunk0\x01\x12\x44\n\x08Generate\x12\x1b.q3serve.v1.GenerateRequest\x1a\x19.q3serve.v1.GenerateChunk0\x01\x32[\n\x0cModelService\x12K\n\nListModels\x12\x1d.q3serve.v1.ListModelsRequest\x1a\x1e.q3serve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.q3serve.v1.q3serve_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MESSAGE']._serialized_start=47
-  _globals['_MESSAGE']._serialized_end=87
-  _globals['_CHATREQUEST']._serialized_start=90
-  _globals['_CHATREQUEST']._serialized_end=441
-  _globals['_USAGE']._serialized_start=443
-  _globals['_USAGE']._serialized_end=526
-  _globals['_CHATCHUNK']._serialized_start=528
-  _globals['_CHATCHUNK']._serialized_end=654
-  _globals['_GENERATEREQUEST']._serialized_start=657
-  _globals['_GENERATEREQUEST']._serialized_end=1002
-  _globals['_GENERATECHUNK']._serialized_start=1004
-  _globals['_GENERATECHUNK']._serialized_end=1123
-  _globals['_LISTMODELSREQUEST']._serialized_start=1125
-  _globals['_LISTMODELSREQUEST']._serialized_end=1144
-  _globals['_MODEL']._serialized_start=1146
-  _globals['_MODEL']._serialized_end=1183
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1185
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1240
-  _globals['_CHATSERVICE']._serialized_start=1243
-  _globals['_CHATSERVICE']._serialized_end=1384
-  _globals['_MODELSERVICE']._serialized_start=1386
-  _globals['_MODELSERVICE']._serialized_end=1477
+  _globals['_MESSAGE']._serialized_end=151
+  _globals['_TOOL']._serialized_start=153
+  _globals['_TOOL']._serialized_end=219
+  _globals['_TOOLCALL']._serialized_start=221
+  _globals['_TOOLCALL']._serialized_end=276
+  _globals['_STRINGLIST']._serialized_start=278
+  _globals['_STRINGLIST']._serialized_end=306
+  _globals['_OUTPUTCONSTRAINT']._serialized_start=309
+  _globals['_OUTPUTCONSTRAINT']._serialized_end=459
+  _globals['_CHATREQUEST']._serialized_start=462
+  _globals['_CHATREQUEST']._serialized_end=1108
+  _globals['_USAGE']._serialized_start=1110
+  _globals['_USAGE']._serialized_end=1193
+  _globals['_CHATCHUNK']._serialized_start=1196
+  _globals['_CHATCHUNK']._serialized_end=1364
+  _globals['_GENERATEREQUEST']._serialized_start=1367
+  _globals['_GENERATEREQUEST']._serialized_end=1924
+  _globals['_GENERATECHUNK']._serialized_start=1926
+  _globals['_GENERATECHUNK']._serialized_end=2045
+  _globals['_LISTMODELSREQUEST']._serialized_start=2047
+  _globals['_LISTMODELSREQUEST']._serialized_end=2066
+  _globals['_MODEL']._serialized_start=2068
+  _globals['_MODEL']._serialized_end=2105
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2107
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2162
+  _globals['_CHATSERVICE']._serialized_start=2165
+  _globals['_CHATSERVICE']._serialized_end=2306
+  _globals['_MODELSERVICE']._serialized_start=2308
+  _globals['_MODELSERVICE']._serialized_end=2399
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,319 @@
+"""OpenAI's Responses API (`POST /v1/responses`, what the OpenAI SDK's `client.responses` and agent
+SDKs call) over the same Frontend as chat: text or item input, `instructions`, function tools
+(Qwen3's tool format underneath, tool_choice enforced as in chat), `text.format` structured
+outputs, reasoning items for Qwen3's thinking part, and the streamed event sequence
+(response.created ... response.completed). Nothing is stored: `store: true` and
+`previous_response_id` are refused, so a client never believes a conversation was kept."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from cluster.config import StructuredOutput
+from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
+from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError
+from deployments.openai_api import IGNORED_FIELDS, error_response
+from deployments.pool import PoolChunk
+from deployments.tools import StreamingToolParser, check_tools, parse_tool_calls, tool_constraint
+
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    reasoning: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    enable_thinking: bool | None = None  # as in chat: Qwen3's switch, over `reasoning`
+
+    def check_honoured(self) -> None:
+        for name in self.model_extra or {}:
+            if name not in IGNORED_FIELDS:
+                raise RequestError(name, f"unknown field {name!r}")
+        if self.store:
+            raise RequestError("store", "this server stores no responses; send store: false")
+        if self.previous_response_id is not None:
+            raise RequestError("previous_response_id", "this server stores no responses; send the whole input")
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The input as chat messages for Qwen3's template."""
+        out: list[dict[str, Any]] = []
+        if self.instructions:
+            out.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            return [*out, {"role": "user", "content": self.input}]
+        for i, item in enumerate(self.input):
+            kind = item.get("type", "message")
+            if kind == "message":
+                role = {"developer": "system"}.get(item.get("role"), item.get("role"))
+                if role not in ("system", "user", "assistant"):
+                    raise RequestError(f"input.{i}.role", f"{item.get('role')!r} is not user, system, developer or assistant")
+                out.append({"role": role, "content": _text(item.get("content"), f"input.{i}.content")})
+            elif kind == "function_call":
+                call = {"id": item.get("call_id"), "type": "function",
+                        "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
+                if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") is not None:
+                    out[-1]["tool_calls"].append(call)
+                else:
+                    out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                            "content": output if isinstance(output, str) else json.dumps(output)})
+            elif kind != "reasoning":  # earlier reasoning: Qwen3's template drops it from history anyway
+                raise RequestError(f"input.{i}.type", f"{kind!r} items are not supported")
+        return out
+
+    def chat_tools(self) -> tuple[list[dict[str, Any]] | None, Any]:
+        """Responses' flat function tools and tool_choice in chat's shape."""
+        tools = None
+        if self.tools is not None:
+            tools = []
+            for i, t in enumerate(self.tools):
+                if t.get("type") != "function":
+                    raise RequestError(f"tools.{i}.type", f"{t.get('type')!r} tools are not supported; only 'function'")
+                tools.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
+                                                               if k in t}})
+        choice = self.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+            choice = {"type": "function", "function": {"name": choice["name"]}}
+        return tools, choice
+
+    def thinking_switch(self) -> bool | None:
+        if self.enable_thinking is not None:
+            return self.enable_thinking
+        effort = (self.reasoning or {}).get("effort")
+        return None if effort is None else effort not in ("none", "minimal")
+
+    def structured(self, thinking: bool) -> StructuredOutput | None:
+        fmt = (self.text or {}).get("format")
+        if fmt is None or fmt.get("type") == "text":
+            return None
+        if fmt.get("type") == "json_object":
+            return StructuredOutput("json_object", param="text.format", after_think=thinking)
+        if fmt.get("type") == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise RequestError("text.format.schema", "a JSON schema object is required")
+            return StructuredOutput("json_schema", json.dumps(fmt["schema"]), "text.format", thinking)
+        raise RequestError("text.format.type", f"{fmt.get('type')!r} is not 'text', 'json_object' or 'json_schema'")
+
+
+def _text(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RequestError(param, "must be a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+            raise RequestError(f"{param}.{j}.type", f"{part.get('type') if isinstance(part, dict) else part!r} "
+                                                    "parts are not supported; this model reads text")
+        texts.append(part.get("text") or "")
+    return "\n".join(texts)
+
+
+def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest) -> Any:
+        try:
+            frontend.check_model(body.model)
+            body.check_honoured()
+            tools, choice = body.chat_tools()
+            functions, forced, required = check_tools(tools, choice)
+            offered = [{"type": "function", "function": f} for f in functions]
+            thinking, ids = frontend.chat_prompt(body.messages(), body.thinking_switch(), offered)
+            params = frontend.sampling(thinking, max_tokens=body.max_output_tokens, temperature=body.temperature,
+                                       top_p=body.top_p, structured_output=body.structured(thinking))
+            if required:
+                if params.structured_output is not None:
+                    raise RequestError("tool_choice", "a required tool call and text.format cannot both constrain the output")
+                params = replace(params, structured_output=tool_constraint(functions, forced, thinking,
+                                                                           body.parallel_tool_calls))
+            rid = f"resp_{uuid.uuid4().hex}"
+            pool, chunks = await frontend.start("responses", ids, params, thinking, "input", rid)
+            state = _State(rid, body, frontend.model_name, thinking, bool(functions))
+            headers = {"x-q3serve-pool": pool}
+            if body.stream:
+                return StreamingResponse(_events(frontend, state, chunks), media_type="text/event-stream", headers=headers)
+            async for c in chunks:
+                state.text += c.delta_text
+                state.last = c
+            state.finish_whole()
+            return JSONResponse(state.response(frontend), headers=headers)
+        except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:
+            return error_response(exc)
+
+
+@dataclass
+class _State:
+    """One response being built: its output items and usage."""
+
+    id: str
+    body: ResponsesRequest
+    model: str
+    thinking: bool
+    tools: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    text: str = ""
+    items: list[dict[str, Any]] = field(default_factory=list)
+    last: PoolChunk | None = None
+
+    def finish_whole(self) -> None:
+        """Items from a whole answer: reasoning, the message, the function calls."""
+        parsed = split_reasoning(self.text) if self.thinking else Parsed(None, self.text)
+        if parsed.reasoning is not None:
+            self.items.append(_reasoning_item(parsed.reasoning))
+        content, calls = parse_tool_calls(parsed.content) if self.tools else (parsed.content, [])
+        if content or not calls:
+            self.items.append(_message_item(content or ""))
+        for call in calls if self.body.parallel_tool_calls else calls[:1]:
+            self.items.append(_call_item(call["id"], call["function"]["name"], call["function"]["arguments"]))
+
+    def response(self, frontend: Frontend, status: str | None = None) -> dict[str, Any]:
+        last = self.last
+        incomplete = last is not None and last.finish_reason == "length"
+        usage = None
+        if last is not None:
+            u = frontend.usage(last, self.thinking)
+            usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                     "output_tokens": u.completion_tokens,
+                     "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens}, "total_tokens": u.total_tokens}
+        b = self.body
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "model": self.model,
+            "status": status or ("incomplete" if incomplete else "completed"),
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete and status is None else None,
+            "error": None, "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
+            "temperature": b.temperature, "top_p": b.top_p, "tools": b.tools or [], "tool_choice": b.tool_choice or "auto",
+            "parallel_tool_calls": b.parallel_tool_calls, "reasoning": b.reasoning, "text": b.text or {"format": {"type": "text"}},
+            "store": False, "metadata": {}, "output": self.items, "usage": usage,
+        }
+
+
+def _reasoning_item(text: str) -> dict[str, Any]:
+    return {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": "completed"}
+
+
+def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def _call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}
+
+
+async def _events(frontend: Frontend, state: _State, chunks: AsyncIterator[PoolChunk]) -> AsyncIterator[str]:
+    """The Responses stream: created, in_progress, each item added / its deltas / done, completed."""
+    seq = 0
+
+    def event(kind: str, **data: Any) -> str:
+        nonlocal seq
+        seq += 1
+        return f"event: {kind}\ndata: " + json.dumps({"type": kind, "sequence_number": seq, **data}) + "\n\n"
+
+    reasoning_parser = StreamingReasoningParser() if state.thinking else None
+    tool_parser = StreamingToolParser() if state.tools else None
+    open_item: dict[str, Any] | None = None  # the reasoning or message item being streamed
+    calls: dict[int, dict[str, Any]] = {}
+
+    def close() -> list[str]:
+        nonlocal open_item
+        if open_item is None:
+            return []
+        item, open_item = open_item, None
+        index = state.items.index(item)
+        item["status"] = "completed"
+        part = item["content"][0]
+        if item["type"] == "reasoning":
+            out = [event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                         text=part["text"])]
+        else:
+            out = [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                         text=part["text"]),
+                   event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part)]
+        return [*out, event("response.output_item.done", output_index=index, item=item)]
+
+    def open_new(item: dict[str, Any]) -> list[str]:
+        nonlocal open_item
+        out = close()
+        state.items.append(item)
+        open_item = item
+        index = len(state.items) - 1
+        out.append(event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"}))
+        if item["type"] == "message":
+            out.append(event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                             part={"type": "output_text", "text": "", "annotations": []}))
+        return out
+
+    yield event("response.created", response=state.response(frontend, "in_progress"))
+    yield event("response.in_progress", response=state.response(frontend, "in_progress"))
+    async for c in chunks:
+        state.last = c
+        done = c.finished
+        reasoning, content = reasoning_parser.feed(c.delta_text, final=done) if reasoning_parser else ("", c.delta_text)
+        deltas: list[dict[str, Any]] = []
+        if tool_parser is not None:
+            content, deltas = tool_parser.feed(content, final=done)
+        if reasoning:
+            if open_item is None or open_item["type"] != "reasoning":
+                for e in open_new(_reasoning_item("")):
+                    yield e
+            open_item["content"][0]["text"] += reasoning  # type: ignore[index]
+            yield event("response.reasoning_text.delta", item_id=open_item["id"],  # type: ignore[index]
+                        output_index=len(state.items) - 1, content_index=0, delta=reasoning)
+        if content.strip() or (content and open_item is not None and open_item["type"] == "message"):
+            if open_item is None or open_item["type"] != "message":
+                for e in open_new(_message_item("", "in_progress")):
+                    yield e
+            open_item["content"][0]["text"] += content  # type: ignore[index]
+            yield event("response.output_text.delta", item_id=open_item["id"],  # type: ignore[index]
+                        output_index=len(state.items) - 1, content_index=0, delta=content)
+        for d in deltas:
+            if "id" in d:
+                if d["index"] > 0 and not state.body.parallel_tool_calls:
+                    continue
+                for e in close():
+                    yield e
+                item = _call_item(d["id"], d["function"]["name"], "", "in_progress")
+                state.items.append(item)
+                calls[d["index"]] = item
+                yield event("response.output_item.added", output_index=len(state.items) - 1, item=item)
+            elif d["index"] in calls:
+                item = calls[d["index"]]
+                index = state.items.index(item)
+                item["arguments"] += d["function"]["arguments"]
+                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                            delta=d["function"]["arguments"])
+                item["status"] = "completed"
+                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            arguments=item["arguments"])
+                yield event("response.output_item.done", output_index=index, item=item)
+    for e in close():
+        yield e
+    if not state.items:
+        state.items.append(_message_item(""))
+    final = state.response(frontend)
+    yield event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
