@@ -51,9 +51,10 @@ def check_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[l
 
 def tool_constraint(functions: list[dict[str, Any]], forced: str | None, thinking: bool,
                     parallel: bool = True) -> StructuredOutput:
-    """The grammar that makes a required (or named) call happen (one call unless `parallel`)."""
+    """The grammar that makes a required call happen: one or more blocks (one unless `parallel`);
+    a named function is called exactly once, as in vLLM."""
     spec = {"tools": [{"name": f["name"], "parameters": f.get("parameters")} for f in functions], "choice": forced,
-            "parallel": parallel}
+            "parallel": parallel and forced is None}
     return StructuredOutput("tool_call", json.dumps(spec), "tool_choice", after_think=thinking)
 
 

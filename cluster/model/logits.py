@@ -10,6 +10,8 @@ scatter, so there is no per-token Python."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from cluster.config import SamplingParams
@@ -67,29 +69,42 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
-_BLOCKED: dict[torch.device, torch.Tensor] = {}
+_BIAS_TABLES: dict[torch.device, torch.Tensor] = {}
+_local = threading.local()
 
 
-def _blocked_table(device: torch.device) -> torch.Tensor:
-    """[256, 8] bool: for each byte value, which of its 8 bits are clear (tokens not allowed)."""
-    table = _BLOCKED.get(device)
+def _bias_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] float32: for each byte value, 0 for its set bits (allowed tokens), -inf for the rest."""
+    table = _BIAS_TABLES.get(device)
     if table is None:
-        table = _BLOCKED[device] = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1 == 0).to(device)
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = _BIAS_TABLES[device] = torch.where(bits == 1, 0.0, float("-inf")).to(device)
     return table
+
+
+def _buffer(n: int, device: torch.device) -> torch.Tensor:
+    """A float32 work buffer of at least n elements, kept by this thread from step to step (a fresh
+    [rows, vocab] tensor each step costs more in page faults than the work; see sampler._scratch)."""
+    buf = getattr(_local, "buf", None)
+    if (buf is None or buf.numel() < n or buf.device != device
+            or buf.is_inference() != torch.is_inference_mode_enabled()):  # (the runner is in inference mode)
+        buf = _local.buf = torch.empty(n, device=device)
+    return buf[:n]
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
     """Structured outputs: in place, -inf for every token whose bit is clear in its row's mask
     ([words] int32, 32 tokens a word, as xgrammar fills it). All rows at once: the masks' bytes
-    index a 256-entry table of their 8 bits, one gather and one masked fill (measured on the CPU
-    at 16 x 151,936: 13 ms, against 34 ms unpacking bits with shifts and 11 ms for xgrammar's own
-    C++ kernel; this one runs on any device). Little-endian words: byte b holds tokens 8b..8b+7."""
+    index a 256-entry table of 8 additive biases (0 or -inf), gathered into a reused buffer, then
+    one add. Measured on the CPU at 64 x 151,936 float32: 12 ms, against 36-47 ms for masked_fill
+    (slow on the CPU) or a fresh bias tensor, and 44 ms for xgrammar's own C++ kernel; the same
+    code runs on a GPU. Little-endian words: byte b holds tokens 8b..8b+7."""
     vocab = logits.shape[1]
     words = torch.stack(masks).to(logits.device)
-    blocked = _blocked_table(logits.device).index_select(0, words.view(torch.uint8).view(-1).int())
-    blocked = blocked.view(len(rows), -1)[:, :vocab]
+    index = words.view(torch.uint8).view(-1).int()
+    out = _buffer(index.numel() * 8, logits.device).view(-1, 8)
+    bias = torch.index_select(_bias_table(logits.device), 0, index, out=out).view(len(rows), -1)[:, :vocab]
     if len(rows) == logits.shape[0]:
-        logits.masked_fill_(blocked, float("-inf"))
-        return
-    idx = torch.tensor(rows, device=logits.device)
-    logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(blocked, float("-inf")))
+        logits.add_(bias.to(logits.dtype))
+    else:
+        logits.index_add_(0, torch.tensor(rows, device=logits.device), bias.to(logits.dtype))

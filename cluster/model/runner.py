@@ -96,8 +96,8 @@ class ModelRunner:
                 masked = [i for i, e in enumerate(entries) if e.token_bitmask is not None]
                 if masked:
                     with section("structured_mask"):
-                        if processed.data_ptr() == logits.data_ptr():  # the raw logits give the logprobs
-                            processed = processed.clone()
+                        if processed.data_ptr() == logits.data_ptr() and any(p.logprobs for p in params):
+                            processed = processed.clone()  # the raw logits give the logprobs
                         apply_token_bitmask(processed, masked, [entries[i].token_bitmask for i in masked])
                 tokens, lps, tops = sample(processed, params, gens, raw=logits)  # type: ignore[arg-type]
             results = {e.request_id: Sampled(e.request_id, t, lp, top) for e, t, lp, top in zip(entries, tokens, lps, tops)}

@@ -588,3 +588,37 @@ def test_responses_function_tools_and_structured_text(client: openai.OpenAI) -> 
 def test_responses_refusals_name_the_field(server: str, extra: dict, param: str) -> None:
     r = httpx.post(f"{server}/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2, **extra}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_langchain_and_instructor(server: str) -> None:
+    """The frameworks users plug in: langchain-openai's bind_tools (a named tool) and
+    with_structured_output, and instructor's tool-mode response_model, against the server."""
+    import instructor
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        ok: bool
+        n: int = Field(ge=0, le=99)
+
+    class MultiplyArgs(BaseModel):  # bounded: this random model would write integers forever
+        a: int = Field(ge=0, le=99)
+        b: int = Field(ge=0, le=99)
+
+    @tool(args_schema=MultiplyArgs)
+    def multiply(a: int, b: int) -> int:
+        """Multiply a by b."""
+        return a * b
+
+    llm = ChatOpenAI(base_url=f"{server}/v1", api_key="unused", model=MODEL, temperature=0, max_tokens=200,
+                     extra_body={"enable_thinking": False}, max_retries=0)
+    msg = llm.bind_tools([multiply], tool_choice="multiply").invoke("What is 6 times 7?")
+    assert msg.tool_calls and {c["name"] for c in msg.tool_calls} == {"multiply"}
+    assert all(set(c["args"]) == {"a", "b"} for c in msg.tool_calls)
+    assert isinstance(llm.with_structured_output(Answer).invoke("Answer in JSON."), Answer)
+    client = instructor.from_openai(openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0))
+    got = client.chat.completions.create(model=MODEL, response_model=Answer, max_retries=0, max_tokens=200, temperature=0,
+                                         messages=[{"role": "user", "content": "Answer."}],
+                                         extra_body={"enable_thinking": False})
+    assert isinstance(got, Answer)
