@@ -72,7 +72,7 @@ def test_generation_capped_at_max_model_len(llm: LLM) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
+    [({"max_tokens": 2.5}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
      ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"stop": [""]}, "stop")],
 )
 def test_bad_sampling_params(kwargs: dict, field: str) -> None:

@@ -42,7 +42,7 @@ def test_apply_limits_defaults_and_caps() -> None:
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"temperature": 2.5}, "temperature"), ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
-    ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"thinking_budget": -1}, "thinking_budget"),
+    ({"top_k": -2}, "top_k"), ({"max_tokens": -1}, "max_tokens"), ({"thinking_budget": -1}, "thinking_budget"),
     ({"stop": [""]}, "stop"), ({"min_p": 1.5}, "min_p"),
 ])
 def test_sampling_fields_are_checked_once_naming_the_field(plain: Frontend, fields: dict, param: str) -> None:
