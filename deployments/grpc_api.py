@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -20,7 +19,7 @@ from cluster.config import StructuredOutput
 from deployments.chat import StreamingReasoningParser
 from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Unauthenticated
 from deployments.pool import PoolChunk
-from deployments.tools import StreamingToolParser, check_tools, tool_constraint
+from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools
 from protos.q3serve.v1 import q3serve_pb2 as pb
 
 SERVICER_FUNCTIONS = [
@@ -108,9 +107,7 @@ def _constraint(req: Any, thinking: bool) -> StructuredOutput | None:
         return None
     if kind == "json_object":
         return StructuredOutput("json_object", param="constraint.json_object", after_think=thinking)
-    if kind == "choice":
-        if not c.choice.values:
-            raise RequestError("constraint.choice", "must list at least one string")
+    if kind == "choice":  # the engine refuses an empty list
         return StructuredOutput("choice", json.dumps(list(c.choice.values)), "constraint.choice", thinking)
     value = getattr(c, kind)
     if not value:
@@ -150,11 +147,7 @@ class GrpcApi:
             offered = [{"type": "function", "function": f} for f in functions]
             thinking, ids = self.frontend.chat_prompt(messages, _opt(request, "enable_thinking"), offered)
             params = self._sampling(request, thinking)
-            if required:
-                if params.structured_output is not None:
-                    raise RequestError("tool_choice", "a required tool call and constraint cannot both constrain the output")
-                params = replace(params, structured_output=tool_constraint(
-                    functions, forced, thinking, request.parallel_tool_calls))
+            params = constrain_to_tools(params, functions, forced, required, thinking, request.parallel_tool_calls)
             pool, chunks = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None

@@ -23,7 +23,7 @@ from cluster.config import StructuredOutput
 from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
 from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Unauthenticated
 from deployments.pool import PoolChunk
-from deployments.tools import StreamingToolParser, check_tools, parse_tool_calls, tool_constraint
+from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
 
 
 class ContentPart(BaseModel):
@@ -101,9 +101,7 @@ def _vllm_structured(key: str, value: Any, param: str) -> StructuredOutput:
         return StructuredOutput("json_schema", json.dumps(value), param)
     if key == "json_object":
         return StructuredOutput("json_object", param=param)
-    if key == "choice":
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise RequestError(param, "must be a non-empty list of strings")
+    if key == "choice":  # the engine checks it is a non-empty list of strings
         return StructuredOutput("choice", json.dumps(value), param)
     if not isinstance(value, str) or not value:
         raise RequestError(param, "must be a non-empty string")
@@ -356,12 +354,7 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
                 raise RequestError("top_logprobs", "needs logprobs: true")
             params = body.sampling(frontend, thinking, body.max_completion_tokens or body.max_tokens, body.logprobs,
                                    body.budget(), body.top_logprobs or 0)
-            if required:
-                if params.structured_output is not None:
-                    raise RequestError("tool_choice", f"a required tool call and {params.structured_output.param} "
-                                                      "cannot both constrain the output")
-                params = replace(params, structured_output=tool_constraint(functions, forced, thinking,
-                                                                           body.parallel_tool_calls))
+            params = constrain_to_tools(params, functions, forced, required, thinking, body.parallel_tool_calls)
             return await _serve(frontend, "chat", body, ids, params, thinking,
                                 tools=ToolUse(bool(functions), body.parallel_tool_calls))
         except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:

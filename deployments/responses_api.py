@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -23,7 +23,7 @@ from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
 from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError
 from deployments.openai_api import IGNORED_FIELDS, error_response
 from deployments.pool import PoolChunk
-from deployments.tools import StreamingToolParser, check_tools, parse_tool_calls, tool_constraint
+from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -144,11 +144,7 @@ def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
             thinking, ids = frontend.chat_prompt(body.messages(), body.thinking_switch(), offered)
             params = frontend.sampling(thinking, max_tokens=body.max_output_tokens, temperature=body.temperature,
                                        top_p=body.top_p, structured_output=body.structured(thinking))
-            if required:
-                if params.structured_output is not None:
-                    raise RequestError("tool_choice", "a required tool call and text.format cannot both constrain the output")
-                params = replace(params, structured_output=tool_constraint(functions, forced, thinking,
-                                                                           body.parallel_tool_calls))
+            params = constrain_to_tools(params, functions, forced, required, thinking, body.parallel_tool_calls)
             rid = f"resp_{uuid.uuid4().hex}"
             pool, chunks = await frontend.start("responses", ids, params, thinking, "input", rid)
             state = _State(rid, body, frontend.model_name, thinking, bool(functions))

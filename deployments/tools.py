@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import replace
 from typing import Any
 
-from cluster import RequestError
+from cluster import RequestError, SamplingParams
 from cluster.config import StructuredOutput
 from deployments.chat import partial_suffix
 
@@ -49,13 +50,19 @@ def check_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[l
     raise RequestError("tool_choice", "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
 
 
-def tool_constraint(functions: list[dict[str, Any]], forced: str | None, thinking: bool,
-                    parallel: bool = True) -> StructuredOutput:
-    """The grammar that makes a required call happen: one or more blocks (one unless `parallel`);
-    a named function is called exactly once, as in vLLM."""
+def constrain_to_tools(params: SamplingParams, functions: list[dict[str, Any]], forced: str | None,
+                       required: bool, thinking: bool, parallel: bool = True) -> SamplingParams:
+    """`params` with the grammar a required call needs (as `check_tools` said): one or more
+    blocks (one unless `parallel`), a named function exactly once, as in vLLM; unchanged when the
+    model may answer freely. A request that also constrains its output otherwise is refused."""
+    if not required:
+        return params
+    if params.structured_output is not None:
+        raise RequestError("tool_choice", f"a required tool call and {params.structured_output.param} "
+                                          "cannot both constrain the output")
     spec = {"tools": [{"name": f["name"], "parameters": f.get("parameters")} for f in functions], "choice": forced,
             "parallel": parallel and forced is None}
-    return StructuredOutput("tool_call", json.dumps(spec), "tool_choice", after_think=thinking)
+    return replace(params, structured_output=StructuredOutput("tool_call", json.dumps(spec), "tool_choice", thinking))
 
 
 def _call(body: str) -> dict[str, Any] | None:

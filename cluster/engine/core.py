@@ -22,7 +22,7 @@ from cluster.engine.plan import StepPlan
 from cluster.engine.scheduler import Scheduler, plan_from_batch, profile_plan
 from cluster.engine.sequence import Sequence
 from cluster.engine.structured import Constraint, GrammarCompiler
-from cluster.engine.thinking import ThinkingBudget, ThinkingState
+from cluster.engine.thinking import ThinkingBudget, ThinkingState, prompt_closes_thinking
 from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,6 @@ class _Request:
     thinking: ThinkingState
     shard: int = 0
     constraint: Constraint | None = None  # structured output
-
-
-def _think_closed(ids: list[int], start: int, end: int) -> bool:
-    """Whether the prompt closed a thinking part (non-thinking mode, or a budget of 0)."""
-    last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
-    last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
-    return last_end > last_start
 
 
 class EngineCore:
@@ -216,8 +209,8 @@ class EngineCore:
         if params.structured_output is not None:
             so = params.structured_output
             state = "active"
-            if so.after_think and self.thinking is not None and not _think_closed(ids, self.thinking.start,
-                                                                                  self.thinking.end):
+            t = self.thinking
+            if so.after_think and t is not None and not prompt_closes_thinking(ids, t.start, t.end):
                 state = "waiting" if thinking.inside else "pending"
             constraint = self._grammars().constraint(so, state)
         if len(ids) >= self.max_model_len:
@@ -298,13 +291,11 @@ class EngineCore:
                 continue
             if seq.params.max_tokens == 0:  # the prompt only: its last position's token is not kept
                 seq.finish("length")
-                self._release(req)
-                del self.requests[seq.request_id]
-                outputs.append(self._output(req, [], ""))
-                continue
-            tokens = [r.token]
-            delta = self._append(req, r.token, r.logprob, r.top_logprobs)
-            forced = self.thinking.after_token(req.thinking, r.token, seq.params.thinking_budget) if self.thinking else []
+                tokens, delta, forced = [], "", []
+            else:
+                tokens = [r.token]
+                delta = self._append(req, r.token, r.logprob, r.top_logprobs)
+                forced = self.thinking.after_token(req.thinking, r.token, seq.params.thinking_budget) if self.thinking else []
             for f in forced:
                 if seq.finished:
                     break

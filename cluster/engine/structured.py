@@ -46,7 +46,7 @@ class GrammarCompiler:
                     return c.compile_regex(so.spec)
                 if so.kind == "choice":
                     options = json.loads(so.spec)
-                    if not options or not all(isinstance(o, str) for o in options):
+                    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
                         raise ValueError("choice must be a non-empty list of strings")
                     return c.compile_grammar("root ::= " + " | ".join(json.dumps(o) for o in options))
                 if so.kind == "grammar":

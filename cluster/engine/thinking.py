@@ -20,9 +20,17 @@ class ThinkingState:
     @classmethod
     def from_prompt(cls, prompt: list[int], start: int, end: int) -> "ThinkingState":
         """Inside when the prompt's last <think> is not closed after it."""
-        last_start = max((i for i, t in enumerate(prompt) if t == start), default=-1)
-        last_end = max((i for i, t in enumerate(prompt) if t == end), default=-1)
+        last_start, last_end = _last(prompt, start), _last(prompt, end)
         return cls(inside=last_start > last_end)
+
+
+def prompt_closes_thinking(prompt: list[int], start: int, end: int) -> bool:
+    """Whether the prompt closed a thinking part (non-thinking mode, or a budget of 0)."""
+    return _last(prompt, end) > _last(prompt, start)
+
+
+def _last(prompt: list[int], token: int) -> int:
+    return max((i for i, t in enumerate(prompt) if t == token), default=-1)
 
 
 class ThinkingBudget:

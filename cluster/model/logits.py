@@ -10,11 +10,10 @@ scatter, so there is no per-token Python."""
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from cluster.config import SamplingParams
+from cluster.model.sampler import column, scratch
 
 
 def process_logits(
@@ -46,10 +45,10 @@ def process_logits(
         rep = [p.repetition_penalty for p in ps]
         if any(r != 1.0 for r in rep):
             seen = (counts > 0) | (_counts([prompts[i] or [] for i in penalized], out.shape[1], out.device) > 0)
-            r = _column(rep, sub)
+            r = column(rep, sub)
             sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
-        sub = sub - _column([p.frequency_penalty for p in ps], sub) * counts
-        sub = sub - _column([p.presence_penalty for p in ps], sub) * (counts > 0)
+        sub = sub - column([p.frequency_penalty for p in ps], sub) * counts
+        sub = sub - column([p.presence_penalty for p in ps], sub) * (counts > 0)
         out.index_copy_(0, idx, sub)
     return out
 
@@ -65,12 +64,7 @@ def _counts(histories: list[list[int]], vocab: int, device: torch.device) -> tor
     return counts[:, :vocab]
 
 
-def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
-
-
 _BIAS_TABLES: dict[torch.device, torch.Tensor] = {}
-_local = threading.local()
 
 
 def _bias_table(device: torch.device) -> torch.Tensor:
@@ -80,16 +74,6 @@ def _bias_table(device: torch.device) -> torch.Tensor:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
         table = _BIAS_TABLES[device] = torch.where(bits == 1, 0.0, float("-inf")).to(device)
     return table
-
-
-def _buffer(n: int, device: torch.device) -> torch.Tensor:
-    """A float32 work buffer of at least n elements, kept by this thread from step to step (a fresh
-    [rows, vocab] tensor each step costs more in page faults than the work; see sampler._scratch)."""
-    buf = getattr(_local, "buf", None)
-    if (buf is None or buf.numel() < n or buf.device != device
-            or buf.is_inference() != torch.is_inference_mode_enabled()):  # (the runner is in inference mode)
-        buf = _local.buf = torch.empty(n, device=device)
-    return buf[:n]
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
@@ -102,7 +86,7 @@ def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch
     vocab = logits.shape[1]
     words = torch.stack(masks).to(logits.device)
     index = words.view(torch.uint8).view(-1).int()
-    out = _buffer(index.numel() * 8, logits.device).view(-1, 8)
+    out = scratch((index.numel(), 8), torch.float32, logits.device)
     bias = torch.index_select(_bias_table(logits.device), 0, index, out=out).view(len(rows), -1)[:, :vocab]
     if len(rows) == logits.shape[0]:
         logits.add_(bias.to(logits.dtype))

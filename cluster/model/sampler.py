@@ -11,6 +11,7 @@ own generator and its output does not depend on what else is in the batch.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -81,7 +82,8 @@ def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x if len(rows) == x.shape[0] else x.index_select(0, _index(rows, x))
 
 
-def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-row values as a [rows, 1] tensor beside `like`."""
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
@@ -110,7 +112,7 @@ def _sample_candidates(
     whose top-p nucleus reaches past the candidates (to be sampled over the full vocabulary)."""
     ks = [p.top_k if p.top_k > 0 else min(TOP_P_CANDIDATES, logits.shape[1]) for p in params]
     width = max(ks)
-    temps = _column([p.temperature for p in params], logits)
+    temps = column([p.temperature for p in params], logits)
     values, ids = logits.topk(width, dim=-1)  # sorted, descending
     scaled = values / temps
     beyond_k = torch.arange(width, device=logits.device) >= torch.tensor(ks, device=logits.device).unsqueeze(1)
@@ -122,7 +124,7 @@ def _sample_candidates(
         rows = _index(no_k, logits)
         denom[rows] = torch.logsumexp(_take(logits, no_k) / temps[rows], dim=-1)
     probs = (scaled - denom.unsqueeze(1)).exp()
-    top_p = _column([p.top_p for p in params], logits)
+    top_p = column([p.top_p for p in params], logits)
     before = probs.cumsum(dim=-1) - probs
     missed = []
     if no_k:  # the one host read here, and only for rows whose nucleus may reach past the candidates
@@ -139,27 +141,30 @@ def _sample_full(logits: torch.Tensor, params: list[SamplingParams], u: torch.Te
     softmax without its normalisation (inverse-CDF sampling needs none, and min-p compares with
     the largest, which is 1), then the cumulative sum, then the search. Top-p here (a nucleus
     wider than the candidates) sorts, which only such rows pay."""
-    temps = _column([p.temperature for p in params], logits)
-    weights = torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=_scratch(logits)).div_(temps).exp_()
+    temps = column([p.temperature for p in params], logits)
+    weights = torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=scratch(logits.shape, logits.dtype, logits.device)).div_(temps).exp_()
     top_p = [p.top_p for p in params]
     if any(t < 1 for t in top_p):
         sorted_w, order = weights.sort(dim=-1, descending=True)
         cum = sorted_w.cumsum(dim=-1)
-        drop = cum - sorted_w > _column(top_p, weights) * cum[:, -1:]
+        drop = cum - sorted_w > column(top_p, weights) * cum[:, -1:]
         weights = weights.masked_fill_(drop.scatter(1, order, drop), 0.0)
     return _inverse_cdf(_min_p(weights, params), u)
 
 
-def _scratch(like: torch.Tensor) -> torch.Tensor:
-    """A work buffer of `like`'s shape, reused from step to step by this thread. On the CPU a fresh
+def scratch(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A work buffer of `shape`, reused from step to step by this thread. On the CPU a fresh
     [rows, vocab] tensor (39 MB at 64 rows of Qwen3's vocabulary) is a new mapping from the
     allocator every step, and faulting its pages in cost more than the exp and the cumulative sum
-    (measured: 27 -> 12 ms per step at 64 rows). One per thread, as each engine steps on its own."""
-    n = like.numel()
+    (measured: 27 -> 12 ms per step at 64 rows). One per thread, as each engine steps on its own;
+    the structured-output mask (logits.py) borrows it too, and is done with it before sampling.
+    Remade when inference mode changes (an inference tensor cannot be written outside it)."""
+    n = math.prod(shape)
     buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-        buf = _local.buf = torch.empty(n, dtype=like.dtype, device=like.device)
-    return buf[:n].view(like.shape)
+    if (buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device
+            or buf.is_inference() != torch.is_inference_mode_enabled()):
+        buf = _local.buf = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
 
 
 def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -167,7 +172,7 @@ def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     min_p = [p.min_p for p in params]
     if not any(m > 0 for m in min_p):
         return probs
-    floor = probs.amax(dim=-1, keepdim=True) * _column(min_p, probs)
+    floor = probs.amax(dim=-1, keepdim=True) * column(min_p, probs)
     return probs.masked_fill_(probs < floor, 0.0)
 
 

@@ -29,7 +29,9 @@ import torch
 import torch.distributed as dist
 
 from cluster import native
-from cluster.model.experts import group_offsets, grouped_mm_available, grouped_swiglu, grouped_swiglu_offsets
+from cluster.model.experts import (
+    group_offsets, grouped_mm_available, grouped_swiglu, grouped_swiglu_offsets, sort_by_expert,
+)
 from cluster.model.fp8 import Fp8Experts
 from cluster.parallel.placement import ExpertPlacement
 
@@ -121,25 +123,19 @@ class Exchange:
         """Each received row through its local expert slot."""
         stack = self.experts[layer]  # type: ignore[index]
         start = time.perf_counter()
+        out = torch.empty_like(rows)
         if isinstance(stack, Fp8Experts):
-            order = slots.argsort(stable=True)
-            out = torch.empty_like(rows)
-            out[order] = stack.run_sorted(rows[order], torch.bincount(slots, minlength=stack.num_slots).tolist())
-            self.stats.experts_s += time.perf_counter() - start
-            return out
-        w_gate_up, w_down = stack
-        if (kernels := native.for_tensor(rows)) is not None:
+            order, counts = sort_by_expert(slots, stack.num_slots)
+            out[order] = stack.run_sorted(rows[order], counts)
+        elif (kernels := native.for_tensor(rows)) is not None:
             # The fused kernel with one "routed expert" per row and weight 1: each row's output.
-            out = kernels.moe_experts(rows, slots[:, None], rows.new_ones(rows.shape[0], 1), w_gate_up, w_down)
+            out = kernels.moe_experts(rows, slots[:, None], rows.new_ones(rows.shape[0], 1), *stack)
         elif grouped_mm_available(str(rows.device), rows.dtype):  # no read of the counts to the host
-            order, offs = group_offsets(slots, w_gate_up.shape[0])
-            out = torch.empty_like(rows)
-            out[order] = grouped_swiglu_offsets(rows[order], offs, w_gate_up, w_down)
+            order, offs = group_offsets(slots, stack[0].shape[0])
+            out[order] = grouped_swiglu_offsets(rows[order], offs, *stack)
         else:
-            order = slots.argsort(stable=True)
-            counts = torch.bincount(slots, minlength=w_gate_up.shape[0]).tolist()
-            out = torch.empty_like(rows)
-            out[order] = grouped_swiglu(rows[order], counts, w_gate_up, w_down)
+            order, counts = sort_by_expert(slots, stack[0].shape[0])
+            out[order] = grouped_swiglu(rows[order], counts, *stack)
         self.stats.experts_s += time.perf_counter() - start
         return out
 
