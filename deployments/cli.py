@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--per-task", type=int, default=20, help="held-out items per task kind")
     ev.add_argument("--budgets", default="0,8,16,32,64,128", help="thinking budgets, comma-separated")
     ev.add_argument("--seed", type=int, default=1234, help="seed of the held-out set")
+    ev.add_argument("--tool-items", type=int, default=None,
+                    help="held-out products of the tool task, asked with and without the tool (default --per-task; 0 skips)")
     ev.add_argument("--concurrency", type=int, default=8)
     ev.add_argument("--max-tokens", type=int, default=512)
     ev.add_argument("--timeout", type=float, default=300.0, help="seconds per request")

@@ -2,7 +2,9 @@
 through a running server's OpenAI API, in non-thinking mode, thinking mode, and thinking mode at
 several budgets. Reports accuracy per task and mode, mean reasoning tokens and latency as JSON,
 a PNG of accuracy against thinking budget, and the per-expert routing counts the engines counted
-while serving the eval (scraped from the Prometheus export, as an operator would)."""
+while serving the eval (scraped from the Prometheus export, as an operator would). Then the tool
+task (deployments/evaluate_tools.py): large products with the multiplication tool offered against
+without it, in both modes."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 import httpx
 
 from benchmarks.machine import describe_machine
+from deployments.evaluate_tools import run_tool_task, summarize_tools, tool_table
 from deployments.http_client import auth_headers, served_model
 from training.tasks import KINDS, MULTI_STEP, Task, check, eval_set
 
@@ -189,7 +192,9 @@ def plot(summary: dict[str, dict[str, Any]], budgets: list[int], path: Path, tit
 
 def evaluate(url: str, model: str | None = None, per_task: int = 20, budgets: list[int] | None = None,
              seed: int = 1234, concurrency: int = 8, max_tokens: int = 512, api_key: str | None = None,
-             metrics_url: str | None = None, timeout_s: float = 300.0, progress: bool = True) -> dict[str, Any]:
+             metrics_url: str | None = None, timeout_s: float = 300.0, progress: bool = True,
+             tool_items: int | None = None) -> dict[str, Any]:
+    """tool_items: held-out products of the tool task (default per_task; 0 skips it)."""
     budgets = sorted(budgets if budgets is not None else [0, 8, 16, 32, 64, 128])
     headers = auth_headers(api_key)
     model = model or served_model(url, headers)
@@ -199,16 +204,22 @@ def evaluate(url: str, model: str | None = None, per_task: int = 20, budgets: li
     start = time.perf_counter()
     records = asyncio.run(run_requests(url, model, tasks, conds, concurrency, max_tokens, headers, timeout_s, progress))
     wall = time.perf_counter() - start
+    tool_items = per_task if tool_items is None else tool_items
+    tool_records = (asyncio.run(run_tool_task(url, model, tool_items, seed, concurrency, max_tokens, headers, timeout_s))
+                    if tool_items else [])
     result: dict[str, Any] = {
         "machine": describe_machine(), "server": url, "model": model, "wall_s": round(wall, 1),
         "settings": {"per_task": per_task, "seed": seed, "budgets": budgets, "concurrency": concurrency,
-                     "max_tokens": max_tokens, "temperature": 0.0, "kinds": list(KINDS), "multi_step": list(MULTI_STEP)},
+                     "max_tokens": max_tokens, "temperature": 0.0, "kinds": list(KINDS), "multi_step": list(MULTI_STEP),
+                     "tool_items": tool_items},
         "conditions": [asdict(c) for c in conds],
         "summary": summarize(records, conds),
     }
     if metrics_url:
         result["expert_usage"] = expert_usage(before, settled_expert_counts(metrics_url))
+    result["tool_use"] = summarize_tools(tool_records)
     result["records"] = records
+    result["tool_records"] = tool_records
     return result
 
 
@@ -225,11 +236,13 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
 def main(args: Any) -> int:  # noqa: ANN401 - the argparse namespace of `q3serve eval`
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
     result = evaluate(args.url, args.model, args.per_task, budgets, args.seed, args.concurrency, args.max_tokens,
-                      args.api_key, args.metrics_url or None, args.timeout)
+                      args.api_key, args.metrics_url or None, args.timeout, tool_items=args.tool_items)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result["summary"]))
+    if result["tool_use"]:
+        print(tool_table(result["tool_use"]))
     if args.plot:
         plot(result["summary"], result["settings"]["budgets"], Path(args.plot),
              f"{result['model']}: accuracy vs thinking budget ({args.per_task} held-out items per task)")

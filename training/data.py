@@ -10,6 +10,10 @@ Modes, as the server and Qwen3's template produce them:
            empty block itself.
 Soft switches (`/think`, `/no_think`) appear in user or system messages and earlier turns; the
 latest one decides, as in deployments/chat.py.
+Tool use (training/tool_use.py), thinking on or off:
+- tool_call:   a multiplication tool in `tools`, a large product asked; target the `<tool_call>`.
+- tool_answer: the call and the tool's `<tool_response>` in the history; target the returned number.
+- tool_other:  tools offered, any other task asked; target as without tools.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import random
 from dataclasses import dataclass
 
 from cluster.engine.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, render_chat
+from training import tool_use
 from training.tasks import Task, sample
 
-MODES = {"think": 0.42, "cut": 0.18, "nothink": 0.25, "soft_no": 0.15}
+MODES = {"think": 0.36, "cut": 0.15, "nothink": 0.21, "soft_no": 0.12, "tool_call": 0.07, "tool_answer": 0.06,
+         "tool_other": 0.03}
 
 
 @dataclass
@@ -78,6 +84,34 @@ def make_example(rng: random.Random, tokenizer, task: Task, mode: str) -> Exampl
     return Example(prompt + target, [False] * len(prompt) + learn, mode)
 
 
+def _thought_target(enc, thought: str, after: str) -> list[int]:  # noqa: ANN001
+    return [THINK_START] + enc("\n" + thought + "\n") + [THINK_END] + enc("\n\n" + after) + [IM_END]
+
+
+def make_tool_example(rng: random.Random, tokenizer, task: Task, mode: str) -> Example:  # noqa: ANN001
+    """An example with tools offered; for tool_call and tool_answer `task` is a tool_use.big_mul."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    tools, name, params = tool_use.random_tools(rng)
+    thinking = rng.random() < 0.55
+    if mode == "tool_call":
+        messages = [{"role": "user", "content": task.question}]
+        after, thought = tool_use.call_text(name, params, *tool_use.operands(task)), tool_use.call_thought(task, name, params)
+    elif mode == "tool_answer":
+        reasoning = tool_use.call_thought(task, name, params) if thinking and rng.random() < 0.5 else None
+        messages = tool_use.conversation(task, name, params, reasoning)
+        after, thought = task.answer, tool_use.answer_thought(task, name)
+    else:  # tool_other
+        messages = [{"role": "user", "content": task.question}]
+        after, thought = task.answer, task.steps
+    prompt = enc(render_chat(tokenizer, messages, enable_thinking=thinking, tools=tools))
+    target = _thought_target(enc, thought, after) if thinking else enc(after) + [IM_END]
+    return Example(prompt + target, [False] * len(prompt) + [True] * len(target), mode)
+
+
 def random_example(rng: random.Random, tokenizer, held_out: bool = False) -> Example:  # noqa: ANN001
     mode = rng.choices(list(MODES), weights=list(MODES.values()))[0]
+    if mode in ("tool_call", "tool_answer"):
+        return make_tool_example(rng, tokenizer, tool_use.big_mul(rng, held_out), mode)
+    if mode == "tool_other":
+        return make_tool_example(rng, tokenizer, sample(rng, held_out=held_out), mode)
     return make_example(rng, tokenizer, sample(rng, held_out=held_out), mode)

@@ -1,5 +1,6 @@
 """Trains the embedded default model: a small Qwen3-MoE that learned Qwen3's two modes on
-checkable tasks. Plain PyTorch on CPU, seeded, resumable from nothing in about an hour on 2 cores:
+checkable tasks, and to call a multiplication tool in Qwen3's format for products too large for
+it. Plain PyTorch on CPU, seeded, from nothing in about an hour on 2 cores:
 
     python -m training.train --out models/q3serve-tiny-thinker
 
@@ -55,6 +56,13 @@ def batch(examples: list[Example], remap: dict[int, int]) -> tuple[torch.Tensor,
     return ids, learn
 
 
+def length_buckets(examples: list[Example], n: int) -> list[list[Example]]:
+    """Examples sorted by length cut into n runs: each run is padded only to its own longest,
+    so the long tool-use prompts do not pad the short examples (same gradient, less compute)."""
+    size = math.ceil(len(examples) / n)
+    return [examples[i:i + size] for i in range(0, len(examples), size)]
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -88,14 +96,22 @@ def train(args: argparse.Namespace) -> Trained:
     start = time.monotonic()
     bar = tqdm(range(args.steps), desc="training", unit="step")
     for step in bar:
-        ids, learn = batch([random_example(rng, tokenizer) for _ in range(args.batch)], remap)
+        examples = sorted((random_example(rng, tokenizer) for _ in range(args.batch)), key=lambda e: len(e.ids))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        logits, aux = model(ids[:, :-1])
-        target = learn[:, 1:]
-        loss = F.cross_entropy(logits[target], ids[:, 1:][target])
         opt.zero_grad(set_to_none=True)
-        (loss + cfg.router_aux_loss_coef * aux).backward()
+        learned = sum(sum(e.learn) for e in examples)
+        loss_sum, aux_sum = 0.0, 0.0
+        chunks = length_buckets(examples, args.micro_batches)
+        for chunk in chunks:
+            ids, learn = batch(chunk, remap)
+            logits, aux = model(ids[:, :-1])
+            target = learn[:, 1:]
+            part = F.cross_entropy(logits[target], ids[:, 1:][target], reduction="sum") / learned
+            (part + cfg.router_aux_loss_coef * aux / len(chunks)).backward()
+            loss_sum += part.item()
+            aux_sum += aux.item() / len(chunks)
+        loss, aux = torch.tensor(loss_sum), torch.tensor(aux_sum)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
@@ -127,9 +143,10 @@ def save(args: argparse.Namespace, run: Trained, dtype: torch.dtype = torch.bflo
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/q3serve-tiny-thinker")
-    p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--micro-batches", type=int, default=4, help="length buckets per step (gradient accumulated)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

@@ -622,3 +622,45 @@ def test_langchain_and_instructor(server: str) -> None:
                                          messages=[{"role": "user", "content": "Answer."}],
                                          extra_body={"enable_thinking": False})
     assert isinstance(got, Answer)
+
+
+def _vllm_bench_stream(base: str, path: str, payload: dict) -> tuple[bool, str, int]:
+    """What `vllm bench serve` does with one request (vllm/benchmarks/lib/endpoint_request_func.py):
+    success when a 200 stream gives at least one chunk with choices; tokens from the usage chunk."""
+    first, text, tokens = False, "", 0
+    with httpx.stream("POST", f"{base}{path}", json=payload, headers={"Content-Type": "application/json"},
+                      timeout=120) as r:
+        if r.status_code != 200:
+            return False, r.read().decode(), 0
+        for line in r.iter_lines():
+            line = line.strip()
+            if not line or line.startswith(":"):
+                continue
+            chunk = line.removeprefix("data: ")
+            if chunk == "[DONE]":
+                continue
+            data = json.loads(chunk)
+            if choices := data.get("choices"):
+                first = True
+                text += (choices[0]["delta"].get("content") if "delta" in choices[0] else choices[0].get("text")) or ""
+            elif usage := data.get("usage"):
+                tokens = usage["completion_tokens"]
+    return first, text, tokens
+
+
+def test_vllm_bench_serve_request_bodies_replayed(server: str) -> None:
+    """The exact bodies `vllm bench serve --backend openai-chat` and `--backend openai` send
+    (with --ignore-eos, as its random dataset runs do), many at once: no failed request, and the
+    usage chunk counts the asked tokens. vllm itself is not installable here (no CPU wheel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there " * 20}]}],
+            "max_completion_tokens": 12, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    completion = {"model": MODEL, "prompt": "hello there " * 20, "repetition_penalty": 1.0, "max_tokens": 12,
+                  "logprobs": None, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    jobs = [("/v1/chat/completions", chat)] * 6 + [("/v1/completions", completion)] * 6
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        results = list(ex.map(lambda job: _vllm_bench_stream(server, *job), jobs))
+    for ok, text, tokens in results:
+        assert ok, text
+        assert tokens == 12

@@ -1,0 +1,142 @@
+"""Tool-use training data (training/tool_use.py) is what the server renders and parses: the call
+target parses into the offered tool's call with the item's operands, the answer-stage prompt is the
+server's own rendering of the messages an OpenAI client sends back, and the tool task's held-out
+products are never trained on. Also: length buckets give the same gradient as one padded batch."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cluster.engine.tokenizer import IM_END, THINK_END, THINK_START, load_tokenizer, render_chat
+from deployments.openai_api import Message
+from deployments.tools import parse_tool_calls
+from training import tool_use
+from training.data import make_tool_example, random_example
+from training.model import TinyConfig, TinyQwen3Moe
+from training.tasks import sample
+from training.train import batch, length_buckets
+
+
+@pytest.fixture(scope="module")
+def tok():  # noqa: ANN201
+    return load_tokenizer()
+
+
+def _split(tok, ex) -> tuple[str, str]:  # noqa: ANN001
+    prompt = tok.decode([t for t, learn in zip(ex.ids, ex.learn) if not learn])
+    return prompt, tok.decode([t for t, learn in zip(ex.ids, ex.learn) if learn])
+
+
+def _offered(prompt: str) -> list[dict]:
+    block = prompt.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0]
+    return [json.loads(line) for line in block.splitlines()]
+
+
+def test_call_target_parses_into_the_offered_tool(tok) -> None:  # noqa: ANN001
+    rng = random.Random(3)
+    thinking_seen = set()
+    for _ in range(60):
+        task = tool_use.big_mul(rng, held_out=False)
+        ex = make_tool_example(rng, tok, task, "tool_call")
+        prompt, target = _split(tok, ex)
+        assert all(ex.learn[ex.learn.index(True):])  # the prompt is never learned, the target whole
+        thinking = target.startswith("<think>\n") and "</think>\n\n" in target
+        thinking_seen.add(thinking)
+        if not thinking:
+            assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        answer = target.split("</think>\n\n", 1)[1] if thinking else target
+        assert answer.endswith("<|im_end|>")
+        rest, calls = parse_tool_calls(answer.removesuffix("<|im_end|>"))
+        assert rest is None and len(calls) == 1
+        mul = [t["function"] for t in _offered(prompt) if t["function"]["name"] in tool_use.NAMES]
+        assert len(mul) == 1 and calls[0]["function"]["name"] == mul[0]["name"]
+        params = list(mul[0]["parameters"]["properties"])
+        assert json.loads(calls[0]["function"]["arguments"]) == dict(zip(params, tool_use.operands(task)))
+    assert thinking_seen == {True, False}
+
+
+def test_answer_prompt_is_the_servers_rendering_of_the_clients_messages(tok) -> None:  # noqa: ANN001
+    rng = random.Random(4)
+    for _ in range(40):
+        task = tool_use.big_mul(rng, held_out=False)
+        state = rng.getstate()
+        ex = make_tool_example(rng, tok, task, "tool_answer")
+        rng.setstate(state)  # replay the draws make_tool_example made
+        tools, name, params = tool_use.random_tools(rng)
+        thinking = rng.random() < 0.55
+        reasoning = tool_use.call_thought(task, name, params) if thinking and rng.random() < 0.5 else None
+        sent = [Message.model_validate(m).model_dump(exclude_none=True)
+                for m in tool_use.conversation(task, name, params, reasoning)]
+        served = render_chat(tok, sent, enable_thinking=thinking, tools=tools)
+        prompt, target = _split(tok, ex)
+        assert prompt == served
+        assert f"<tool_response>\n{task.answer}\n</tool_response>" in prompt
+        assert target.endswith(f"{task.answer}<|im_end|>")
+        assert (target.startswith("<think>\n") and THINK_END in ex.ids) is thinking
+
+
+def test_other_tasks_with_tools_offered_are_answered_directly(tok) -> None:  # noqa: ANN001
+    rng = random.Random(5)
+    for _ in range(30):
+        task = sample(rng, held_out=False)
+        ex = make_tool_example(rng, tok, task, "tool_other")
+        prompt, target = _split(tok, ex)
+        assert "# Tools" in prompt and "<tool_call>" not in target
+        assert target.endswith(f"{task.answer}<|im_end|>")
+
+
+def test_tool_items_held_out_split() -> None:
+    rng = random.Random(6)
+    train_keys = {tool_use.big_mul(rng, held_out=False).key for _ in range(3000)}
+    held = {t.key for t in tool_use.tool_eval_set(50)}
+    assert len(held) == 50 and not train_keys & held
+    for t in tool_use.tool_eval_set(50):
+        a, b = tool_use.operands(t)
+        assert t.answer == str(a * b) and 100 <= a <= 9999 and 10 <= b <= 999
+        assert str(a) in t.question and str(b) in t.question
+
+
+def test_run_multiply_executes_only_a_well_formed_call() -> None:
+    tool = tool_use.multiply_tool("times", ("x", "y"))
+    assert tool_use.run_multiply("times", '{"x": 1234, "y": 56}', tool) == "69104"
+    assert tool_use.run_multiply("multiply", '{"x": 1, "y": 2}', tool).startswith("error")
+    assert tool_use.run_multiply("times", '{"a": 1, "b": 2}', tool).startswith("error")
+    assert tool_use.run_multiply("times", '{"x": "1", "y": 2}', tool).startswith("error")
+    assert tool_use.run_multiply("times", "not json", tool).startswith("error")
+
+
+@pytest.mark.parametrize("style", ["openai", "langchain", "pydantic"])
+def test_tool_layouts_are_accepted_by_the_server(style: str) -> None:
+    from deployments.tools import check_tools
+
+    check_tools([tool_use.multiply_tool(style=style)], "auto")
+
+
+def test_length_buckets_give_the_gradient_of_one_padded_batch(tok) -> None:  # noqa: ANN001
+    rng = random.Random(8)
+    examples = sorted((random_example(rng, tok) for _ in range(12)), key=lambda e: len(e.ids))
+    used = sorted({t for e in examples for t in e.ids} | {IM_END, THINK_START, THINK_END})
+    remap = {t: i for i, t in enumerate(used)}
+    torch.manual_seed(0)
+    model = TinyQwen3Moe(TinyConfig(hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=4,
+                                    moe_intermediate_size=16), used)
+    learned = sum(sum(e.learn) for e in examples)
+
+    def grads(chunks: list) -> list[torch.Tensor]:  # noqa: ANN001
+        model.zero_grad()
+        for chunk in chunks:
+            ids, learn = batch(chunk, remap)
+            logits, _ = model(ids[:, :-1])
+            t = learn[:, 1:]
+            (F.cross_entropy(logits[t], ids[:, 1:][t], reduction="sum") / learned).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    one, four = grads([examples]), grads(length_buckets(examples, 4))
+    assert len(length_buckets(examples, 4)) == 4
+    for a, b in zip(one, four):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,144 @@
+"""Tool use in Qwen3's format: a multiplication tool offered in `tools`, for products too large
+to work out in the head (3-4 digits times 2-3 digits).
+
+An agent loop is two assistant turns, and each is one training example:
+- call:   the tools' system section and the question; target (optionally after a short thought)
+          `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`.
+- answer: the same conversation plus the call and the `<tool_response>` turn; target the number the
+          tool returned (copied, after a short thought in thinking mode).
+Rendered by Qwen3's own template, as the server renders a request with `tools`, so the ids match
+what is served. The tool's name, parameter names and description vary, and unrelated tools are
+sometimes offered beside it, so the model learns to read the offered signature rather than one
+fixed spelling. With tools offered and a question that is not a multiplication, the model answers
+as usual (`other` examples), which is what `tool_choice` auto needs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from training.tasks import Task, _number, is_held_out
+
+NAMES = ("multiply", "multiply", "Multiply", "mul", "times", "multiply_numbers", "calculator_multiply", "product")
+PARAMS = (("a", "b"), ("a", "b"), ("x", "y"), ("first", "second"), ("left", "right"))
+DESCRIPTIONS = ("Multiply two integers.", "Multiply two numbers and return the product.",
+                "Returns the product of two integers.", "Multiply a by b.", "", "Exact integer multiplication.")
+OTHER_TOOLS = (
+    {"name": "get_weather", "description": "Get the current weather in a city.",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    {"name": "search", "description": "Search the web.",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+    {"name": "add", "description": "Add two integers.",
+     "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                    "required": ["a", "b"]}},
+    {"name": "get_time", "description": "The current time.", "parameters": {"type": "object", "properties": {}}},
+)
+
+
+def multiply_tool(name: str = "multiply", params: tuple[str, str] = ("a", "b"),
+                  description: str = "Multiply two integers.", style: str = "openai") -> dict[str, Any]:
+    """An OpenAI `tools` entry for the multiplication tool, its JSON laid out as clients lay it
+    out (Qwen3's template prints it in the client's key order): `openai` as written by hand from
+    OpenAI's docs, `langchain` as bind_tools / convert_to_openai_tool, `pydantic` as the openai
+    SDK's pydantic_function_tool (strict, titles)."""
+    props = {p: {"type": "integer"} for p in params}
+    if style == "langchain":
+        fn: dict[str, Any] = {"name": name, **({"description": description} if description else {}),
+                              "parameters": {"properties": props, "required": list(params), "type": "object"}}
+    elif style == "pydantic":
+        props = {p: {"title": p.title(), "type": "integer"} for p in params}
+        fn = {"name": name, "strict": True,
+              "parameters": {**({"description": description} if description else {}), "properties": props,
+                             "required": list(params), "title": name, "type": "object", "additionalProperties": False},
+              **({"description": description} if description else {})}
+    else:
+        fn = {"name": name, **({"description": description} if description else {}),
+              "parameters": {"type": "object", "properties": props, "required": list(params)}}
+    return {"type": "function", "function": fn}
+
+
+def random_tools(rng: random.Random) -> tuple[list[dict], str, tuple[str, str]]:
+    """A tools list holding one multiplication tool, sometimes with unrelated tools around it."""
+    name, params = rng.choice(NAMES), rng.choice(PARAMS)
+    style = rng.choice(("openai", "langchain", "pydantic"))
+    tools = [multiply_tool(name, params, rng.choice(DESCRIPTIONS), style)]
+    if rng.random() < 0.35:
+        others = [{"type": "function", "function": t} for t in rng.sample(OTHER_TOOLS, rng.randint(1, 2))]
+        tools = others + tools if rng.random() < 0.5 else tools + others
+    return tools, name, params
+
+
+def big_mul(rng: random.Random, held_out: bool) -> Task:
+    """A product beyond the model's head (the `mul` task is 2-3 digits times one digit)."""
+    while True:
+        a, b = _number(rng, 3, 4), _number(rng, 2, 3)
+        key = f"tool:{a}:{b}"
+        if is_held_out(key) == held_out:
+            break
+    q = rng.choice([
+        "What is {a} * {b}?", "Compute {a} * {b}.", "Multiply {a} by {b}.", "What is {a} times {b}?",
+        "{a} * {b} = ?", "What is the product of {a} and {b}?", "Calculate {a} x {b}.",
+    ]).format(a=a, b=b)
+    return Task("tool", key, q, f"{a} * {b} is too large to do in my head, so I use the tool.", str(a * b))
+
+
+def operands(task: Task) -> tuple[int, int]:
+    _, a, b = task.key.split(":")
+    return int(a), int(b)
+
+
+def call_text(name: str, params: tuple[str, str], a: int, b: int) -> str:
+    """The assistant's call as Qwen3 writes it (json.dumps spacing = the template's tojson)."""
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": {params[0]: a, params[1]: b}}) + "\n</tool_call>"
+
+
+def call_thought(task: Task, name: str, params: tuple[str, str]) -> str:
+    a, b = operands(task)
+    return f"The user asks for {a} * {b}.\nThat is too large to do in my head, so I call {name} with {params[0]} = {a} and {params[1]} = {b}."
+
+
+def answer_thought(task: Task, name: str) -> str:
+    a, b = operands(task)
+    return f"{name} returned {task.answer}.\nSo {a} * {b} = {task.answer}."
+
+
+def conversation(task: Task, name: str, params: tuple[str, str], reasoning: str | None) -> list[dict]:
+    """The messages after the call and its result, as an OpenAI client sends them back."""
+    a, b = operands(task)
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": name, "arguments": json.dumps({params[0]: a, params[1]: b})}}
+    assistant: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
+    if reasoning is not None:
+        assistant["reasoning_content"] = reasoning
+    return [{"role": "user", "content": task.question}, assistant,
+            {"role": "tool", "tool_call_id": "call_0", "content": task.answer}]
+
+
+def tool_eval_set(n: int, seed: int = 1234) -> list[Task]:
+    """The fixed held-out products of `q3serve eval`'s tool task (never trained on)."""
+    rng, out, seen = random.Random(seed), [], set()
+    while len(out) < n:
+        t = big_mul(rng, held_out=True)
+        if t.key not in seen:
+            seen.add(t.key)
+            out.append(t)
+    return out
+
+
+def run_multiply(name: str, arguments: str, tool: dict[str, Any]) -> str:
+    """Executes a call of `tool` as a client's tool runner would: the product of the two integer
+    arguments, or an error text for a wrong name or wrong arguments."""
+    fn = tool["function"]
+    try:
+        args = json.loads(arguments)
+    except json.JSONDecodeError:
+        return "error: arguments are not JSON"
+    params = list(fn["parameters"]["properties"])
+    if name != fn["name"] or not isinstance(args, dict) or sorted(args) != sorted(params):
+        return f"error: call {fn['name']} with integer arguments {', '.join(params)}"
+    a, b = (args[p] for p in params)
+    if not (isinstance(a, int) and isinstance(b, int)):
+        return "error: the arguments must be integers"
+    return str(a * b)
