@@ -143,7 +143,7 @@ def save(args: argparse.Namespace, run: Trained, dtype: torch.dtype = torch.bflo
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/q3serve-tiny-thinker")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=3600)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--micro-batches", type=int, default=4, help="length buckets per step (gradient accumulated)")
