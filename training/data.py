@@ -57,6 +57,12 @@ def _switch_messages(rng: random.Random, task: Task, thinking: bool | None) -> l
     return ([system] if system else []) + history + [{"role": "user", "content": user}]
 
 
+def _thought_target(enc, thought: str, after: str) -> list[int]:  # noqa: ANN001
+    """`<think>\n thought \n</think>\n\n after<|im_end|>`: Qwen3's thinking turn (thought "" gives
+    the empty block)."""
+    return [THINK_START] + enc("\n" + thought + "\n") + [THINK_END] + enc("\n\n" + after) + [IM_END]
+
+
 def make_example(rng: random.Random, tokenizer, task: Task, mode: str) -> Example:  # noqa: ANN001
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     stop_ids = enc(STOP_THINKING)
@@ -64,11 +70,11 @@ def make_example(rng: random.Random, tokenizer, task: Task, mode: str) -> Exampl
     if mode in ("think", "cut"):
         switch = rng.choice([None, None, True])
         prompt = enc(render_chat(tokenizer, _switch_messages(rng, task, switch), enable_thinking=True))
-        steps = enc("\n" + task.steps + "\n")
         if mode == "think":
-            target = [THINK_START] + steps + [THINK_END] + enc("\n\n" + task.answer) + [IM_END]
+            target = _thought_target(enc, task.steps, task.answer)
             learn = [True] * len(target)
         else:
+            steps = enc("\n" + task.steps + "\n")
             k = rng.randrange(len(steps))
             head = [THINK_START] + steps[:k]
             target = head + stop_ids + answer
@@ -79,13 +85,9 @@ def make_example(rng: random.Random, tokenizer, task: Task, mode: str) -> Exampl
         target, learn = answer, [True] * len(answer)
     else:  # soft_no
         prompt = enc(render_chat(tokenizer, _switch_messages(rng, task, False), enable_thinking=True))
-        target = [THINK_START] + enc("\n\n") + [THINK_END] + enc("\n\n" + task.answer) + [IM_END]
+        target = _thought_target(enc, "", task.answer)  # the empty block the model writes itself
         learn = [True] * len(target)
     return Example(prompt + target, [False] * len(prompt) + learn, mode)
-
-
-def _thought_target(enc, thought: str, after: str) -> list[int]:  # noqa: ANN001
-    return [THINK_START] + enc("\n" + thought + "\n") + [THINK_END] + enc("\n\n" + after) + [IM_END]
 
 
 def make_tool_example(rng: random.Random, tokenizer, task: Task, mode: str) -> Example:  # noqa: ANN001
@@ -95,7 +97,7 @@ def make_tool_example(rng: random.Random, tokenizer, task: Task, mode: str) -> E
     thinking = rng.random() < 0.55
     if mode == "tool_call":
         messages = [{"role": "user", "content": task.question}]
-        after, thought = tool_use.call_text(name, params, *tool_use.operands(task)), tool_use.call_thought(task, name, params)
+        after, thought = tool_use.call_text(task, name, params), tool_use.call_thought(task, name, params)
     elif mode == "tool_answer":
         reasoning = tool_use.call_thought(task, name, params) if thinking and rng.random() < 0.5 else None
         messages = tool_use.conversation(task, name, params, reasoning)

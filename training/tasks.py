@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 KINDS = ("add", "sub", "mul", "sort", "compare", "count", "word")
@@ -243,14 +244,16 @@ def sample(rng: random.Random, held_out: bool, kind: str | None = None) -> Task:
             return task
 
 
+def distinct(draw: Callable[[], Task], n: int) -> list[Task]:
+    """The first n items `draw` gives with distinct keys, in the order drawn."""
+    out: dict[str, Task] = {}
+    while len(out) < n:
+        t = draw()
+        out.setdefault(t.key, t)
+    return list(out.values())
+
+
 def eval_set(per_kind: int, seed: int = 1234) -> list[Task]:
     """The fixed held-out set: distinct items, per_kind of each kind."""
-    rng, out = random.Random(seed), []
-    for kind in KINDS:
-        seen: set[str] = set()
-        while len([t for t in out if t.kind == kind]) < per_kind:
-            t = sample(rng, held_out=True, kind=kind)
-            if t.key not in seen:
-                seen.add(t.key)
-                out.append(t)
-    return out
+    rng = random.Random(seed)
+    return [t for kind in KINDS for t in distinct(lambda kind=kind: sample(rng, held_out=True, kind=kind), per_kind)]

@@ -19,7 +19,7 @@ import json
 import random
 from typing import Any
 
-from training.tasks import Task, _number, is_held_out
+from training.tasks import Task, _number, distinct, is_held_out
 
 NAMES = ("multiply", "multiply", "Multiply", "mul", "times", "multiply_numbers", "calculator_multiply", "product")
 PARAMS = (("a", "b"), ("a", "b"), ("x", "y"), ("first", "second"), ("left", "right"))
@@ -44,18 +44,18 @@ def multiply_tool(name: str = "multiply", params: tuple[str, str] = ("a", "b"),
     OpenAI's docs, `langchain` as bind_tools / convert_to_openai_tool, `pydantic` as the openai
     SDK's pydantic_function_tool (strict, titles)."""
     props = {p: {"type": "integer"} for p in params}
+    desc = {"description": description} if description else {}
     if style == "langchain":
-        fn: dict[str, Any] = {"name": name, **({"description": description} if description else {}),
+        fn: dict[str, Any] = {"name": name, **desc,
                               "parameters": {"properties": props, "required": list(params), "type": "object"}}
     elif style == "pydantic":
         props = {p: {"title": p.title(), "type": "integer"} for p in params}
         fn = {"name": name, "strict": True,
-              "parameters": {**({"description": description} if description else {}), "properties": props,
-                             "required": list(params), "title": name, "type": "object", "additionalProperties": False},
-              **({"description": description} if description else {})}
+              "parameters": {**desc, "properties": props, "required": list(params), "title": name,
+                             "type": "object", "additionalProperties": False},
+              **desc}
     else:
-        fn = {"name": name, **({"description": description} if description else {}),
-              "parameters": {"type": "object", "properties": props, "required": list(params)}}
+        fn = {"name": name, **desc, "parameters": {"type": "object", "properties": props, "required": list(params)}}
     return {"type": "function", "function": fn}
 
 
@@ -89,9 +89,14 @@ def operands(task: Task) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def call_text(name: str, params: tuple[str, str], a: int, b: int) -> str:
+def arguments(task: Task, params: tuple[str, str]) -> dict[str, int]:
+    """The call's arguments: the item's operands under the offered tool's parameter names."""
+    return dict(zip(params, operands(task)))
+
+
+def call_text(task: Task, name: str, params: tuple[str, str]) -> str:
     """The assistant's call as Qwen3 writes it (json.dumps spacing = the template's tojson)."""
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": {params[0]: a, params[1]: b}}) + "\n</tool_call>"
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments(task, params)}) + "\n</tool_call>"
 
 
 def call_thought(task: Task, name: str, params: tuple[str, str]) -> str:
@@ -106,9 +111,7 @@ def answer_thought(task: Task, name: str) -> str:
 
 def conversation(task: Task, name: str, params: tuple[str, str], reasoning: str | None) -> list[dict]:
     """The messages after the call and its result, as an OpenAI client sends them back."""
-    a, b = operands(task)
-    call = {"id": "call_0", "type": "function",
-            "function": {"name": name, "arguments": json.dumps({params[0]: a, params[1]: b})}}
+    call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments(task, params))}}
     assistant: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
     if reasoning is not None:
         assistant["reasoning_content"] = reasoning
@@ -118,13 +121,8 @@ def conversation(task: Task, name: str, params: tuple[str, str], reasoning: str 
 
 def tool_eval_set(n: int, seed: int = 1234) -> list[Task]:
     """The fixed held-out products of `q3serve eval`'s tool task (never trained on)."""
-    rng, out, seen = random.Random(seed), [], set()
-    while len(out) < n:
-        t = big_mul(rng, held_out=True)
-        if t.key not in seen:
-            seen.add(t.key)
-            out.append(t)
-    return out
+    rng = random.Random(seed)
+    return distinct(lambda: big_mul(rng, held_out=True), n)
 
 
 def run_multiply(name: str, arguments: str, tool: dict[str, Any]) -> str:

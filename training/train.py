@@ -111,12 +111,11 @@ def train(args: argparse.Namespace) -> Trained:
             (part + cfg.router_aux_loss_coef * aux / len(chunks)).backward()
             loss_sum += part.item()
             aux_sum += aux.item() / len(chunks)
-        loss, aux = torch.tensor(loss_sum), torch.tensor(aux_sum)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss_sum)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", aux=f"{aux.item():.2f}")
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", aux=f"{aux_sum:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(args, Trained(model, used, losses, time.monotonic() - start))  # a look before the end
     return Trained(model, used, losses, time.monotonic() - start)
