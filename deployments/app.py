@@ -44,9 +44,9 @@ def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
             autoscaling_config=pool.autoscaling.model_dump(),
             ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": 1 if pool.device == "cuda" and not _expert_parallel(pool) else 0},
             **_instance_bundles(pool),
-            health_check_period_s=10,
-            health_check_timeout_s=30,
-            graceful_shutdown_timeout_s=10,
+            health_check_period_s=pool.health_check_period_s,
+            health_check_timeout_s=pool.health_check_timeout_s,
+            graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
         )
         handles[name] = deployment.bind(name, cfg.model, pool)
     ingress = serve.deployment(Ingress, name="ingress", num_replicas=1,

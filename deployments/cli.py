@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import httpx
 
 from cluster import LLM, SamplingParams
 from deployments.auth import load_keys
 from deployments.http_client import add_server_arguments, auth_headers, served_model
+
+if TYPE_CHECKING:
+    from deployments.config import AppConfig
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -102,9 +106,29 @@ def _up(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     finally:
         print("stopping ...", flush=True)
+        _drain(cfg)
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _drain(cfg: AppConfig) -> None:
+    """The graceful part of stopping: the ingress refuses new requests (503) and gives those in
+    flight the pools' `graceful_shutdown_timeout_s` to finish; what still runs then is cancelled
+    and its clients get a retriable error event rather than a cut connection. Bounded
+    throughout: a broken app does not hold up the exit."""
+    from ray import serve
+
+    from deployments.app import APP_NAME
+
+    grace = max(p.graceful_shutdown_timeout_s for p in cfg.pools().values())
+    try:
+        print(f"draining: no new requests; up to {grace:g}s for those in flight", flush=True)
+        cancelled = serve.get_app_handle(APP_NAME).drain.remote(grace).result(timeout_s=grace + 30)
+        if cancelled:
+            print(f"{cancelled} request(s) still running after {grace:g}s: ended with a retriable error", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the app may be half-deployed or gone; shut down anyway
+        print(f"drain skipped: {type(exc).__name__}: {exc}"[:300], flush=True)
 
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"

@@ -77,6 +77,14 @@ class PoolConfig(_Strict):
     # default of 5 would starve the batch, and a fixed 32 capped a 256-sequence replica at 32).
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
+    # Faults. A step of an expert-parallel instance (and each collective in it) that takes longer
+    # fails the whole instance: the watchdog that turns a stalled rank into a clean failure.
+    step_timeout_s: float = Field(15.0, gt=0)
+    health_check_period_s: float = Field(2.0, gt=0)    # how soon Serve sees a failed replica
+    health_check_timeout_s: float = Field(15.0, gt=0)
+    # A leaving replica (scale-down, redeploy, shutdown) stops taking requests and gets this long
+    # to finish the ones it has; what is left then ends with a retriable error.
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
     sampling_defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     actor_resources: dict[str, float] | None = None        # each actor's bundle (default 1 GPU / 1 CPU)
@@ -113,7 +121,7 @@ class PoolConfig(_Strict):
     def engine_kwargs(self) -> dict[str, Any]:
         keys = ("attention_shards", "expert_groups", "layout", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "fp8_weights", "block_size", "enable_prefix_caching", "actor_resources",
-                "attention_resources", "expert_resources")
+                "attention_resources", "expert_resources", "step_timeout_s")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -138,6 +146,9 @@ class RouterConfig(_Strict):
     default_thinking: bool = True    # Qwen3's default when a request says nothing
     spill_over: bool = True          # serve from the other pool when the chosen one cannot
     health_timeout_s: float = Field(5.0, gt=0)
+    # a request whose replica fails before its first token is tried again on the same pool this
+    # many times (Serve may pick the broken replica until its health check fails), then elsewhere
+    retries_per_pool: int = Field(1, ge=0)
 
 
 class LimitsConfig(_Strict):

@@ -6,6 +6,7 @@ their status codes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -20,9 +21,10 @@ from deployments.chat import decide_thinking
 from deployments.config import AppConfig, PoolConfig
 from deployments.metrics import RouterMetrics
 from deployments.pool import PoolChunk, PoolRequest
-from deployments.router import Overloaded, PoolRouter, PoolsUnavailable
+from deployments.router import InstanceLost, Overloaded, PoolRouter, PoolsUnavailable, Routed
 
-__all__ = ["Frontend", "ModelNotFound", "Overloaded", "PoolsUnavailable", "RequestError", "Unauthenticated", "Usage"]
+__all__ = ["Frontend", "InstanceLost", "ModelNotFound", "Overloaded", "PoolsUnavailable", "RequestError", "Routed", "Unauthenticated",
+           "Usage"]
 
 
 API_SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
@@ -69,6 +71,8 @@ class Frontend:
         self.created = int(time.time())
         self.metrics = RouterMetrics()
         self.sampling_defaults = {True: sampling_defaults(mc, cfg.thinking), False: sampling_defaults(mc, cfg.fast)}
+        self.in_flight = 0       # requests started and not yet ended (what a drain waits for)
+        self.draining = False    # set by `drain`: new requests are refused with 503
 
     @property
     def model_name(self) -> str:
@@ -126,17 +130,20 @@ class Frontend:
     async def start(
         self, route: str, prompt_ids: list[int], params: SamplingParams, thinking: bool, prompt_param: str,
         request_id: str | None = None,
-    ) -> tuple[str, AsyncIterator[PoolChunk]]:
-        """Checks the prompt against the limits and starts it on a pool; returns the pool's name
-        and its chunks. Raises RequestError (naming `prompt_param` for the prompt), Overloaded or
+    ) -> Routed:
+        """Checks the prompt against the limits and starts it on a pool; returns the pool's name,
+        its chunks (which end in InstanceLost if the pool fails mid-stream) and the retries it
+        took. Raises RequestError (naming `prompt_param` for the prompt), Overloaded or
         PoolsUnavailable."""
         start = time.monotonic()
         request = PoolRequest(request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params, thinking)
         try:
+            if self.draining:
+                raise PoolsUnavailable("the server is shutting down and takes no new requests; retry on another replica")
             if len(prompt_ids) > self.prompt_limit:
                 raise RequestError(
                     prompt_param, f"the prompt is {len(prompt_ids)} tokens, over the limit of {self.prompt_limit}")
-            pool, chunks = await self.router.stream(request)
+            routed = await self.router.stream(request)
         except RequestError as exc:
             self._count(route, "400")
             if exc.param in (None, "prompt"):
@@ -148,7 +155,27 @@ class Frontend:
         except PoolsUnavailable:
             self._count(route, "503")
             raise
-        return pool, self._measured(chunks, {"pool": pool, "route": route}, start)
+        tags = {"pool": routed.pool, "route": route}
+        if routed.retries:
+            self.metrics.retries.inc(routed.retries, tags=tags)
+        return routed._replace(chunks=self._measured(routed.chunks, tags, start))
+
+    async def drain(self, grace_s: float, poll_s: float = 0.1) -> int:
+        """Stops admitting (new requests get 503, /health says draining) and waits up to
+        `grace_s` for the requests in flight to end; those still running then are cancelled
+        and end with a retriable 503. Returns how many had to be cancelled."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        if not self.in_flight:
+            return 0
+        cancelled = self.router.end_open_requests(f"the server shut down before this request finished "
+                                                  f"(grace period {grace_s:g}s)")
+        deadline = time.monotonic() + 10.0  # the error events go out before the proxy stops
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        return cancelled
 
     def usage(self, last: PoolChunk, thinking: bool) -> Usage:
         """With thinking off the template closed <think> in the prompt, so nothing is reasoning."""
@@ -163,6 +190,7 @@ class Frontend:
         """Passes chunks through, recording TTFT, inter-token latency, tokens and latency."""
         last_t, last = None, None
         status = "cancelled"
+        self.in_flight += 1
         try:
             async for c in chunks:
                 now = time.monotonic()
@@ -173,7 +201,11 @@ class Frontend:
                 last_t, last = now, c
                 yield c
             status = "200"
+        except InstanceLost:
+            status = "503"
+            raise
         finally:
+            self.in_flight -= 1
             self.metrics.requests.inc(1, tags={**tags, "status": status})
             self.metrics.latency.observe(time.monotonic() - start, tags=tags)
             await chunks.aclose()  # a client that left: the pool's stream is cancelled now, not at GC

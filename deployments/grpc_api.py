@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2
 
 from cluster.config import StructuredOutput
 from deployments.chat import StreamingReasoningParser
-from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Unauthenticated
+from deployments.frontend import (Frontend, InstanceLost, ModelNotFound, Overloaded, PoolsUnavailable, RequestError,
+                                  Unauthenticated)
 from deployments.pool import PoolChunk
 from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools
 from protos.q3serve.v1 import q3serve_pb2 as pb
@@ -45,6 +46,15 @@ def _abort(ctx: Any, exc: Exception) -> GrpcAbort:
     ctx.set_code(code)
     ctx.set_details(str(exc))
     return GrpcAbort(str(exc))
+
+
+async def _unavailable_on_loss(chunks: AsyncIterator[PoolChunk], ctx: Any) -> AsyncIterator[PoolChunk]:
+    """The chunks; a pool that fails mid-stream ends the RPC with UNAVAILABLE (retriable)."""
+    try:
+        async for c in chunks:
+            yield c
+    except InstanceLost as exc:
+        raise _abort(ctx, exc) from None
 
 
 def _opt(msg: Any, field: str) -> Any:
@@ -148,12 +158,12 @@ class GrpcApi:
             thinking, ids = self.frontend.chat_prompt(messages, _opt(request, "enable_thinking"), offered)
             params = self._sampling(request, thinking)
             params = constrain_to_tools(params, functions, forced, required, thinking, request.parallel_tool_calls)
-            pool, chunks = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
+            pool, chunks, _ = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
         parser = StreamingReasoningParser()
         tool_parser = StreamingToolParser() if functions else None
-        async for c in chunks:
+        async for c in _unavailable_on_loss(chunks, ctx):
             done = c.finished
             reasoning, content = parser.feed(c.delta_text, final=done) if thinking else ("", c.delta_text)
             calls = []
@@ -181,10 +191,10 @@ class GrpcApi:
             thinking = _opt(request, "thinking_budget") is not None
             params = self._sampling(request, thinking, stop_token_ids=list(request.stop_token_ids),
                                     ignore_eos=request.ignore_eos)
-            pool, chunks = await self.frontend.start("grpc_generate", ids, params, thinking, param)
+            pool, chunks, _ = await self.frontend.start("grpc_generate", ids, params, thinking, param)
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
-        async for c in chunks:
+        async for c in _unavailable_on_loss(chunks, ctx):
             chunk = pb.GenerateChunk(token_ids=c.delta_token_ids, text=c.delta_text, pool=pool)
             if c.finished:
                 chunk.finish_reason = c.finish_reason or ""

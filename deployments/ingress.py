@@ -32,6 +32,11 @@ class Ingress:
         add_responses_routes(app, self.frontend)
         return app
 
+    async def drain(self, grace_s: float) -> int:
+        """`q3serve up`'s shutdown: refuse new requests, let those in flight finish for up to
+        `grace_s`; returns how many were still running."""
+        return await self.frontend.drain(grace_s)
+
     # -- gRPC: q3serve.v1.ChatService, q3serve.v1.ModelService, grpc.health.v1.Health ------------
     async def Chat(self, request: pb.ChatRequest, grpc_context: Any) -> AsyncIterator[pb.ChatChunk]:  # noqa: N802
         async for chunk in self.grpc.chat(request, grpc_context):

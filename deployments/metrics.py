@@ -19,6 +19,8 @@ class RouterMetrics:
         self.itl = Histogram("q3serve_inter_token_latency_seconds", "Time between streamed chunks.", _ITL, tag_keys=tags)
         self.tokens_in = Counter("q3serve_prompt_tokens_total", "Prompt tokens.", tag_keys=tags)
         self.tokens_out = Counter("q3serve_generation_tokens_total", "Generated tokens.", tag_keys=tags)
+        self.retries = Counter("q3serve_request_retries_total",
+                               "Starts retried after a replica failed before the first token.", tag_keys=tags)
 
 
 class PoolMetrics:

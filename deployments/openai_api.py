@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from cluster import SamplingParams
 from cluster.config import StructuredOutput
 from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
-from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Unauthenticated
+from deployments.frontend import (Frontend, InstanceLost, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Routed,
+                                  Unauthenticated)
 from deployments.pool import PoolChunk
 from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
 
@@ -258,6 +259,30 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
 
 
+def routed_headers(routed: Routed) -> dict[str, str]:
+    """Which pool served the request, and how many failed starts were retried before it."""
+    headers = {"x-q3serve-pool": routed.pool}
+    if routed.retries:
+        headers["x-q3serve-retries"] = str(routed.retries)
+    return headers
+
+
+def error_event(exc: InstanceLost) -> str:
+    """A stream that cannot go on ends with an error event in OpenAI's error shape (what the
+    openai SDK raises as APIError), then [DONE]."""
+    body = {"error": {"message": str(exc), "type": "service_unavailable", "param": None, "code": 503}}
+    return "data: " + json.dumps(body) + "\n\ndata: [DONE]\n\n"
+
+
+async def ending_in_error_event(events: AsyncIterator[str], event: Any) -> AsyncIterator[str]:
+    """The events, then, if the pool failed mid-stream, `event(exc)` instead of a cut connection."""
+    try:
+        async for e in events:
+            yield e
+    except InstanceLost as exc:
+        yield event(exc)
+
+
 def error_response(exc: Exception) -> JSONResponse:
     """The Frontend's errors in OpenAI's shape."""
     if isinstance(exc, RequestError):
@@ -301,7 +326,8 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         ready = await frontend.router.ready()
-        return JSONResponse({"pools": ready}, status_code=200 if ready and all(ready.values()) else 503)
+        ok = bool(ready) and all(ready.values()) and not frontend.draining
+        return JSONResponse({"pools": ready, "draining": frontend.draining}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -391,11 +417,11 @@ async def _serve(frontend: Frontend, kind: str, body: _Sampling, ids: list[int],
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     route = "chat" if kind == "chat" else "completions"
     prompt_param = "messages" if kind == "chat" else "prompt"
-    pool, first = await frontend.start(route, ids, params, thinking, prompt_param, rid)
-    streams = [first]
+    routed = await frontend.start(route, ids, params, thinking, prompt_param, rid)
+    streams = [routed.chunks]
     if body.n > 1:
-        streams = await _more_choices(frontend, route, ids, params, thinking, prompt_param, rid, body.n, first)
-    headers = {"x-q3serve-pool": pool}
+        streams = await _more_choices(frontend, route, ids, params, thinking, prompt_param, rid, body.n, routed.chunks)
+    headers = routed_headers(routed)
     echo = None
     if getattr(body, "echo", False):
         prompt = body.prompt  # type: ignore[attr-defined]
@@ -403,7 +429,7 @@ async def _serve(frontend: Frontend, kind: str, body: _Sampling, ids: list[int],
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = _sse(frontend, kind, rid, streams, thinking, include_usage, echo, tools or ToolUse())
-        return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
+        return StreamingResponse(ending_in_error_event(gen, error_event), media_type="text/event-stream", headers=headers)
     return JSONResponse(await _collect(frontend, kind, rid, streams, thinking, echo, tools or ToolUse()),
                         headers=headers)
 
@@ -429,7 +455,7 @@ async def _more_choices(frontend: Frontend, route: str, ids: list[int], params: 
     try:
         for i in range(1, n):
             p = replace(params, seed=None if params.seed is None else params.seed + i)
-            streams.append((await frontend.start(route, ids, p, thinking, prompt_param, f"{rid}-{i}"))[1])
+            streams.append((await frontend.start(route, ids, p, thinking, prompt_param, f"{rid}-{i}")).chunks)
     except BaseException:
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]

@@ -95,12 +95,14 @@ class ModelPool:
             "kv_blocks_free": sum(s.blocks.num_free for s in shards),
             "kv_blocks_total": sum(s.blocks.num_blocks for s in shards),
             "instance_placement_group": pg.id.hex() if pg is not None else None,
+            "instance_actors": dict(getattr(core.executor, "actor_names", {})),  # role -> Ray actor name
             "cpu_threads": torch.get_num_threads(), "engine_priority": priority_of(self.engine.thread_id),
         }
 
     async def check_health(self) -> None:
-        """Serve calls this periodically; raising marks the replica unhealthy."""
-        self.engine.check_health()
+        """Serve calls this periodically; raising marks the replica unhealthy. Off the event
+        loop: pinging a stalled actor waits up to 10 s, and the streams must not wait with it."""
+        await asyncio.to_thread(self.engine.check_health)
 
     def ready(self) -> bool:
         return self.engine.healthy

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from cluster.config import StructuredOutput
 from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
 from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError
-from deployments.openai_api import IGNORED_FIELDS, error_response
+from deployments.openai_api import IGNORED_FIELDS, ending_in_error_event, error_response, routed_headers
 from deployments.pool import PoolChunk
 from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
 
@@ -146,12 +146,13 @@ def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
                                        top_p=body.top_p, structured_output=body.structured(thinking))
             params = constrain_to_tools(params, functions, forced, required, thinking, body.parallel_tool_calls)
             rid = f"resp_{uuid.uuid4().hex}"
-            pool, chunks = await frontend.start("responses", ids, params, thinking, "input", rid)
+            routed = await frontend.start("responses", ids, params, thinking, "input", rid)
             state = _State(rid, body, frontend.model_name, thinking, bool(functions))
-            headers = {"x-q3serve-pool": pool}
+            headers = routed_headers(routed)
             if body.stream:
-                return StreamingResponse(_events(frontend, state, chunks), media_type="text/event-stream", headers=headers)
-            async for c in chunks:
+                events = ending_in_error_event(_events(frontend, state, routed.chunks), _error_event)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            async for c in routed.chunks:
                 state.text += c.delta_text
                 state.last = c
             state.finish_whole()
@@ -219,6 +220,12 @@ def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
 def _call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
     return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call_id, "name": name,
             "arguments": arguments, "status": status}
+
+
+def _error_event(exc: Exception) -> str:
+    """The Responses stream's `error` event, for a pool that failed mid-stream (retriable)."""
+    body = {"type": "error", "code": "service_unavailable", "message": str(exc), "param": None}
+    return "event: error\ndata: " + json.dumps(body) + "\n\n"
 
 
 async def _events(frontend: Frontend, state: _State, chunks: AsyncIterator[PoolChunk]) -> AsyncIterator[str]:

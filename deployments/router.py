@@ -1,24 +1,31 @@
 """Router: the pool choice. A request's mode picks the pool (thinking -> thinking pool, else
 fast), that pool's limits apply (max_tokens, thinking budget), and the request spills over to
 the other pool when the chosen one has no running replica or refuses it (queue full, replica
-lost). `pool_order` and `apply_limits` are pure functions; `PoolRouter` talks to Serve."""
+lost). A request whose replica or model instance fails before its first token is retried (on
+the pool again, then the other one): nothing reached the client, so nothing is repeated. Once a
+token went out, a failure ends the stream with `InstanceLost` (503 / UNAVAILABLE, retriable).
+`pool_order` and `apply_limits` are pure functions; `PoolRouter` talks to Serve."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from cluster import RequestError, SamplingParams
+from cluster import EngineDeadError, RequestError, SamplingParams
 from deployments.config import AppConfig, PoolConfig
 from deployments.pool import PoolChunk, PoolRequest
 
-_REFUSALS = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, ActorUnavailableError, RayActorError)
+# The pool could not take the request: its queue is full or it has no replica to give it to.
+_REFUSALS = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+# The replica or its model instance failed (an actor died, a step stalled past the watchdog, the
+# replica's process is gone): Ray hands the replica's EngineDeadError back as an instance of it.
+_FAILURES = (EngineDeadError, RayActorError, ActorUnavailableError, TimeoutError)
 
 
 class PoolsUnavailable(RuntimeError):
@@ -27,6 +34,19 @@ class PoolsUnavailable(RuntimeError):
 
 class Overloaded(RuntimeError):
     """Every pool that could serve the request has a full queue (429 / RESOURCE_EXHAUSTED)."""
+
+
+class InstanceLost(PoolsUnavailable):
+    """The replica or model instance serving a request failed after its first token went out
+    (503 / UNAVAILABLE: the client may retry the whole request)."""
+
+
+class Routed(NamedTuple):
+    """A started request: the pool serving it, its chunks, and how many failed starts came first."""
+
+    pool: str
+    chunks: AsyncIterator[PoolChunk]
+    retries: int = 0
 
 
 def pool_order(cfg: AppConfig, thinking: bool) -> list[str]:
@@ -64,6 +84,8 @@ class PoolRouter:
         self.handles = handles
         self.app_name = app_name
         self._running: dict[str, tuple[float, int]] = {}
+        self._open: set[Any] = set()      # the pool streams of requests in flight
+        self._ending: str | None = None   # why open streams were cancelled (a drain past its grace)
 
     def running_replicas(self, pool: str) -> int:
         """Replicas of a pool in RUNNING state (cached for a second: it asks the controller)."""
@@ -80,12 +102,15 @@ class PoolRouter:
         self._running[pool] = (now, count)
         return count
 
-    async def stream(self, request: PoolRequest) -> tuple[str, AsyncIterator[PoolChunk]]:
-        """Starts the request on the first pool that takes it; returns the pool's name and the
-        stream of its chunks. Raises RequestError (the pool refused its content), Overloaded or
-        PoolsUnavailable."""
+    async def stream(self, request: PoolRequest) -> Routed:
+        """Starts the request on the first pool that takes it. A pool that refuses it is passed
+        over; a replica that fails before the first chunk is retried `router.retries_per_pool` times
+        (Serve may route the retry to the same broken replica until its health check removes it),
+        then the next pool is tried. Raises RequestError (the pool refused its content), Overloaded
+        or PoolsUnavailable."""
         refused: list[str] = []
         overloaded = False
+        retries = 0
         order = pool_order(self.cfg, request.thinking)
         for name in order:
             pool = self.cfg.pools()[name]
@@ -93,17 +118,22 @@ class PoolRouter:
             if len(order) > 1 and self.running_replicas(name) == 0:
                 refused.append(f"{name}: no running replica")
                 continue
-            gen = self.handles[name].options(stream=True).generate.remote(limited)
-            try:
-                first = await gen.__anext__()
-            except _REFUSALS as exc:
-                overloaded = overloaded or isinstance(exc, BackPressureError)
-                refused.append(f"{name}: {type(exc).__name__}")
-                continue
-            except ValueError as exc:  # raised in the replica: Ray hands back the original as `cause`
-                cause = getattr(exc, "cause", exc)
-                raise cause if isinstance(cause, RequestError) else RequestError(None, str(cause)) from None
-            return name, _chain(first, gen)
+            for _ in range(self.cfg.router.retries_per_pool + 1):
+                gen = self.handles[name].options(stream=True).generate.remote(limited)
+                try:
+                    first = await gen.__anext__()
+                except _REFUSALS as exc:
+                    overloaded = overloaded or isinstance(exc, BackPressureError)
+                    refused.append(f"{name}: {type(exc).__name__}")
+                    break
+                except _FAILURES as exc:
+                    refused.append(f"{name}: {_why(exc)}")
+                    retries += 1
+                    continue
+                except ValueError as exc:  # raised in the replica: Ray hands back the original as `cause`
+                    cause = getattr(exc, "cause", exc)
+                    raise cause if isinstance(cause, RequestError) else RequestError(None, str(cause)) from None
+                return Routed(name, self._chain(first, gen), retries)
         if overloaded:
             raise Overloaded(f"all pools are at their queue limit ({'; '.join(refused)})")
         raise PoolsUnavailable(f"no pool could serve the request ({'; '.join(refused) or 'none enabled'})")
@@ -118,16 +148,45 @@ class PoolRouter:
                 out[name] = False
         return out
 
+    def end_open_requests(self, why: str) -> int:
+        """Cancels every request still streaming (on its replica too, which frees its KV blocks);
+        each ends with InstanceLost(`why`), a retriable error. Returns how many there were."""
+        self._ending = why
+        streams = list(self._open)
+        for gen in streams:
+            gen.cancel()
+        return len(streams)
 
-async def _chain(first: PoolChunk, rest: Any) -> AsyncIterator[PoolChunk]:
-    """The first chunk, then the rest; closing early (a client that went away) cancels the
-    request on the pool, which aborts it in the engine and frees its KV blocks."""
-    finished = first.finished
-    try:
-        yield first
-        async for chunk in rest:
-            finished = chunk.finished
-            yield chunk
-    finally:
-        if not finished:
-            rest.cancel()
+    async def _chain(self, first: PoolChunk, rest: Any) -> AsyncIterator[PoolChunk]:
+        """The first chunk, then the rest; closing early (a client that went away) cancels the
+        request on the pool, which aborts it in the engine and frees its KV blocks. A failure of
+        the replica or its instance after the first chunk becomes InstanceLost."""
+        finished = first.finished
+        self._open.add(rest)
+        try:
+            yield first
+            try:
+                async for chunk in rest:
+                    finished = chunk.finished
+                    yield chunk
+            except TaskCancelledError:
+                if self._ending is None:
+                    raise
+                finished = True
+                raise InstanceLost(f"retry the request: {self._ending}") from None
+            except (*_FAILURES, *_REFUSALS) as exc:
+                finished = True
+                raise InstanceLost(f"retry the request: the {first.pool} pool's replica serving it failed mid-stream "
+                                   f"({_why(exc)})") from None
+        finally:
+            self._open.discard(rest)
+            if not finished:
+                rest.cancel()
+
+
+def _why(exc: BaseException) -> str:
+    """A failure in one line: its type and the first line of its message (Ray's wrappers carry
+    the replica's traceback after it)."""
+    cause = getattr(exc, "cause", None) or exc
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {first}"[:300] if first else type(cause).__name__

@@ -47,6 +47,9 @@ class Record:
     pool: str | None = None
     finish_reason: str | None = None
     error: str | None = None
+    status: str | None = None     # a failed request's HTTP status / gRPC code (an error event's code mid-stream)
+    retries: int = 0              # failed starts the server retried before this one served (x-q3serve-retries)
+    end_s: float | None = None    # ended (completed or not), from the run's start
 
     @property
     def ok(self) -> bool:
@@ -102,7 +105,9 @@ async def send_http(client: httpx.AsyncClient, backend: str, model: str, spec: R
     path = "/v1/chat/completions" if chat else "/v1/completions"
     async with client.stream("POST", path, json=body, timeout=timeout_s) as r:
         record.pool = r.headers.get("x-q3serve-pool")
+        record.retries = int(r.headers.get("x-q3serve-retries", 0))
         if r.status_code != 200:
+            record.status = str(r.status_code)
             record.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
             return
         async for line in r.aiter_lines():
@@ -110,6 +115,7 @@ async def send_http(client: httpx.AsyncClient, backend: str, model: str, spec: R
                 continue
             event = json.loads(line[6:])
             if "error" in event:
+                record.status = str(event["error"].get("code"))
                 record.error = str(event["error"].get("message", event["error"]))[:200]
                 return
             for choice in event.get("choices") or []:
@@ -159,6 +165,7 @@ async def send_grpc(stub: Any, backend: str, model: str, spec: RequestSpec, samp
                 record.output_tokens = chunk.usage.completion_tokens
                 record.reasoning_tokens = chunk.usage.reasoning_tokens
     except grpc.aio.AioRpcError as exc:
+        record.status = exc.code().name
         record.error = f"gRPC {exc.code().name}: {exc.details()}"[:200]
         return
     timer.done()

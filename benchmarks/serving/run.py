@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from benchmarks.serving.clients import BACKENDS, Record, SamplingArgs, send_grpc, send_http
+from benchmarks.serving.faults import FAULTS, FaultConfig, Injected, outcomes, release, run_fault
 from benchmarks.serving.summary import parse_slos, summarize_by_mode
 from benchmarks.serving.workload import RequestSpec, WorkloadConfig, arrival_offsets, make_workload
 
@@ -37,6 +38,7 @@ class BenchConfig:
     slos: dict[str, float] = field(default_factory=dict)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     sampling: SamplingArgs = field(default_factory=SamplingArgs)
+    fault: FaultConfig | None = None  # one fault injected while the workload runs (loopback only)
 
 
 def _decoder() -> Any:
@@ -68,7 +70,7 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
         channel = grpc.aio.insecure_channel(cfg.grpc_target)
         stub = pb_grpc.ChatServiceStub(channel)
     model = cfg.model or ""
-    if not model and not cfg.backend.startswith("grpc"):
+    if not model and (cfg.fault is not None or not cfg.backend.startswith("grpc")):
         r = await http.get("/v1/models", timeout=30)
         r.raise_for_status()
         model = r.json()["data"][0]["id"]
@@ -93,31 +95,44 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
             else:
                 send = send_http(http, cfg.backend, model, spec, cfg.sampling, record, cfg.timeout_s)
             await asyncio.wait_for(send, cfg.timeout_s)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            record.status = "timeout"
             record.error = f"timed out after {cfg.timeout_s}s"
         except (httpx.HTTPError, OSError, ValueError) as exc:
+            record.status = record.status or "connection"
             record.error = f"{type(exc).__name__}: {exc}"[:200]
         finally:
             if limit:
                 limit.release()
             ends.append(time.perf_counter())
+            record.end_s = ends[-1] - t0
             bar.update()
 
+    fault = asyncio.create_task(run_fault(cfg.fault, http, model, t0)) if cfg.fault is not None else None
+    injected: Injected | None = None
     try:
         await asyncio.gather(*(one(s, o, r) for s, o, r in chosen))
+        if fault is not None:
+            injected = await fault  # bounded: the probes stop at the fault's recover_timeout_s
     finally:
+        if fault is not None and not fault.done():
+            fault.cancel()
         bar.close()
         await http.aclose()
         if channel is not None:
             await channel.close()
+        release(injected)
     records = [r for _, _, r in chosen]
     sent = [r for r in records if r.error != NOT_SENT]
     duration = (max(ends) - t0) if ends else 0.0
     config = {k: v for k, v in asdict(cfg).items() if k not in ("api_key",)}
     config["request_rate"] = cfg.request_rate if cfg.request_rate != float("inf") else "inf"
-    return {"config": config, "not_sent": len(records) - len(sent),
-            "summary": summarize_by_mode(sent, duration, cfg.slos or None),
-            "records": [asdict(r) for r in sent]}
+    out = {"config": config, "not_sent": len(records) - len(sent),
+           "summary": summarize_by_mode(sent, duration, cfg.slos or None),
+           "records": [asdict(r) for r in sent]}
+    if injected is not None:
+        out["fault"] = outcomes(sent, injected)
+    return out
 
 
 def bench(cfg: BenchConfig, rates: list[float], progress: bool = True) -> list[dict[str, Any]]:
@@ -160,6 +175,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results/bench.json")
     p.add_argument("--plot", default="benchmarks/results/bench.png", help="PNG of the CDFs ('' to skip); a sweep adds -sweep.png")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fault", choices=FAULTS, default=None,
+                   help="inject one fault while the workload runs (the server must run on this machine's Ray cluster)")
+    p.add_argument("--fault-at", type=float, default=5.0, help="seconds after the start")
+    p.add_argument("--fault-pool", choices=("thinking", "fast"), default="thinking")
+    p.add_argument("--recover-timeout", type=float, default=180.0, help="seconds to wait for the pool to serve again")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[float]]:
@@ -172,6 +192,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[float]
                       api_key=args.api_key, max_concurrency=args.max_concurrency, duration_s=args.duration,
                       timeout_s=args.timeout, label=args.label, slos=parse_slos(args.goodput), workload=workload,
                       sampling=sampling)
+    if args.fault:
+        cfg.fault = FaultConfig(args.fault, args.fault_at, args.fault_pool, args.recover_timeout)
     rates = [float(r) for r in str(args.request_rate).split(",")]
     if any(r <= 0 for r in rates):
         raise ValueError("request-rate: must be > 0 (inf: all at once)")
@@ -199,5 +221,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"{cfg.label} @ {run['config']['request_rate']} req/s: {s['completed']}/{s['num_requests']} ok, "
               f"output {s['output_throughput']:.1f} tok/s, TTFT p50/p99 {s['p50_ttft_ms']:.0f}/{s['p99_ttft_ms']:.0f} ms, "
               f"ITL p50/p99 {s['p50_itl_ms']:.0f}/{s['p99_itl_ms']:.0f} ms")
+        if "fault" in run:
+            f, n = run["fault"], run["fault"]["in_flight"]
+            rec = f"{f['recovered_after_s']:.1f} s" if f["recovered_after_s"] is not None else "not within the timeout"
+            print(f"fault {f['kind']} ({f['target']}) at {f['at_s']:.1f} s: {n['requests']} in flight, {n['completed']} "
+                  f"completed, {n['failed_retriable']} retriable errors, {n['failed_other']} other errors, {n['hung']} hung, "
+                  f"{f['all']['retried']} retried; the {f['pool']} pool served again after {rec}")
     print(f"wrote {args.out}")
     return 0

@@ -162,10 +162,17 @@ class Engine:
         self.core.executor.check_health()
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stops the step loop, then every actor of the instance."""
+        """Stops the step loop, then every actor of the instance. Streams still open end with
+        EngineDeadError at once (a replica stopped past its drain period), not at their timeout."""
         self._stop.set()
         self._inbox.put(("wake", None))
         self._thread.join(timeout_s)
+        if self.error is None:
+            self.error = EngineDeadError("the engine was shut down")
+        with self._lock:
+            streams = list(self._streams)
+        for rid in streams:
+            self._deliver(rid, EngineDeadError(f"request {rid}: the engine was shut down before it finished"))
         self.core.shutdown()
 
     # -- engine thread ---------------------------------------------------------------------

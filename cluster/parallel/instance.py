@@ -94,6 +94,7 @@ class RayExecutor:
             raise InstanceError(f"placement group {bundles} could not be placed within {parallel.step_timeout_s}s") from None
         tag = uuid.uuid4().hex[:6]
         self.names: dict[ray.actor.ActorHandle, str] = {}
+        self.actor_names: dict[str, str] = {}  # "expert-group-1" -> its Ray actor name (ops, fault injection)
         self.shards = [
             self._spawn(AttentionShard, i, f"attention-shard-{i}" + ("+expert-group" if colocated else ""), bundles[i],
                         tag, path, cfg, dtype, device, num_blocks, block_size, max_model_len, i, a, e, self.placement,
@@ -125,6 +126,7 @@ class RayExecutor:
             max_concurrency=2,  # ping and stats answer while a step runs
         ).remote(*args)
         self.names[actor] = name
+        self.actor_names[name] = f"q3serve-{tag}-{name}"
         return actor
 
     def _wait(self, futures: dict, timeout_s: float) -> list:

@@ -1,24 +1,47 @@
 """`q3serve up` with no model argument serves the embedded trained model, prints its URL when
-ready, and stops cleanly on Ctrl-C."""
+ready, and on SIGTERM (or Ctrl-C) drains: no new request is taken (503), a request in flight
+that finishes within the grace period completes, one that cannot ends with a retriable 503
+error event instead of a cut connection; then it exits cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import httpx
 
 from tests.serving.conftest import free_port
 
 
-def test_up_serves_the_embedded_model_and_stops_on_ctrl_c() -> None:
+def _stream(port: int, max_tokens: int, out: dict, started: threading.Event) -> None:
+    """A streamed completion; records its finish_reason, or the error event it ended with."""
+    body = {"model": "qwen3-moe", "prompt": "Add 4524 and 13.", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            started.set()
+            if "error" in event:
+                out["error"] = event["error"]
+            for choice in event.get("choices", []):
+                out["finish_reason"] = choice.get("finish_reason") or out.get("finish_reason")
+    started.set()
+
+
+def test_up_serves_the_embedded_model_and_drains_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
+    config = tmp_path / "app.yaml"
+    config.write_text("thinking: {graceful_shutdown_timeout_s: 4}\nfast: {graceful_shutdown_timeout_s: 4}\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "up", "--port", str(port), "--grpc-port", str(free_port()),
-         "--metrics-port", str(free_port())],
+         "--metrics-port", str(free_port()), "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: list[str] = []
@@ -38,12 +61,29 @@ def test_up_serves_the_embedded_model_and_stops_on_ctrl_c() -> None:
         assert r.status_code == 200, r.text
         msg = r.json()["choices"][0]["message"]
         assert msg["content"] == "4537" and "4 + 3 + 0 = 7" in msg["reasoning_content"]
+        # In flight at SIGTERM: a short request (done well within the 4 s grace) and one far too long for it.
+        short, long = {}, {}
+        threads = []
+        for out, n in ((long, 4000), (short, 40)):
+            started = threading.Event()
+            threads.append(threading.Thread(target=_stream, args=(port, n, out, started), daemon=True))
+            threads[-1].start()
+            assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        refused = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"], refused.text
+        for t in threads:
+            t.join(60)
+        assert short == {"finish_reason": "length"}, short
+        assert long["error"]["code"] == 503 and "retry" in long["error"]["message"], long
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         try:
-            out, _ = proc.communicate(timeout=60)
+            out, _ = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
     assert proc.returncode == 0, out
-    assert "stopping" in out
+    assert "stopping" in out and "ended with a retriable error" in out, out

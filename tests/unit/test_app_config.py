@@ -119,3 +119,18 @@ def test_colocated_fractional_gpus_are_allowed() -> None:
     pool = {"device": "cuda", "attention_shards": 2, "expert_groups": 2, "layout": "colocated",
             "actor_resources": {"CPU": 1, "GPU": 0.5}}
     assert AppConfig.model_validate({"thinking": pool}).thinking.layout == "colocated"
+
+
+def test_fault_settings_reach_serve_and_the_instance() -> None:
+    """The watchdog (step_timeout_s) goes to the engine's instance; the health check and the
+    drain period go to each pool's Serve deployment."""
+    from deployments.app import build_app
+
+    cfg = AppConfig.model_validate({"thinking": {"step_timeout_s": 7, "health_check_period_s": 3,
+                                                 "graceful_shutdown_timeout_s": 12}})
+    assert cfg.thinking.engine_kwargs()["step_timeout_s"] == 7
+    assert AppConfig().fast.engine_kwargs()["step_timeout_s"] == 15.0
+    handles = build_app(cfg)._bound_deployment.init_args[1]
+    options = handles["thinking"]._bound_deployment._deployment_config
+    assert (options.health_check_period_s, options.graceful_shutdown_timeout_s) == (3, 12)
+    assert handles["fast"]._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 30

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import LLM, Engine, RequestError, SamplingParams
+from cluster import LLM, Engine, EngineDeadError, RequestError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
@@ -115,6 +115,32 @@ def test_engine_failure_reaches_streams(moe_checkpoint: Path) -> None:
     with pytest.raises(Exception, match="not running"):
         asyncio.run(_collect(eng, [1]))
     eng.shutdown()
+
+
+def test_shutdown_ends_open_streams_at_once(moe_checkpoint: Path) -> None:
+    """A replica stopped past its drain period shuts its engine down: a stream still open ends
+    with EngineDeadError then, not after request_timeout_s (here far beyond the test's wait)."""
+    eng = Engine(moe_checkpoint, dtype="float32", num_kv_blocks=64, block_size=4, request_timeout_s=3600)
+
+    async def main() -> BaseException | None:
+        first = asyncio.Event()
+
+        async def stream() -> None:
+            async for _ in eng.generate([1, 2, 3], SamplingParams(max_tokens=100000, ignore_eos=True)):
+                first.set()
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(stream())
+        await asyncio.wait_for(first.wait(), 30)
+        await asyncio.to_thread(eng.shutdown)
+        done, _ = await asyncio.wait([task], timeout=30)
+        assert done, "the stream was still waiting after shutdown"
+        return task.exception()
+
+    err = asyncio.run(main())
+    assert isinstance(err, EngineDeadError) and "shut down" in str(err), err
+    with pytest.raises(EngineDeadError):
+        asyncio.run(_collect(eng, [1]))
 
 
 def test_stream_outputs_carry_deltas_and_counts_only(engine: Engine) -> None:
