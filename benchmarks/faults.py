@@ -105,17 +105,27 @@ def main() -> None:
                  "fault_at_s": args.fault_at, "client_timeout_s": args.timeout},
         "faults": {},
     }
+    out = Path(args.out)
     with UpServer(CONFIG) as server:
         if args.overload_requests:
             result["overload"] = {"both_pools": overload(server, args, "overload, both pools")}
             wait_healthy(server.url)
         for kind in filter(None, args.faults.split(",")):
             result["faults"][kind] = one(server, kind, args)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        _leave_cluster()  # the injector joined the server's Ray cluster; it stops with the server
     if args.overload_requests:
         with UpServer({"fast": {"enabled": False}}) as server:
             result["overload"]["thinking_pool_only"] = overload(server, args, "overload, thinking pool only")
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _leave_cluster() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

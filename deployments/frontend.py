@@ -37,6 +37,15 @@ def sampling_defaults(model: ModelConfig, pool: PoolConfig) -> dict[str, float]:
     return {**API_SAMPLING_DEFAULTS, **dict(model.sampling_defaults), **pool_set}
 
 
+def admission_capacity(cfg: AppConfig) -> int | None:
+    """Requests the pools can hold at once at their largest (running and queued, every replica
+    of every enabled pool); None when a pool's queue is unbounded."""
+    pools = cfg.pools().values()
+    if any(p.max_queued_requests < 0 for p in pools):
+        return None
+    return sum((p.ongoing_limit + p.max_queued_requests) * p.autoscaling.max_replicas for p in pools)
+
+
 class ModelNotFound(LookupError):
     """The request names a model this server does not serve (404 / NOT_FOUND)."""
 
@@ -72,7 +81,9 @@ class Frontend:
         self.metrics = RouterMetrics()
         self.sampling_defaults = {True: sampling_defaults(mc, cfg.thinking), False: sampling_defaults(mc, cfg.fast)}
         self.in_flight = 0       # requests started and not yet ended (what a drain waits for)
+        self.starting = 0        # requests being routed to a pool
         self.draining = False    # set by `drain`: new requests are refused with 503
+        self.capacity = admission_capacity(cfg)
 
     @property
     def model_name(self) -> str:
@@ -82,6 +93,15 @@ class Frontend:
     def authorize(self, authorization: str | None) -> None:
         if not self.keys.check(authorization):
             raise Unauthenticated("authorization: missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+    def check_capacity(self, route: str) -> None:
+        """Refuses a request at once (429) when the pools could not hold it anyway: checked
+        before the chat template and the tokenizer run, so that under many times the capacity
+        the refusals stay cheap and the admitted requests keep the ingress's CPU."""
+        if self.capacity is not None and self.in_flight + self.starting >= self.capacity:
+            self._count(route, "429")
+            raise Overloaded(f"the server holds {self.capacity} requests (running and queued over all pools); "
+                             "retry later")
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
@@ -137,6 +157,7 @@ class Frontend:
         PoolsUnavailable."""
         start = time.monotonic()
         request = PoolRequest(request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params, thinking)
+        self.starting += 1
         try:
             if self.draining:
                 raise PoolsUnavailable("the server is shutting down and takes no new requests; retry on another replica")
@@ -155,6 +176,8 @@ class Frontend:
         except PoolsUnavailable:
             self._count(route, "503")
             raise
+        finally:
+            self.starting -= 1
         tags = {"pool": routed.pool, "route": route}
         if routed.retries:
             self.metrics.retries.inc(routed.retries, tags=tags)

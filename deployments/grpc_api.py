@@ -129,9 +129,11 @@ class GrpcApi:
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
 
-    def _begin(self, ctx: Any, model: str) -> None:
+    def _begin(self, ctx: Any, model: str, route: str | None = None) -> None:
         metadata = dict(ctx.invocation_metadata())
         self.frontend.authorize(metadata.get("authorization"))
+        if route is not None:
+            self.frontend.check_capacity(route)
         self.frontend.check_model(model)
 
     def _sampling(self, req: Any, thinking: bool, **extra: Any) -> Any:
@@ -146,7 +148,7 @@ class GrpcApi:
     # -- q3serve.v1.ChatService -----------------------------------------------------------------
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatChunk]:
         try:
-            self._begin(ctx, request.model)
+            self._begin(ctx, request.model, "grpc_chat")
             if not request.messages:
                 raise RequestError("messages", "at least one message is required")
             for i, m in enumerate(request.messages):
@@ -181,7 +183,7 @@ class GrpcApi:
 
     async def generate(self, request: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            self._begin(ctx, request.model)
+            self._begin(ctx, request.model, "grpc_generate")
             if request.token_ids:
                 ids, param = list(request.token_ids), "token_ids"
             elif request.prompt:

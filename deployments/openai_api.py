@@ -370,6 +370,7 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Any:
         try:
+            frontend.check_capacity("chat")
             frontend.check_model(body.model)
             body.check_honoured()
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -389,6 +390,7 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         try:
+            frontend.check_capacity("completions")
             frontend.check_model(body.model)
             body.check_honoured()
             ids = body.prompt if isinstance(body.prompt, list) else frontend.encode(body.prompt)

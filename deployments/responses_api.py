@@ -136,6 +136,7 @@ def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest) -> Any:
         try:
+            frontend.check_capacity("responses")
             frontend.check_model(body.model)
             body.check_honoured()
             tools, choice = body.chat_tools()

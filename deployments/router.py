@@ -8,6 +8,7 @@ token went out, a failure ends the stream with `InstanceLost` (503 / UNAVAILABLE
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +40,10 @@ class Overloaded(RuntimeError):
 class InstanceLost(PoolsUnavailable):
     """The replica or model instance serving a request failed after its first token went out
     (503 / UNAVAILABLE: the client may retry the whole request)."""
+
+
+class _ReplicaGone(RuntimeError):
+    """The pool a request waits on has no running replica any more."""
 
 
 class Routed(NamedTuple):
@@ -121,7 +126,10 @@ class PoolRouter:
             for _ in range(self.cfg.router.retries_per_pool + 1):
                 gen = self.handles[name].options(stream=True).generate.remote(limited)
                 try:
-                    first = await gen.__anext__()
+                    first = await self._first_chunk(name, gen, watch=len(order) > 1)
+                except _ReplicaGone:
+                    refused.append(f"{name}: its replicas went away")
+                    break
                 except _REFUSALS as exc:
                     overloaded = overloaded or isinstance(exc, BackPressureError)
                     refused.append(f"{name}: {type(exc).__name__}")
@@ -137,6 +145,25 @@ class PoolRouter:
         if overloaded:
             raise Overloaded(f"all pools are at their queue limit ({'; '.join(refused)})")
         raise PoolsUnavailable(f"no pool could serve the request ({'; '.join(refused) or 'none enabled'})")
+
+    async def _first_chunk(self, name: str, gen: Any, watch: bool, poll_s: float = 1.0) -> PoolChunk:
+        """The stream's first chunk. With another pool to go to (`watch`), a pool left without a
+        running replica (its only one died) is not waited on: Serve would hold the request until
+        a new replica is built, which takes a while; raises _ReplicaGone instead."""
+        if not watch:
+            return await gen.__anext__()
+        task = asyncio.ensure_future(gen.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=poll_s)
+                if done:
+                    return task.result()
+                if self.running_replicas(name) == 0:
+                    raise _ReplicaGone(name)
+        finally:
+            if not task.done():
+                task.cancel()
+                gen.cancel()
 
     async def ready(self) -> dict[str, bool]:
         """Per pool: does it have a running, healthy replica?"""

@@ -3,10 +3,14 @@ expert groups while requests stream: a killed expert group, a stalled one (SIGST
 collective would wait forever, the step watchdog ends it) and a killed pool replica. Each time:
 no request hangs; a request fails only after it streamed tokens, and then with a retriable 503
 in OpenAI's error shape (the ones that had not streamed are retried and served); the broken
-instance is torn down as a whole and Serve brings the pool back."""
+instance is torn down as a whole and Serve brings the pool back. Last, a redeploy of a pool (to
+fewer replicas, with a new config, so Serve replaces its replicas): the leaving replicas' streams
+finish within their grace period or end with the retriable 503."""
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,6 +22,7 @@ from benchmarks.serving.clients import SamplingArgs
 from benchmarks.serving.faults import FaultConfig
 from benchmarks.serving.run import BenchConfig, bench
 from benchmarks.serving.workload import WorkloadConfig
+from deployments.app import build_app
 from deployments.config import AppConfig
 from tests.serving.conftest import APP, GRPC_PORT, start_app, stop_app
 
@@ -25,13 +30,18 @@ EP = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "attention_shards": 2, "ex
       "step_timeout_s": 5, "health_check_period_s": 1}
 
 
+FAST = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "graceful_shutdown_timeout_s": 1,
+        "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
+
+
+def _config(ckpt: Path, fast_replicas: int = 2) -> AppConfig:
+    fast = {**FAST, "autoscaling": {"min_replicas": fast_replicas, "max_replicas": fast_replicas}}
+    return AppConfig.model_validate({"model": str(ckpt), "served_model_name": "m", "thinking": EP, "fast": fast})
+
+
 @pytest.fixture(scope="module")
 def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
-        "thinking": EP, "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
-    })
-    yield start_app(cfg)
+    yield start_app(_config(qwen_vocab_checkpoint))
     stop_app()
 
 
@@ -52,9 +62,7 @@ def _check(run: dict, retriable: str) -> None:
     assert fault["in_flight"]["requests"] > 0  # the fault hit a loaded pool
     for r in records:
         if r["error"] is not None:
-            # Only a request that had streamed tokens may fail, and then with a retriable error.
-            assert r["status"] == retriable and r["ttft_s"] is not None, r
-            assert "retry" in r["error"], r
+            _failed_mid_stream(r, retriable)
     # The thinking pool serves again: a new replica built its instance.
     assert fault["recovered_after_s"] is not None
     stats = serve.get_deployment_handle("thinking-pool", app_name=APP).stats.remote().result(timeout_s=30)
@@ -65,6 +73,15 @@ def _check(run: dict, retriable: str) -> None:
     tag = fault["target"].split("-")[1]
     alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in alive if n.startswith(f"q3serve-{tag}-")], alive
+
+
+def _failed_mid_stream(r: dict, retriable: str) -> None:
+    """Only a request whose response had started may fail (one that had not is retried), and
+    then with a retriable error naming the cause. Over HTTP the response had started when it
+    carries the pool header (the 503 came as an error event, not as the response's status)."""
+    assert r["status"] == retriable and "retry" in r["error"], r
+    if retriable == "503":
+        assert r["pool"] is not None, r
 
 
 def test_killed_expert_group(server: str) -> None:
@@ -83,9 +100,49 @@ def test_killed_pool_replica(server: str) -> None:
     assert fault["all"]["hung"] == 0 and fault["all"]["failed_other"] == 0, fault["other_errors"]
     for r in run["records"]:
         if r["error"] is not None:
-            assert r["status"] == "503" and r["ttft_s"] is not None, r
+            _failed_mid_stream(r, "503")
     assert fault["recovered_after_s"] is not None
     r = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
         "chat_template_kwargs": {"enable_thinking": True}})
     assert r.status_code == 200 and r.headers["x-q3serve-pool"] == "thinking"
+
+
+def _stream(server: str, out: dict, started: threading.Event) -> None:
+    body = {"model": "m", "prompt": "drain", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+        out["pool"] = r.headers.get("x-q3serve-pool")
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                started.set()
+                if "error" in event:
+                    out["error"] = event["error"]
+                for choice in event.get("choices", []):
+                    out["finish_reason"] = choice.get("finish_reason") or out.get("finish_reason")
+    out["ended"] = True
+    started.set()
+
+
+def test_redeploy_drains_the_leaving_replicas(server: str, qwen_vocab_checkpoint: Path) -> None:
+    """Four long streams over the fast pool's two replicas, then the pool is redeployed with one
+    (its config is an init argument, so Serve replaces the replicas): Serve stops routing to the
+    leaving replicas and gives their streams 1 s; each stream either completes or ends with the
+    retriable 503 event (none is cut or hangs), and new requests are served throughout."""
+    outs = [{} for _ in range(4)]
+    threads = []
+    for out in outs:
+        started = threading.Event()
+        threads.append(threading.Thread(target=_stream, args=(server, out, started), daemon=True))
+        threads[-1].start()
+        assert started.wait(60)
+    serve.run(build_app(_config(qwen_vocab_checkpoint, fast_replicas=1)), name=APP, route_prefix="/", blocking=False)
+    r = httpx.post(f"{server}/v1/completions", timeout=60, json={"model": "m", "prompt": "new", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    for t in threads:
+        t.join(90)
+    print(outs)
+    assert all(o.get("ended") and o["pool"] == "fast" for o in outs), outs
+    for o in outs:
+        assert o.get("finish_reason") == "length" or (o["error"]["code"] == 503 and "retry" in o["error"]["message"]), o
+    assert any("error" in o for o in outs), outs  # 1000 tokens take longer than the 1 s grace here

@@ -81,3 +81,21 @@ def test_unset_sampling_fields_take_the_modes_defaults() -> None:
     assert (c.temperature, c.top_p, c.top_k) == (1.0, 0.95, 20)
     with pytest.raises(ValueError, match="top_p"):
         AppConfig.model_validate({"fast": {"sampling_defaults": {"top_p": 0}}})
+
+
+def test_requests_beyond_what_the_pools_hold_are_refused_before_any_work() -> None:
+    """The ingress's admission gate: running + queued over every replica of every pool; beyond
+    it a request is refused (429 / RESOURCE_EXHAUSTED) before its template and tokens are made."""
+    from deployments.frontend import Overloaded, admission_capacity
+
+    cfg = AppConfig.model_validate({
+        "thinking": {"max_num_seqs": 2, "max_queued_requests": 3},
+        "fast": {"max_ongoing_requests": 1, "max_queued_requests": 0, "autoscaling": {"max_replicas": 2}}})
+    assert admission_capacity(cfg) == (2 + 3) * 1 + (1 + 0) * 2
+    assert admission_capacity(AppConfig.model_validate({"fast": {"max_queued_requests": -1}})) is None
+    fe = Frontend(cfg, router=None)
+    fe.in_flight, fe.starting = 5, 1
+    fe.check_capacity("chat")
+    fe.starting = 2
+    with pytest.raises(Overloaded, match="holds 7 requests"):
+        fe.check_capacity("chat")
