@@ -6,7 +6,9 @@ with `serve.run` and deletes it when done, so a module sees only its own replica
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +123,24 @@ def pool_idle_stats(pool: str = "fast-pool", timeout_s: float = 30) -> dict:
         if idle or time.monotonic() > deadline:
             return stats
         time.sleep(0.2)
+
+
+def stream_completion(base: str, body: dict, out: dict, started: threading.Event, timeout_s: float = 120) -> None:
+    """A streamed /v1/completions (for a thread): records the pool header, the last finish_reason
+    and the error event the stream ended with, if any, and `ended`; `started` is set at the first
+    event (and at the end, so a waiter never waits on a stream that failed to start)."""
+    try:
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=timeout_s) as r:
+            out["pool"] = r.headers.get("x-q3serve-pool")
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                started.set()
+                if "error" in event:
+                    out["error"] = event["error"]
+                for choice in event.get("choices", []):
+                    out["finish_reason"] = choice.get("finish_reason") or out.get("finish_reason")
+        out["ended"] = True
+    finally:
+        started.set()

@@ -9,7 +9,6 @@ finish within their grace period or end with the retriable 503."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from benchmarks.serving.run import BenchConfig, bench
 from benchmarks.serving.workload import WorkloadConfig
 from deployments.app import build_app
 from deployments.config import AppConfig
-from tests.serving.conftest import APP, GRPC_PORT, start_app, stop_app
+from tests.serving.conftest import APP, GRPC_PORT, start_app, stop_app, stream_completion
 
 EP = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "attention_shards": 2, "expert_groups": 2,
       "step_timeout_s": 5, "health_check_period_s": 1}
@@ -108,22 +107,6 @@ def test_killed_pool_replica(server: str) -> None:
     assert r.status_code == 200 and r.headers["x-q3serve-pool"] == "thinking"
 
 
-def _stream(server: str, out: dict, started: threading.Event) -> None:
-    body = {"model": "m", "prompt": "drain", "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
-        out["pool"] = r.headers.get("x-q3serve-pool")
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[6:])
-                started.set()
-                if "error" in event:
-                    out["error"] = event["error"]
-                for choice in event.get("choices", []):
-                    out["finish_reason"] = choice.get("finish_reason") or out.get("finish_reason")
-    out["ended"] = True
-    started.set()
-
-
 def test_redeploy_drains_the_leaving_replicas(server: str, qwen_vocab_checkpoint: Path) -> None:
     """Four long streams over the fast pool's two replicas, then the pool is redeployed with one
     (its config is an init argument, so Serve replaces the replicas): Serve stops routing to the
@@ -133,7 +116,8 @@ def test_redeploy_drains_the_leaving_replicas(server: str, qwen_vocab_checkpoint
     threads = []
     for out in outs:
         started = threading.Event()
-        threads.append(threading.Thread(target=_stream, args=(server, out, started), daemon=True))
+        body = {"model": "m", "prompt": "drain", "max_tokens": 1000, "ignore_eos": True}
+        threads.append(threading.Thread(target=stream_completion, args=(server, body, out, started), daemon=True))
         threads[-1].start()
         assert started.wait(60)
     serve.run(build_app(_config(qwen_vocab_checkpoint, fast_replicas=1)), name=APP, route_prefix="/", blocking=False)
