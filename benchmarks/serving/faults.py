@@ -16,7 +16,7 @@ import asyncio
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
@@ -53,6 +53,8 @@ class Injected:
     at_s: float
     recovered_after_s: float | None = None
     pid: int | None = None  # a stopped process, resumed after the run in case it still exists
+    # the pool deployment's replica states as they changed: [seconds after the fault, {state: count}]
+    replica_states: list = field(default_factory=list)
 
 
 def _connect() -> None:
@@ -128,13 +130,28 @@ def release(injected: Injected | None) -> None:
             pass
 
 
-async def probe_until_served(http: httpx.AsyncClient, model: str, cfg: FaultConfig, since: float) -> float | None:
+def _replica_states(deployment: str) -> dict[str, int]:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    dep = app.deployments.get(deployment) if app is not None else None
+    return {str(k): v for k, v in dep.replica_states.items()} if dep is not None else {}
+
+
+async def probe_until_served(http: httpx.AsyncClient, model: str, cfg: FaultConfig, since: float,
+                             timeline: list | None = None) -> float | None:
     """Seconds from `since` until a request of the pool's mode is served by that pool again
-    (spill-over may serve it from the other pool meanwhile), or None at the timeout."""
+    (spill-over may serve it from the other pool meanwhile), or None at the timeout. With
+    `timeline`, the pool's replica states are appended each time they change (where the time to
+    recover goes: noticing the failure, stopping the old replica, building the new one)."""
     body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2,
             "chat_template_kwargs": {"enable_thinking": cfg.pool == "thinking"}}
     deadline = since + cfg.recover_timeout_s
     while time.perf_counter() < deadline:
+        if timeline is not None:
+            states = await asyncio.to_thread(_replica_states, f"{cfg.pool}-pool")
+            if not timeline or timeline[-1][1] != states:
+                timeline.append([round(time.perf_counter() - since, 2), states])
         try:
             r = await http.post("/v1/chat/completions", json=body, timeout=30)
             if r.status_code == 200 and r.headers.get("x-q3serve-pool") == cfg.pool:
@@ -151,7 +168,7 @@ async def run_fault(cfg: FaultConfig, http: httpx.AsyncClient, model: str, t0: f
     at = time.perf_counter()
     injected = await asyncio.to_thread(inject, cfg)
     injected.at_s = at - t0
-    injected.recovered_after_s = await probe_until_served(http, model, cfg, at)
+    injected.recovered_after_s = await probe_until_served(http, model, cfg, at, injected.replica_states)
     return injected
 
 
