@@ -3,7 +3,9 @@ expert-parallel thinking pool (two attention shards, two expert groups) and the 
 a mixed streaming load: for each, the requests in flight at the fault, completed, failed with a
 retriable error, failed otherwise, hung (must be 0), retried, the longest a request took to end
 after the fault, and the time until the pool served again. One server for all faults, in turn;
-the next fault waits until /health is back.
+the next fault waits until /health is back. First, overload: many times what the pools hold,
+sent at once (429s, their latency, the admitted requests' TTFT), with both pools and with the
+thinking pool alone.
 
     python -m benchmarks.faults [--faults expert-group,stall,...] [--out benchmarks/results/faults.json]
 """
@@ -22,6 +24,7 @@ from benchmarks.machine import describe_machine
 from benchmarks.serving.clients import SamplingArgs
 from benchmarks.serving.faults import FAULTS, FaultConfig
 from benchmarks.serving.run import BenchConfig, bench
+from benchmarks.serving.summary import percentile
 from benchmarks.serving.server import UpServer
 from benchmarks.serving.workload import WorkloadConfig
 
@@ -78,7 +81,8 @@ def overload(server: UpServer, args: argparse.Namespace, label: str) -> dict[str
     out = {
         "requests": len(records), "admitted_completed": len(admitted), "refused_429": len(refused),
         "failed_other": len(records) - len(admitted) - len(refused),
-        "refusal_max_latency_ms": round(max((r["end_s"] - r["start_s"]) * 1000 for r in refused), 1) if refused else None,
+        **{f"refusal_p{q}_latency_ms": round(percentile([(r["end_s"] - r["start_s"]) * 1000 for r in refused], q), 1)
+           if refused else None for q in (50, 90, 100)},
         "admitted_p50_ttft_ms": round(s["p50_ttft_ms"], 1), "admitted_p99_ttft_ms": round(s["p99_ttft_ms"], 1),
         "admitted_p99_e2el_ms": round(s["p99_e2el_ms"], 1), "pools": s["pools"],
         "served_after": after.status_code,
