@@ -128,7 +128,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import apply_serve_env, build_app
     from deployments.config import AppConfig
     from deployments.grpc_api import SERVICER_FUNCTIONS
 
@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "soak.json"))
     args = ap.parse_args()
     url = f"http://127.0.0.1:{args.port}"
+    apply_serve_env()
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
     result: dict[str, Any] = {"machine": describe_machine(), "config": CONFIG, "minutes": args.minutes,
                               "clients": args.clients}

@@ -15,6 +15,20 @@ from deployments.ingress import Ingress
 from deployments.pool import ModelPool
 
 APP_NAME = "q3serve"
+# Serve's controller settings this application relies on; they are read when the controller
+# starts, so they go into the environment before `ray.init` (and into the chart's head pod).
+# A replica whose health checks fail 3 times in a row has a dead engine (nothing it runs can
+# finish), so it is stopped at once rather than given its graceful-shutdown period: the pool is
+# rebuilt sooner.
+SERVE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
+
+
+def apply_serve_env() -> None:
+    """Sets SERVE_ENV where the environment does not already say otherwise."""
+    import os
+
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def _expert_parallel(pool: PoolConfig) -> bool:

@@ -52,7 +52,7 @@ def _up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import APP_NAME, build_app
+    from deployments.app import APP_NAME, apply_serve_env, build_app
     from deployments.config import AppConfig
     from deployments.host import size_for_host
 
@@ -68,6 +68,7 @@ def _up(args: argparse.Namespace) -> int:
         from cluster.default_model import default_model_path
 
         print(f"serving the embedded model {default_model_path()}", flush=True)
+    apply_serve_env()
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=args.verbose,
              _metrics_export_port=args.metrics_port)
     stop = {"now": False}

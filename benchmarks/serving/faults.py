@@ -138,20 +138,23 @@ def _replica_states(deployment: str) -> dict[str, int]:
     return {str(k): v for k, v in dep.replica_states.items()} if dep is not None else {}
 
 
-async def probe_until_served(http: httpx.AsyncClient, model: str, cfg: FaultConfig, since: float,
-                             timeline: list | None = None) -> float | None:
+async def watch_states(deployment: str, since: float, timeline: list, every_s: float = 0.5) -> None:
+    """Appends the deployment's replica states each time they change, until cancelled: where the
+    time to recover goes (noticing the failure, stopping the old replica, building the new one)."""
+    while True:
+        states = await asyncio.to_thread(_replica_states, deployment)
+        if not timeline or timeline[-1][1] != states:
+            timeline.append([round(time.perf_counter() - since, 2), states])
+        await asyncio.sleep(every_s)
+
+
+async def probe_until_served(http: httpx.AsyncClient, model: str, cfg: FaultConfig, since: float) -> float | None:
     """Seconds from `since` until a request of the pool's mode is served by that pool again
-    (spill-over may serve it from the other pool meanwhile), or None at the timeout. With
-    `timeline`, the pool's replica states are appended each time they change (where the time to
-    recover goes: noticing the failure, stopping the old replica, building the new one)."""
+    (spill-over may serve it from the other pool meanwhile), or None at the timeout."""
     body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2,
             "chat_template_kwargs": {"enable_thinking": cfg.pool == "thinking"}}
     deadline = since + cfg.recover_timeout_s
     while time.perf_counter() < deadline:
-        if timeline is not None:
-            states = await asyncio.to_thread(_replica_states, f"{cfg.pool}-pool")
-            if not timeline or timeline[-1][1] != states:
-                timeline.append([round(time.perf_counter() - since, 2), states])
         try:
             r = await http.post("/v1/chat/completions", json=body, timeout=30)
             if r.status_code == 200 and r.headers.get("x-q3serve-pool") == cfg.pool:
@@ -168,7 +171,11 @@ async def run_fault(cfg: FaultConfig, http: httpx.AsyncClient, model: str, t0: f
     at = time.perf_counter()
     injected = await asyncio.to_thread(inject, cfg)
     injected.at_s = at - t0
-    injected.recovered_after_s = await probe_until_served(http, model, cfg, at, injected.replica_states)
+    watch = asyncio.create_task(watch_states(f"{cfg.pool}-pool", at, injected.replica_states))
+    try:
+        injected.recovered_after_s = await probe_until_served(http, model, cfg, at)
+    finally:
+        watch.cancel()
     return injected
 
 

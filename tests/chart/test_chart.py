@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cluster.config import ParallelConfig
+from deployments.app import SERVE_ENV
 from deployments.config import AppConfig
 from deployments.grpc_api import SERVICER_FUNCTIONS
 
@@ -196,7 +197,8 @@ def test_api_key_secret_generated_or_existing() -> None:
     assert not [d for d in existing if d["kind"] == "Secret"]
     rs = next(d for d in existing if d["kind"] == "RayService")
     env = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    assert env == [{"name": "Q3SERVE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "api-keys", "optional": True}}}]
+    assert env == [{"name": "Q3SERVE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "api-keys", "optional": True}}},
+                   *({"name": k, "value": v} for k, v in SERVE_ENV.items())]  # the controller's settings
 
 
 def test_nccl_settings_reach_every_gpu_worker_and_only_them() -> None:

@@ -18,7 +18,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.app import build_app
+from deployments.app import apply_serve_env, build_app
 from deployments.config import AppConfig
 from tests.conftest import make_checkpoint
 
@@ -84,6 +84,7 @@ def _ensure_cluster() -> None:
     if ray.is_initialized():
         return
     HTTP_PORT["port"], METRICS_PORT["port"], GRPC_PORT["port"] = free_port(), free_port(), free_port()
+    apply_serve_env()
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT["port"])
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT["port"]},
                 grpc_options={"port": GRPC_PORT["port"], "grpc_servicer_functions": SERVICER_FUNCTIONS})

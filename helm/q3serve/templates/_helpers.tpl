@@ -80,6 +80,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     - name: Q3SERVE_API_KEYS
       valueFrom:
         secretKeyRef: {name: {{ include "q3serve.apiKeySecret" $ }}, key: api-keys, optional: true}
+    {{- if eq .role "head" }}
+    {{- /* Serve's controller runs here: deployments/app.py SERVE_ENV */}}
+    - {name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS, value: "1"}
+    {{- end }}
     {{- if ne .role "head" }}
     {{- $nccl := $.Values.nccl }}
     {{- with $nccl.socketIfname }}
