@@ -98,7 +98,7 @@ class Frontend:
         """Refuses a request at once (429) when the pools could not hold it anyway: checked
         before the chat template and the tokenizer run, so that under many times the capacity
         the refusals stay cheap and the admitted requests keep the ingress's CPU."""
-        if self.capacity is not None and self.in_flight + self.starting >= self.capacity:
+        if self.capacity is not None and self.active >= self.capacity:
             self._count(route, "429")
             raise Overloaded(f"the server holds {self.capacity} requests (running and queued over all pools); "
                              "retry later")
@@ -185,20 +185,27 @@ class Frontend:
 
     async def drain(self, grace_s: float, poll_s: float = 0.1) -> int:
         """Stops admitting (new requests get 503, /health says draining) and waits up to
-        `grace_s` for the requests in flight to end; those still running then are cancelled
+        `grace_s` for the admitted requests to end (queued ones too); those streaming then are cancelled
         and end with a retriable 503. Returns how many had to be cancelled."""
         self.draining = True
-        deadline = time.monotonic() + grace_s
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(poll_s)
-        if not self.in_flight:
+        if not await self._until_idle(grace_s, poll_s):
             return 0
         cancelled = self.router.end_open_requests(f"the server shut down before this request finished "
                                                   f"(grace period {grace_s:g}s)")
-        deadline = time.monotonic() + 10.0  # the error events go out before the proxy stops
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(poll_s)
+        await self._until_idle(10.0, poll_s)  # the error events go out before the proxy stops
         return cancelled
+
+    @property
+    def active(self) -> int:
+        """Requests admitted and not yet ended: being routed (or queued for their first token) or streaming."""
+        return self.in_flight + self.starting
+
+    async def _until_idle(self, timeout_s: float, poll_s: float) -> int:
+        """Waits up to `timeout_s` for no active request; returns how many are still active."""
+        deadline = time.monotonic() + timeout_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        return self.active
 
     def usage(self, last: PoolChunk, thinking: bool) -> Usage:
         """With thinking off the template closed <think> in the prompt, so nothing is reasoning."""
