@@ -31,6 +31,17 @@ def apply_serve_env() -> None:
         os.environ.setdefault(key, value)
 
 
+# The ingress outlives its pools' grace by this much when Serve stops it (a redeploy, its node
+# draining): a pool replica past its grace is stopped, and the ingress still has time to turn that
+# into the retriable error event on each stream it carries instead of a cut connection.
+INGRESS_GRACE_MARGIN_S = 10.0
+
+
+def ingress_grace_s(cfg: AppConfig) -> float:
+    """The ingress's graceful-shutdown period: the longest pool grace plus the margin."""
+    return max(p.graceful_shutdown_timeout_s for p in cfg.pools().values()) + INGRESS_GRACE_MARGIN_S
+
+
 def _expert_parallel(pool: PoolConfig) -> bool:
     return pool.attention_shards * pool.expert_groups > 1
 
@@ -64,7 +75,8 @@ def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
         )
         handles[name] = deployment.bind(name, cfg.model, pool)
     ingress = serve.deployment(Ingress, name="ingress", num_replicas=1,
-                               ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1000)
+                               ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1000,
+                               graceful_shutdown_timeout_s=ingress_grace_s(cfg))
     return ingress.bind(cfg, handles, app_name)
 
 

@@ -189,6 +189,20 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _drain_node(args: argparse.Namespace) -> int:
+    """The chart's preStop hook: drain this pod's Ray node and wait for Serve to move off it."""
+    import ray
+
+    from deployments.node_drain import drain_node
+
+    ray.init(address=args.address, log_to_driver=False)
+    try:
+        left = drain_node(args.node_id, args.deadline_s)
+    finally:
+        ray.shutdown()
+    return 1 if left else 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from benchmarks.serving.run import main as run_bench
 
@@ -227,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="load a running server (OpenAI HTTP or gRPC) and report latencies as vLLM does")
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+    dn = sub.add_parser("drain-node", help="drain this Ray node: Serve moves its replicas off, their requests finish "
+                                           "(the chart's preStop hook)")
+    dn.add_argument("--address", default="auto", help="Ray cluster address (default: the one this node runs)")
+    dn.add_argument("--node-id", default=None, help="hex id of the node (default: this process's node)")
+    dn.add_argument("--deadline-s", type=float, default=60.0,
+                    help="seconds until the node goes away: Serve stops what is left by then (graceful period included)")
+    dn.set_defaults(func=_drain_node)
     chat = sub.add_parser("chat", help="a terminal chat client for a running server")
     add_server_arguments(chat)
     chat.add_argument("--no-think", action="store_true", help="enable_thinking=False")

@@ -177,12 +177,37 @@ def test_ray_cluster_shape() -> None:
         ({"app": {"thinking": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}}, "app.thinking.autoscaling"),
         ({"workerGroups": {"attention": {"gpusPerPod": 0}}}, "gpusPerPod"),
         ({"unknownKey": 1}, "unknownKey"),
+        ({"app": {"thinking": {"graceful_shutdown_timeout_s": 120}}, "drain": {"terminationGracePeriodSeconds": 100}},
+         "drain.terminationGracePeriodSeconds: 100 is too short"),
     ],
 )
 def test_bad_values_fail_with_a_message(values: dict, message: str) -> None:
     with pytest.raises(helm_python.HelmError) as exc:
         render(values)
     assert message in str(exc.value)
+
+
+def test_worker_pods_drain_their_ray_node_before_they_go() -> None:
+    """Every GPU worker pod drains its Ray node in a preStop hook (Serve migrates its replicas and
+    lets their requests finish) with a deadline inside the pod's termination grace period; the
+    head pod (Serve's controller, never drained) has no hook; off when drain.enabled is false."""
+    def workers_and_head(values: dict) -> tuple[list[dict], dict]:
+        rs = next(d for d in render(values) if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+        return [g["template"]["spec"] for g in rs["workerGroupSpecs"]], rs["headGroupSpec"]["template"]["spec"]
+
+    workers, head = workers_and_head({"drain": {"terminationGracePeriodSeconds": 300}})
+    for spec in workers:
+        assert spec["terminationGracePeriodSeconds"] == 300
+        assert spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == [
+            "q3serve", "drain-node", "--deadline-s", "290"]
+    assert "lifecycle" not in head["containers"][0] and "terminationGracePeriodSeconds" not in head
+    workers, _ = workers_and_head({"drain": {"enabled": False}})
+    assert all("lifecycle" not in s["containers"][0] and "terminationGracePeriodSeconds" not in s for s in workers)
+    # the hook's command is this package's CLI, with these arguments
+    from deployments.cli import build_parser
+
+    args = build_parser().parse_args(["drain-node", "--deadline-s", "290"])
+    assert (args.deadline_s, args.address, args.node_id) == (290.0, "auto", None)
 
 
 def test_lint_reports_schema_violations() -> None:

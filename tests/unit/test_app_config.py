@@ -127,10 +127,14 @@ def test_fault_settings_reach_serve_and_the_instance() -> None:
     from deployments.app import build_app
 
     cfg = AppConfig.model_validate({"thinking": {"step_timeout_s": 7, "health_check_period_s": 3,
-                                                 "graceful_shutdown_timeout_s": 12}})
+                                                 "graceful_shutdown_timeout_s": 12},
+                                    "fast": {"graceful_shutdown_timeout_s": 45}})
     assert cfg.thinking.engine_kwargs()["step_timeout_s"] == 7
     assert AppConfig().fast.engine_kwargs()["step_timeout_s"] == 15.0
-    handles = build_app(cfg)._bound_deployment.init_args[1]
+    app = build_app(cfg)
+    handles = app._bound_deployment.init_args[1]
     options = handles["thinking"]._bound_deployment._deployment_config
     assert (options.health_check_period_s, options.graceful_shutdown_timeout_s) == (3, 12)
-    assert handles["fast"]._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 30
+    assert handles["fast"]._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 45
+    # the ingress outlives the longest pool grace, so it can end streams with the retriable event
+    assert app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 45 + 10

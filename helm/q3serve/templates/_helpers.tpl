@@ -54,6 +54,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.drain.enabled -}}
+{{- $grace := 0 -}}
+{{- range $name := list "thinking" "fast" -}}
+{{- $pool := index $.Values.app $name | default dict -}}
+{{- if or (not (hasKey $pool "enabled")) $pool.enabled -}}
+{{- $g := 30 -}}{{- if hasKey $pool "graceful_shutdown_timeout_s" -}}{{- $g = int (ceil $pool.graceful_shutdown_timeout_s) -}}{{- end -}}
+{{- if gt $g $grace -}}{{- $grace = $g -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $need := add $grace 20 -}}
+{{- if lt (int .Values.drain.terminationGracePeriodSeconds) $need -}}
+{{- fail (printf "drain.terminationGracePeriodSeconds: %d is too short for the pools' graceful_shutdown_timeout_s %d (the ingress gets 10 s more, the drain deadline is 10 s before the end): at least %d" (int .Values.drain.terminationGracePeriodSeconds) $grace $need) -}}
+{{- end -}}
+{{- end -}}
 {{- range $group, $spec := .Values.workerGroups -}}
 {{- if lt (int $spec.maxReplicas) (int $spec.minReplicas) -}}
 {{- fail (printf "workerGroups.%s.maxReplicas (%d) is below minReplicas (%d)" $group (int $spec.maxReplicas) (int $spec.minReplicas)) -}}
@@ -121,6 +135,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   {{- if and (ne .role "head") $.Values.nccl.rdma.resourceName }}
   securityContext:
     capabilities: {add: [IPC_LOCK]}   # RDMA registers (locks) memory
+  {{- end }}
+  {{- if and (ne .role "head") $.Values.drain.enabled }}
+  lifecycle:
+    preStop:
+      exec:
+        command: ["q3serve", "drain-node", "--deadline-s", "{{ sub (int $.Values.drain.terminationGracePeriodSeconds) 10 }}"]
   {{- end }}
   readinessProbe:
     httpGet:
