@@ -71,9 +71,9 @@ class ModelPool:
                 self.metrics.queue.set(st["waiting"], tags=tags)
                 self.metrics.running.set(st["running"], tags=tags)
                 self.metrics.kv_usage.set(1 - st["kv_blocks_free"] / max(1, st["kv_blocks_total"]), tags=tags)
-                counts = self.engine.expert_counts()
+                counts = self.engine.expert_usage()[0]
                 for layer in self.engine.core.model_config.moe_layers:
-                    for expert, n in enumerate(counts[layer].tolist()):
+                    for expert, n in enumerate(counts[layer].long().tolist()):
                         self.metrics.expert_load.set(n, tags={**tags, "layer": str(layer), "expert": str(expert)})
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 pass

@@ -383,9 +383,10 @@ class EngineCore:
             out.top_logprobs = list(seq.top_logprobs) if seq.params.top_logprobs else None
         return out
 
-    def expert_counts(self) -> torch.Tensor:
-        """[layers, experts] tokens routed to each expert since start, summed over shards."""
-        return self.executor.expert_counts()
+    def expert_usage(self) -> torch.Tensor:
+        """[2, layers, experts] since start, summed over shards: tokens routed to each expert and
+        their summed routing weight."""
+        return self.executor.expert_usage()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

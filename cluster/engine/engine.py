@@ -147,8 +147,8 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    def expert_counts(self) -> torch.Tensor:
-        return self.core.expert_counts().clone()
+    def expert_usage(self) -> torch.Tensor:
+        return self.core.expert_usage().clone()
 
     @property
     def thread_id(self) -> int | None:
@@ -268,8 +268,8 @@ class LLM:
         prompts = [render_chat(self.tokenizer, m, enable_thinking=enable_thinking) for m in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def expert_counts(self) -> torch.Tensor:
-        return self.core.expert_counts().clone()
+    def expert_usage(self) -> torch.Tensor:
+        return self.core.expert_usage().clone()
 
     def shutdown(self) -> None:
         """Frees the model and KV cache, and stops the instance's actors if it has any."""

@@ -25,7 +25,7 @@ class Executor(Protocol):
     def execute(self, plans: list[StepPlan]) -> list[list[Sampled]]: ...
     def memory_reports(self) -> list[MemoryReport]: ...   # one per attention shard (CUDA)
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
-    def expert_counts(self) -> torch.Tensor: ...
+    def expert_usage(self) -> torch.Tensor: ...   # [2, layers, experts]: tokens, summed weight
     def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -52,8 +52,8 @@ class LocalExecutor:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
 
-    def expert_counts(self) -> torch.Tensor:
-        return self.runner.model.expert_counts().clone()
+    def expert_usage(self) -> torch.Tensor:
+        return self.runner.model.expert_usage()
 
     def check_health(self) -> None:
         return None

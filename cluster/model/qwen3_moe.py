@@ -65,7 +65,8 @@ class DenseMlp(nn.Module):
 
 class SparseMoe(nn.Module):
     """Router gate (softmax, top-k, optional renormalisation) in front of the experts. Keeps
-    per-expert token counts, which the load-balanced placement is computed from."""
+    per-expert usage (tokens routed, and the summed routing weight they were given), which the
+    load-balanced placement and expert pruning are computed from."""
 
     def __init__(self, cfg: ModelConfig, experts: ExpertsFn | None) -> None:
         super().__init__()
@@ -73,7 +74,8 @@ class SparseMoe(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = experts if experts is not None else LocalExperts(cfg)
-        self.register_buffer("expert_counts", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+        # [0]: tokens routed to each expert, [1]: their summed routing weight (as applied)
+        self.register_buffer("usage", torch.zeros(2, cfg.num_experts, dtype=torch.float64), persistent=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
@@ -81,7 +83,8 @@ class SparseMoe(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         flat = ids.flatten()  # index_add_, not bincount: no host sync on CUDA
-        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
+        self.usage[0].index_add_(0, flat, torch.ones(flat.shape, dtype=self.usage.dtype, device=flat.device))
+        self.usage[1].index_add_(0, flat, weights.flatten().to(self.usage.dtype))
         return ids, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,10 +154,11 @@ class Qwen3MoeModel(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
 
-    def expert_counts(self) -> torch.Tensor:
-        """[num_layers, num_experts] tokens routed to each expert since start (dense layers: 0)."""
-        out = torch.zeros(self.cfg.num_hidden_layers, max(self.cfg.num_experts, 1), dtype=torch.long)
+    def expert_usage(self) -> torch.Tensor:
+        """[2, num_layers, num_experts] since start: tokens routed to each expert ([0]) and their
+        summed routing weight ([1]); dense layers are 0."""
+        out = torch.zeros(2, self.cfg.num_hidden_layers, max(self.cfg.num_experts, 1), dtype=torch.float64)
         for i, layer in enumerate(self.layers):
             if isinstance(layer.mlp, SparseMoe):
-                out[i] = layer.mlp.expert_counts
+                out[:, i] = layer.mlp.usage.cpu()
         return out

@@ -143,7 +143,7 @@ class ModelRunner:
         self.generators.clear()
         for m in self.model.modules():
             if isinstance(m, SparseMoe):
-                m.expert_counts.zero_()
+                m.usage.zero_()
 
     def _generator(self, rid: str, seed: int) -> torch.Generator:
         g = self.generators.get(rid)

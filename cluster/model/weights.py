@@ -151,7 +151,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None)
     model = model.to_empty(device=device)
     for m in model.modules():
         if isinstance(m, SparseMoe):
-            m.expert_counts.zero_()
+            m.usage.zero_()
     return model
 
 

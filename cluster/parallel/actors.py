@@ -121,8 +121,8 @@ class AttentionShard(InstanceActor):
         finally:
             self.step_s += time.perf_counter() - start
 
-    def expert_counts(self) -> torch.Tensor:
-        return self.runner.model.expert_counts()
+    def expert_usage(self) -> torch.Tensor:
+        return self.runner.model.expert_usage()
 
     def param_bytes(self) -> int:
         return param_bytes([*self.runner.model.parameters(), *expert_tensors(self.exchange.experts)])

@@ -203,8 +203,8 @@ class RayExecutor:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.call_all("allocate_kv_cache", num_blocks, actors=self.shards)
 
-    def expert_counts(self) -> torch.Tensor:
-        return torch.stack(self.call_all("expert_counts", actors=self.shards)).sum(0)
+    def expert_usage(self) -> torch.Tensor:
+        return torch.stack(self.call_all("expert_usage", actors=self.shards)).sum(0)
 
     def check_health(self) -> None:
         if self.failed:

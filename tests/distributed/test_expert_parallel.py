@@ -71,7 +71,7 @@ def test_load_balanced_placement_with_redundant_experts(moe_checkpoint: Path, re
     cfg = ModelConfig.from_pretrained(moe_checkpoint)
     probe = LLM(moe_checkpoint, **ENGINE)
     probe.generate(PROMPTS, GREEDY)
-    counts = probe.expert_counts()[cfg.moe_layers]
+    counts = probe.expert_usage()[0][cfg.moe_layers]
     probe.shutdown()
     placement = load_balanced(counts, num_groups=2, redundant=2)
     assert any(len(r) > 1 for layer in range(placement.num_layers) for r in placement.replicas(layer))
@@ -169,7 +169,7 @@ def test_bytes_per_layer_match_routing(moe_checkpoint: Path) -> None:
         assert index == [rows * 8 + 2 * world * 8] * len(cfg.moe_layers)
         group_hidden = [g["hidden_bytes"] for g in ex.call_all("exchange_stats", actors=ex.groups)]
         assert [sum(col) for col in zip(*group_hidden)] == hidden  # every row went to exactly one group
-        counts = llm.expert_counts()[cfg.moe_layers]
+        counts = llm.expert_usage()[0][cfg.moe_layers]
         assert counts.sum(1).tolist() == [rows] * len(cfg.moe_layers)
     finally:
         llm.shutdown()
