@@ -242,8 +242,9 @@ class ParallelConfig:
     Each actor gets one placement-group bundle of `actor_resources` plus the resources of its
     kind (`attention_resources` / `expert_resources`, e.g. a custom node resource), and may be
     pinned to nodes by label (`attention_labels` / `expert_labels`, Ray node labels matched by
-    the bundle's label selector), e.g. to put expert groups on one GPU node pool. `placement` is "contiguous" or a load-balanced
-    `ExpertPlacement` built by `cluster.parallel.placement.load_balanced`.
+    the bundle's label selector), e.g. to put expert groups on one GPU node pool. `placement` is "contiguous", a load-balanced
+    `ExpertPlacement` built by `cluster.parallel.placement.load_balanced`, or the path of one saved
+    by `q3serve experts place`.
 
     `layout` "separate" gives every shard and every group its own actor and bundle (A + E
     devices); "colocated" makes actor i attention shard i and expert group i at once, one bundle

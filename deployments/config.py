@@ -55,6 +55,9 @@ class PoolConfig(_Strict):
     expert_groups: int = Field(1, ge=1)
     # "colocated": each actor is an attention shard and an expert group on one GPU (wide-EP; A = E)
     layout: Literal["separate", "colocated"] = "separate"
+    # which expert group holds which experts: "contiguous" runs, or the path of a load-balanced
+    # map written by `q3serve experts place` (read when a replica starts)
+    placement: str = "contiguous"
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: str = "auto"
     max_num_seqs: int = Field(32, ge=1)
@@ -100,6 +103,12 @@ class PoolConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _placement(self) -> "PoolConfig":
+        if self.placement != "contiguous" and self.expert_groups < 2:
+            raise ValueError("placement: a placement map spreads experts over expert groups; this pool has one")
+        return self
+
+    @model_validator(mode="after")
     def _layout(self) -> "PoolConfig":
         """The instance's own checks (colocated needs A = E; no fractional GPUs across ranks),
         at config time rather than when a replica starts."""
@@ -121,7 +130,7 @@ class PoolConfig(_Strict):
     def engine_kwargs(self) -> dict[str, Any]:
         keys = ("attention_shards", "expert_groups", "layout", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "fp8_weights", "block_size", "enable_prefix_caching", "actor_resources",
-                "attention_resources", "expert_resources", "step_timeout_s")
+                "attention_resources", "expert_resources", "step_timeout_s", "placement")
         return {k: getattr(self, k) for k in keys}
 
 

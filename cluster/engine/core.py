@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -387,6 +388,10 @@ class EngineCore:
         """[2, layers, experts] since start, summed over shards: tokens routed to each expert and
         their summed routing weight."""
         return self.executor.expert_usage()
+
+    def replan(self, placement: Any) -> dict:
+        """A new expert placement for the instance (between steps: the caller's business)."""
+        return self.executor.replan(placement)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

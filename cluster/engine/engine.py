@@ -8,12 +8,13 @@ the engine thread dies or no output arrives within `request_timeout_s`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,20 @@ class Engine:
     def expert_usage(self) -> torch.Tensor:
         return self.core.expert_usage().clone()
 
+    async def between_steps(self, fn: Callable[[], Any], timeout_s: float = 600.0) -> Any:
+        """Runs `fn` on the step loop's thread between two steps, so nothing of the model runs
+        meanwhile; requests in flight just wait for it."""
+        if not self.healthy:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, done)))
+        return await asyncio.wait_for(asyncio.wrap_future(done), timeout_s)
+
+    async def replan(self, placement: Any, timeout_s: float = 600.0) -> dict:
+        """Moves the expert-parallel instance to a new expert placement under load (see
+        RayExecutor.replan); requests in flight pause for the move and go on unchanged."""
+        return await self.between_steps(lambda: self.core.replan(placement), timeout_s)
+
     @property
     def thread_id(self) -> int | None:
         """The step loop's OS thread id (its CPU priority is the one that counts)."""
@@ -201,6 +216,12 @@ class Engine:
                 self.core.add(arg)
             elif op == "abort":
                 self.core.abort(arg)
+            elif op == "call":
+                fn, done = arg
+                try:
+                    done.set_result(fn())
+                except Exception as exc:  # noqa: BLE001 - the caller gets it; the loop goes on
+                    done.set_exception(exc)
             try:
                 op, arg = self._inbox.get_nowait()
             except queue.Empty:
@@ -270,6 +291,10 @@ class LLM:
 
     def expert_usage(self) -> torch.Tensor:
         return self.core.expert_usage().clone()
+
+    def replan(self, placement: Any) -> dict:
+        """A new expert placement for the expert-parallel instance (see RayExecutor.replan)."""
+        return self.core.replan(placement)
 
     def shutdown(self) -> None:
         """Frees the model and KV cache, and stops the instance's actors if it has any."""

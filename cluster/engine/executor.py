@@ -7,7 +7,7 @@ imported only by instances that use it (vLLM's executor selection works the same
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +26,7 @@ class Executor(Protocol):
     def memory_reports(self) -> list[MemoryReport]: ...   # one per attention shard (CUDA)
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def expert_usage(self) -> torch.Tensor: ...   # [2, layers, experts]: tokens, summed weight
+    def replan(self, placement: Any) -> dict: ...   # a new expert placement, between steps
     def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -54,6 +55,9 @@ class LocalExecutor:
 
     def expert_usage(self) -> torch.Tensor:
         return self.runner.model.expert_usage()
+
+    def replan(self, placement: Any) -> dict:
+        raise ValueError("placement: a single-process instance holds every expert; there is nothing to place")
 
     def check_health(self) -> None:
         return None

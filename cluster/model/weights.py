@@ -188,17 +188,21 @@ ExpertStack = tuple[torch.Tensor, torch.Tensor] | Fp8Experts
 
 
 def load_expert_stacks(
-    path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str, slots: Sequence[Sequence[int]]
+    path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str, slots: Sequence[Sequence[int]],
+    ordinals: Sequence[int] | None = None,
 ) -> list[ExpertStack]:
-    """An expert group's weights: for each MoE layer (in order) the experts in `slots[ordinal]`,
-    allocated once and filled as the checkpoint is read: input-major (w_gate_up, w_down) stacks
-    in the serving dtype, or an `Fp8Experts` where `keeps_fp8` says so."""
+    """An expert group's weights: for each MoE layer (in order; or only the MoE layer ordinals in
+    `ordinals`) the experts in `slots[ordinal]`, allocated once and filled as the checkpoint is
+    read: input-major (w_gate_up, w_down) stacks in the serving dtype, or an `Fp8Experts` where
+    `keeps_fp8` says so."""
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
     fp8 = keeps_fp8(cfg, cfg.fp8_weights, device)
     stacks: list[ExpertStack] = []
     expected: dict[str, Shape] = {}
     fills: dict[str, Fill] = {}
     for ordinal, layer in enumerate(cfg.moe_layers):
+        if ordinals is not None and ordinal not in ordinals:
+            continue
         mine = list(slots[ordinal])
         expected.update(expert_tensors(cfg, layer, sorted(set(mine))))
         if fp8:

@@ -53,6 +53,33 @@ class InstanceActor:
         self.rank = rank
         self.step_s = 0.0  # seconds spent in steps since the last stats reset
         self.exchange = Exchange(rank, num_shards, num_groups, placement, device, colocated)
+        self.group: int | None = None  # the expert group this rank holds, if any
+        self.expert_source: tuple[Path, ModelConfig, torch.dtype, str] | None = None
+
+    def hold_experts(self, group: int, path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str,
+                     placement: ExpertPlacement) -> None:
+        """Loads expert group `group`'s experts under `placement` (and remembers where from)."""
+        self.group, self.expert_source = group, (path, cfg, dtype, device)
+        self.exchange.experts = load_expert_stacks(path, cfg, dtype, device, placement.experts_of(group))
+        native.prepare(device)
+
+    @torch.inference_mode()
+    def replan(self, placement: ExpertPlacement) -> int:
+        """Takes a new placement between two steps (the engine runs none meanwhile): the routing
+        tables, and on a rank with experts the stacks of the experts it holds now, read again
+        from the checkpoint one MoE layer at a time (so one layer's stack is held twice at
+        most). Layers whose experts did not change keep their stacks. Returns the layers reloaded."""
+        reloaded = 0
+        if self.group is not None and self.exchange.experts is not None:
+            path, cfg, dtype, device = self.expert_source  # type: ignore[misc]
+            old = self.exchange.placement.experts_of(self.group)
+            new = placement.experts_of(self.group)
+            for ordinal in range(placement.num_layers):
+                if old[ordinal] != new[ordinal]:
+                    self.exchange.experts[ordinal] = load_expert_stacks(path, cfg, dtype, device, new, [ordinal])[0]
+                    reloaded += 1
+        self.exchange.set_placement(placement)
+        return reloaded
 
     def join(self, backend: str, addr: str, port: int, world: int, timeout_s: float) -> None:
         """Joins the instance's process group; the timeout bounds every collective, so a lost
@@ -63,10 +90,11 @@ class InstanceActor:
         )
 
     def exchange_stats(self, reset: bool = False) -> dict:
-        """Exchange bytes per MoE layer and seconds in steps, collectives and expert matmuls."""
+        """Exchange bytes per MoE layer, seconds in steps, collectives and expert matmuls, and
+        (ranks with experts) the rows computed per layer in each recent step."""
         s = self.exchange.stats
         out = {"hidden_bytes": list(s.hidden_bytes), "index_bytes": list(s.index_bytes), "comm_s": s.comm_s,
-               "experts_s": s.experts_s, "step_s": self.step_s}
+               "experts_s": s.experts_s, "step_s": self.step_s, "expert_rows": [list(r) for r in s.expert_rows]}
         if reset:
             s.reset(len(s.hidden_bytes))
             self.step_s = 0.0
@@ -93,8 +121,7 @@ class AttentionShard(InstanceActor):
     ) -> None:
         super().__init__(rank, num_shards, num_groups, placement, device, threads, colocated)
         if colocated:  # this rank is expert group `rank` as well
-            self.exchange.experts = load_expert_stacks(path, cfg, dtype, device, placement.experts_of(rank))
-            native.prepare(device)
+            self.hold_experts(rank, path, cfg, dtype, device, placement)
         ordinal = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         reset_peak_memory(device)
         model = load_attention_model(path, cfg, dtype, device, lambda layer: DispatchedExperts(self.exchange, ordinal[layer]))
@@ -135,8 +162,7 @@ class ExpertGroup(InstanceActor):
     ) -> None:
         super().__init__(rank, num_shards, num_groups, placement, device, threads)
         self.dtype = dtype
-        self.exchange.experts = load_expert_stacks(path, cfg, dtype, device, placement.experts_of(rank - num_shards))
-        native.prepare(device)
+        self.hold_experts(rank - num_shards, path, cfg, dtype, device, placement)
 
     @torch.inference_mode()
     def serve_step(self, _tick: object = None) -> None:

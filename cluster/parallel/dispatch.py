@@ -23,6 +23,7 @@ rows received) x hidden x dtype size, plus 8 bytes per row of slot ids and the c
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -36,19 +37,27 @@ from cluster.model.fp8 import Fp8Experts
 from cluster.parallel.placement import ExpertPlacement
 
 
+ROWS_KEPT = 4096  # steps of per-layer expert rows a rank remembers (a bounded window)
+
+
 @dataclass
 class ExchangeStats:
     """Bytes this rank sent plus received per MoE layer ordinal, and seconds spent inside
-    collectives and in expert matmuls, since the last reset."""
+    collectives and in expert matmuls, since the last reset. On a rank that holds experts,
+    `expert_rows[layer]` holds the rows its experts computed in each of the last steps: every
+    rank takes part in every layer's exchange of every step, so the i-th entries of all groups
+    are the same step, and their maximum is what that layer's exchange waited for."""
 
     hidden_bytes: list[int] = field(default_factory=list)
     index_bytes: list[int] = field(default_factory=list)
+    expert_rows: list[deque[int]] = field(default_factory=list)
     comm_s: float = 0.0
     experts_s: float = 0.0
 
     def reset(self, layers: int) -> None:
         self.hidden_bytes = [0] * layers
         self.index_bytes = [0] * layers
+        self.expert_rows = [deque(maxlen=ROWS_KEPT) for _ in range(layers)]
         self.comm_s = self.experts_s = 0.0
 
 
@@ -74,14 +83,19 @@ class Exchange:
         self.rank = rank
         self.world = num_shards if colocated else num_shards + num_groups
         self.device = device
-        first = 0 if colocated else num_shards  # the rank of expert group 0; group j is rank first + j
-        self.tables = [
-            (copies.to(device), (group + first).to(device), slot.to(device))
-            for copies, group, slot in (placement.routing_tables(i) for i in range(placement.num_layers))
-        ]
+        self.first = 0 if colocated else num_shards  # the rank of expert group 0; group j is rank first + j
+        self.set_placement(placement)
         self.experts: list[tuple[torch.Tensor, torch.Tensor] | Fp8Experts] | None = None
         self.stats = ExchangeStats()
         self.stats.reset(placement.num_layers)
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """The routing tables of `placement` (the experts themselves are the holder's business)."""
+        self.placement = placement
+        self.tables = [
+            (copies.to(self.device), (group + self.first).to(self.device), slot.to(self.device))
+            for copies, group, slot in (placement.routing_tables(i) for i in range(placement.num_layers))
+        ]
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
         start = time.perf_counter()
@@ -112,6 +126,8 @@ class Exchange:
             out = self._run_experts(layer, *unpack_rows(packed, hidden, dtype))
         else:
             out = rows.new_empty(0, hidden)
+        if self.experts is not None:
+            self.stats.expert_rows[layer].append(n)
         back = rows.new_empty(rows.shape)
         self._a2a(back, out, sent, received)
         moved = sum(sent) + n

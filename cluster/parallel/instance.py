@@ -10,6 +10,7 @@ blocked in) and refuses further steps. Collectives themselves time out after `st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -43,8 +44,10 @@ def resolve_placement(cfg: ModelConfig, parallel: ParallelConfig) -> ExpertPlace
     p = parallel.placement
     if p == "contiguous":
         return contiguous(cfg.num_experts, parallel.expert_groups, n_layers)
+    if isinstance(p, (str, Path)):  # a map saved by `q3serve experts place`
+        p = ExpertPlacement.load(p)
     if not isinstance(p, ExpertPlacement):
-        raise ValueError(f"placement: {p!r} is neither 'contiguous' nor an ExpertPlacement")
+        raise ValueError(f"placement: {p!r} is neither 'contiguous', a map file nor an ExpertPlacement")
     if (p.num_experts, p.num_groups, p.num_layers) != (cfg.num_experts, parallel.expert_groups, n_layers):
         raise ValueError(
             f"placement: built for {p.num_experts} experts x {p.num_groups} groups x {p.num_layers} MoE layers, "
@@ -59,6 +62,7 @@ class RayExecutor:
         block_size: int, max_model_len: int, parallel: ParallelConfig,
     ) -> None:
         self.parallel = parallel
+        self.cfg = cfg
         self.num_shards = parallel.attention_shards
         self.placement = resolve_placement(cfg, parallel)
         self.failed: str | None = None
@@ -205,6 +209,23 @@ class RayExecutor:
 
     def expert_usage(self) -> torch.Tensor:
         return torch.stack(self.call_all("expert_usage", actors=self.shards)).sum(0)
+
+    def replan(self, placement: ExpertPlacement | str | Path, timeout_s: float = 600.0) -> dict:
+        """Moves the instance to a new expert placement; call between steps only. Each expert
+        group reads the experts it holds now from the checkpoint (layers that did not change
+        stay), every rank swaps its routing tables. A failure fails the instance, as a failed
+        step does (Serve then rebuilds the replica)."""
+        new = resolve_placement(self.cfg, dataclasses.replace(self.parallel, placement=placement))
+        holders = self.shards if self.parallel.colocated else self.groups
+        reloaded = self._wait({a.replan.remote(new): a for a in self.actors}, timeout_s)
+        self.placement = new
+        by_holder = reloaded[: len(self.shards)] if self.parallel.colocated else reloaded[len(self.shards):]
+        return {"groups": len(holders), "layers_reloaded": by_holder}
+
+    def expert_group_rows(self, reset: bool = False) -> list[list[list[int]]]:
+        """[group][MoE layer][step]: rows each expert group computed per layer in recent steps."""
+        holders = self.shards if self.parallel.colocated else self.groups
+        return [s["expert_rows"] for s in self.call_all("exchange_stats", reset, actors=holders)]
 
     def check_health(self) -> None:
         if self.failed:

@@ -10,9 +10,13 @@ among its copies.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+FORMAT = "q3serve.expert_placement.v1"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,55 @@ class ExpertPlacement:
                 g, s = copies[c % len(copies)]
                 group[e, c], slot[e, c] = g, s
         return torch.tensor([len(r) for r in reps]), group, slot
+
+
+    def group_loads(self, counts: torch.Tensor) -> torch.Tensor:
+        """[layers, groups]: the tokens each group would compute for per-expert `counts`
+        [layers, experts], a replicated expert's tokens split evenly over its copies."""
+        out = torch.zeros(self.num_layers, self.num_groups, dtype=torch.float64)
+        for layer in range(self.num_layers):
+            reps = self.replicas(layer)
+            for e, copies in enumerate(reps):
+                for g, _ in copies:
+                    out[layer, g] += counts[layer, e].item() / len(copies)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "num_experts": self.num_experts, "num_groups": self.num_groups,
+                "slots": [[list(g) for g in layer] for layer in self.slots]}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ExpertPlacement":
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"placement: not an expert placement map ({FORMAT})")
+        return cls(int(raw["num_experts"]), int(raw["num_groups"]),
+                   tuple(tuple(tuple(int(e) for e in g) for g in layer) for layer in raw["slots"]))
+
+    def save(self, path: str | Path, **extra: object) -> Path:
+        """The map as JSON; `extra` (e.g. the load report) is stored beside it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**self.to_dict(), **extra}, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExpertPlacement":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"placement: cannot read the map {path}: {exc}") from None
+        return cls.from_dict(raw)
+
+
+def load_report(placement: ExpertPlacement, counts: torch.Tensor) -> dict:
+    """How even a map is on measured counts [layers, experts]: per layer the largest group's
+    tokens (each layer's exchange waits for its slowest group), summed over layers, and the mean
+    ratio of the largest group to the average group (1.0 = perfectly even)."""
+    loads = placement.group_loads(counts)
+    peak = loads.max(dim=1).values
+    mean = loads.mean(dim=1).clamp_min(1e-9)
+    return {"max_group_tokens_per_layer": peak.tolist(), "max_group_tokens_sum": float(peak.sum()),
+            "imbalance_mean": float((peak / mean).mean())}
 
 
 def contiguous(num_experts: int, num_groups: int, num_layers: int) -> ExpertPlacement:
