@@ -211,6 +211,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks.serving.run import add_arguments as add_bench_arguments
+    from deployments.experts_cli import add_parser as add_experts_parser
 
     parser = argparse.ArgumentParser(prog="q3serve", description="Serve Qwen3 MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--thinking-budget", type=int, default=None)
     chat.add_argument("--max-tokens", type=int, default=512)
     chat.set_defaults(func=_chat)
+    add_experts_parser(sub)
     gen = sub.add_parser("generate", help="generate text offline from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
