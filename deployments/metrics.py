@@ -30,3 +30,6 @@ class PoolMetrics:
         self.kv_usage = Gauge("q3serve_kv_cache_usage_ratio", "Fraction of KV blocks in use.", tag_keys=("pool",))
         self.expert_load = Gauge("q3serve_expert_tokens", "Tokens routed to each expert since start.",
                                  tag_keys=("pool", "layer", "expert"))
+        self.expert_weight = Gauge("q3serve_expert_routing_weight",
+                                   "Summed routing weight of the tokens routed to each expert since start.",
+                                   tag_keys=("pool", "layer", "expert"))

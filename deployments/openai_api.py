@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from cluster import SamplingParams
 from cluster.config import StructuredOutput
+from deployments.admin_api import add_admin_routes
 from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
 from deployments.frontend import (Frontend, InstanceLost, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Routed,
                                   Unauthenticated)
@@ -312,7 +313,7 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     @app.middleware("http")
     async def _guard(request: Request, call_next):  # noqa: ANN001, ANN202
         """API keys and body size for /v1; /health stays open (and Ray's metrics port too)."""
-        if request.url.path.startswith(("/v1/", "/tokenize", "/detokenize")):
+        if request.url.path.startswith(("/v1/", "/tokenize", "/detokenize", "/admin/")):
             try:
                 frontend.authorize(request.headers.get("authorization"))
             except Unauthenticated as exc:
@@ -322,6 +323,8 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
             if size is not None and size.isdigit() and int(size) > limit:
                 return error(413, f"body: {size} bytes exceed the limit of {limit}", "body")
         return await call_next(request)
+
+    add_admin_routes(app, frontend)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -7,13 +7,16 @@ the consumer, everything it produced since the last chunk goes out as one chunk 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cluster import Engine, RequestOutput, SamplingParams
+from cluster import Engine, RequestError, RequestOutput, SamplingParams
+from cluster.model.expert_usage import ExpertUsage, model_identity
+from cluster.parallel.placement import load_balanced, load_report
 from deployments.config import PoolConfig
 from deployments.host import apply_cpu_settings, priority_of
 from deployments.metrics import PoolMetrics
@@ -71,10 +74,12 @@ class ModelPool:
                 self.metrics.queue.set(st["waiting"], tags=tags)
                 self.metrics.running.set(st["running"], tags=tags)
                 self.metrics.kv_usage.set(1 - st["kv_blocks_free"] / max(1, st["kv_blocks_total"]), tags=tags)
-                counts = self.engine.expert_usage()[0]
+                usage = self.engine.expert_usage()
                 for layer in self.engine.core.model_config.moe_layers:
-                    for expert, n in enumerate(counts[layer].long().tolist()):
-                        self.metrics.expert_load.set(n, tags={**tags, "layer": str(layer), "expert": str(expert)})
+                    for expert, (n, w) in enumerate(zip(usage[0, layer].tolist(), usage[1, layer].tolist())):
+                        at = {**tags, "layer": str(layer), "expert": str(expert)}
+                        self.metrics.expert_load.set(int(n), tags=at)
+                        self.metrics.expert_weight.set(w, tags=at)
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 pass
             await asyncio.sleep(period_s)
@@ -84,6 +89,41 @@ class ModelPool:
         async for out in self.engine.generate(request.prompt_token_ids, request.params, request.request_id,
                                               coalesce=True, stream_interval=self.pool.stream_interval):
             yield PoolChunk.of(self.name, out)
+
+    def _replica(self) -> str:
+        from ray import serve
+
+        try:
+            return serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve (tests constructing the class directly)
+            return "local"
+
+    def expert_usage(self) -> dict[str, Any]:
+        """This replica's per-expert usage since it started, in the file format of
+        `q3serve experts collect` (prune and place read either)."""
+        core = self.engine.core
+        usage = ExpertUsage.from_tensor(self.engine.expert_usage(), core.model_config, model_identity(core.model_path),
+                                        f"pool {self.name}, replica {self._replica()}, live counters")
+        return dataclasses.asdict(usage)
+
+    async def replan(self, redundant: int = 0) -> dict[str, Any]:
+        """Re-plans this replica's expert placement from its live counters (load-balanced with
+        `redundant` extra copies per layer) and moves the experts between steps; requests in
+        flight pause for the move and go on unchanged."""
+        core = self.engine.core
+        groups = self.pool.expert_groups
+        if groups < 2:
+            raise RequestError("pool", f"pool {self.name} has one expert group: there is nothing to place")
+        counts = self.engine.expert_usage()[0][core.model_config.moe_layers]
+        try:
+            placement = load_balanced(counts, groups, redundant)
+        except ValueError as exc:  # its message starts with the field: "redundant: ..."
+            raise RequestError("redundant", str(exc).split(": ", 1)[-1]) from None
+        before = load_report(core.executor.placement, counts)
+        start = asyncio.get_running_loop().time()
+        moved = await self.engine.replan(placement)
+        return {"pool": self.name, "replica": self._replica(), "seconds": asyncio.get_running_loop().time() - start,
+                "before": before, "after": load_report(placement, counts), **moved, "placement": placement.to_dict()}
 
     def stats(self) -> dict[str, Any]:
         """Queue and KV-cache state of this replica's engine (metrics, tests)."""

@@ -126,13 +126,18 @@ def pool_idle_stats(pool: str = "fast-pool", timeout_s: float = 30) -> dict:
         time.sleep(0.2)
 
 
-def stream_completion(base: str, body: dict, out: dict, started: threading.Event, timeout_s: float = 120) -> None:
-    """A streamed /v1/completions (for a thread): records the pool header, the last finish_reason
-    and the error event the stream ended with, if any, and `ended`; `started` is set at the first
-    event (and at the end, so a waiter never waits on a stream that failed to start)."""
+def stream_completion(base: str, body: dict, out: dict, started: threading.Event, timeout_s: float = 120,
+                      headers: dict | None = None) -> None:
+    """A streamed /v1/completions (for a thread): records the status, the pool header, the text,
+    the last finish_reason and the error event the stream ended with, if any, and `ended`;
+    `started` is set at the first event (and at the end, so a waiter never waits on a stream that
+    failed to start)."""
     try:
-        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=timeout_s) as r:
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=timeout_s,
+                          headers=headers) as r:
+            out["status"] = r.status_code
             out["pool"] = r.headers.get("x-q3serve-pool")
+            out.setdefault("text", "")
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -141,6 +146,7 @@ def stream_completion(base: str, body: dict, out: dict, started: threading.Event
                 if "error" in event:
                     out["error"] = event["error"]
                 for choice in event.get("choices", []):
+                    out["text"] += choice.get("text") or ""
                     out["finish_reason"] = choice.get("finish_reason") or out.get("finish_reason")
         out["ended"] = True
     finally:

@@ -1,0 +1,88 @@
+"""The /admin expert routes of the running app (behind the API keys): a pool replica's live usage
+in the file format `q3serve experts prune | place` read, and a live re-plan of an expert-parallel
+pool (2 attention shards, 2 expert groups) from its counters while greedy requests stream:
+none fails, each gives the same tokens before, during and after, and the new map is in effect."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster.model.expert_usage import ExpertUsage
+from cluster.parallel.placement import ExpertPlacement
+from deployments.config import AppConfig
+from tests.serving.conftest import start_app, stop_app, stream_completion
+
+KEY = "admin-test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+EP = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "attention_shards": 2, "expert_groups": 2}
+FAST = {"dtype": "float32", "kv_cache_memory_gb": 0.05}
+
+
+@pytest.fixture(scope="module")
+def server(qwen_vocab_checkpoint: Path):
+    cfg = AppConfig.model_validate({"model": str(qwen_vocab_checkpoint), "served_model_name": "m", "api_keys": [KEY],
+                                    "thinking": EP, "fast": FAST})
+    yield start_app(cfg)
+    stop_app()
+
+
+def _greedy(i: int) -> dict:
+    return {"model": "m", "prompt": f"count {i} {i + 1} {i + 2}", "max_tokens": 48, "temperature": 0,
+            "ignore_eos": True, "stream": True, "thinking_budget": 64}
+
+
+def test_usage_and_live_replan_under_load(server: str, qwen_vocab_checkpoint: Path) -> None:
+    assert httpx.get(f"{server}/admin/experts/thinking", timeout=30).status_code == 401
+    missing = httpx.get(f"{server}/admin/experts/nope", headers=AUTH, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "pool"
+
+    def run_all(n: int, mid: callable | None = None) -> list[dict]:
+        outs = [{} for _ in range(n)]
+        started = [threading.Event() for _ in range(n)]
+        threads = [threading.Thread(target=stream_completion, args=(server, _greedy(i), outs[i], started[i]),
+                                    kwargs={"headers": AUTH}) for i in range(n)]
+        for t in threads:
+            t.start()
+        if mid is not None:
+            for s in started:
+                assert s.wait(120)
+            mid()
+        for t in threads:
+            t.join(300)
+        return outs
+
+    before = run_all(6)
+    assert all(o.get("status") == 200 and o.get("error") is None for o in before), before
+    usage = httpx.get(f"{server}/admin/experts/thinking", headers=AUTH, timeout=60)
+    assert usage.status_code == 200
+    parsed = ExpertUsage(**usage.json())
+    parsed.check_model(qwen_vocab_checkpoint)
+    assert "pool thinking" in parsed.source and sum(parsed.tokens[0]) > 0
+
+    replanned: dict = {}
+
+    def replan() -> None:
+        r = httpx.post(f"{server}/admin/experts/thinking/replan", json={"redundant": 2}, headers=AUTH, timeout=600)
+        replanned.update(status=r.status_code, body=r.json())
+
+    during = run_all(6, replan)
+    assert replanned["status"] == 200, replanned
+    body = replanned["body"]
+    assert body["groups"] == 2 and sum(body["layers_reloaded"]) > 0
+    assert body["after"]["max_group_tokens_sum"] <= body["before"]["max_group_tokens_sum"]
+    placement = ExpertPlacement.from_dict(body["placement"])
+    assert any(len(r) > 1 for layer in range(placement.num_layers) for r in placement.replicas(layer))
+    after = run_all(6)
+    for outs in (during, after):
+        assert all(o.get("status") == 200 and o.get("error") is None for o in outs), outs
+    assert [o["text"] for o in during] == [o["text"] for o in before] == [o["text"] for o in after]
+
+    bad = httpx.post(f"{server}/admin/experts/fast/replan", json={}, headers=AUTH, timeout=60)
+    assert bad.status_code == 400 and "one expert group" in bad.json()["error"]["message"]
+    bad = httpx.post(f"{server}/admin/experts/thinking/replan", json={"redundant": 3}, headers=AUTH, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "redundant"
+    assert httpx.get(f"{server}/health", timeout=30).status_code == 200
