@@ -16,6 +16,7 @@ import httpx
 
 from benchmarks.serving.clients import BACKENDS, Record, SamplingArgs, send_grpc, send_http
 from benchmarks.serving.faults import FAULTS, FaultConfig, Injected, outcomes, release, run_fault
+from benchmarks.serving.replan import ReplanConfig, around, run_replan
 from benchmarks.serving.summary import parse_slos, summarize_by_mode
 from benchmarks.serving.workload import RequestSpec, WorkloadConfig, arrival_offsets, make_workload
 
@@ -39,6 +40,7 @@ class BenchConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     sampling: SamplingArgs = field(default_factory=SamplingArgs)
     fault: FaultConfig | None = None  # one fault injected while the workload runs (loopback only)
+    replan: ReplanConfig | None = None  # a live expert re-plan of a pool while the workload runs
 
 
 def _decoder() -> Any:
@@ -70,7 +72,7 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
         channel = grpc.aio.insecure_channel(cfg.grpc_target)
         stub = pb_grpc.ChatServiceStub(channel)
     model = cfg.model or ""
-    if not model and (cfg.fault is not None or not cfg.backend.startswith("grpc")):
+    if not model and (cfg.fault is not None or cfg.replan is not None or not cfg.backend.startswith("grpc")):
         r = await http.get("/v1/models", timeout=30)
         r.raise_for_status()
         model = r.json()["data"][0]["id"]
@@ -109,14 +111,19 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
             bar.update()
 
     fault = asyncio.create_task(run_fault(cfg.fault, http, model, t0)) if cfg.fault is not None else None
+    replan = asyncio.create_task(run_replan(cfg.replan, http, t0)) if cfg.replan is not None else None
     injected: Injected | None = None
+    replanned: dict[str, Any] | None = None
     try:
         await asyncio.gather(*(one(s, o, r) for s, o, r in chosen))
         if fault is not None:
             injected = await fault  # bounded: the probes stop at the fault's recover_timeout_s
+        if replan is not None:
+            replanned = await replan  # bounded by its timeout
     finally:
-        if fault is not None and not fault.done():
-            fault.cancel()
+        for task in (fault, replan):
+            if task is not None and not task.done():
+                task.cancel()
         bar.close()
         await http.aclose()
         if channel is not None:
@@ -132,6 +139,8 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
            "records": [asdict(r) for r in sent]}
     if injected is not None:
         out["fault"] = outcomes(sent, injected)
+    if replanned is not None:
+        out["replan"] = {**replanned, "requests": around(sent, replanned) if "took_s" in replanned else None}
     return out
 
 
@@ -180,6 +189,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fault-at", type=float, default=5.0, help="seconds after the start")
     p.add_argument("--fault-pool", choices=("thinking", "fast"), default="thinking")
     p.add_argument("--recover-timeout", type=float, default=180.0, help="seconds to wait for the pool to serve again")
+    p.add_argument("--replan-at", type=float, default=None,
+                   help="seconds after the start: re-plan --replan-pool's expert placement from its live counters")
+    p.add_argument("--replan-pool", choices=("thinking", "fast"), default="thinking")
+    p.add_argument("--replan-redundant", type=int, default=0, help="extra copies of the hottest experts per layer")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[float]]:
@@ -194,6 +207,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[float]
                       sampling=sampling)
     if args.fault:
         cfg.fault = FaultConfig(args.fault, args.fault_at, args.fault_pool, args.recover_timeout)
+    if args.replan_at is not None:
+        cfg.replan = ReplanConfig(args.replan_at, args.replan_pool, args.replan_redundant)
     rates = [float(r) for r in str(args.request_rate).split(",")]
     if any(r <= 0 for r in rates):
         raise ValueError("request-rate: must be > 0 (inf: all at once)")
@@ -227,5 +242,14 @@ def main(args: argparse.Namespace) -> int:
             print(f"fault {f['kind']} ({f['target']}) at {f['at_s']:.1f} s: {n['requests']} in flight, {n['completed']} "
                   f"completed, {n['failed_retriable']} retriable errors, {n['failed_other']} other errors, {n['hung']} hung, "
                   f"{f['all']['retried']} retried; the {f['pool']} pool served again after {rec}")
+        if "replan" in run:
+            r = run["replan"]
+            if r["status"] == 200:
+                n = r["requests"]
+                print(f"re-plan of {r['pool']} at {r['at_s']:.1f} s took {r['took_s']:.1f} s: {n['in_flight']} requests in "
+                      f"flight, {n['completed']} completed, {n['failed']} failed; largest group's tokens "
+                      f"{r['before']['max_group_tokens_sum']:.0f} -> {r['after']['max_group_tokens_sum']:.0f}")
+            else:
+                print(f"re-plan of {r['pool']} failed: {r.get('error')}")
     print(f"wrote {args.out}")
     return 0

@@ -11,6 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.serving.clients import SamplingArgs
+from benchmarks.serving.replan import ReplanConfig
+from benchmarks.serving.run import BenchConfig, bench
+from benchmarks.serving.workload import WorkloadConfig
 from cluster.model.expert_usage import ExpertUsage
 from cluster.parallel.placement import ExpertPlacement
 from deployments.config import AppConfig
@@ -86,3 +90,16 @@ def test_usage_and_live_replan_under_load(server: str, qwen_vocab_checkpoint: Pa
     bad = httpx.post(f"{server}/admin/experts/thinking/replan", json={"redundant": 3}, headers=AUTH, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "redundant"
     assert httpx.get(f"{server}/health", timeout=30).status_code == 200
+
+
+def test_bench_replans_a_pool_under_load(server: str) -> None:
+    """`q3serve bench --replan-at`: the re-plan happens while the load runs, and nothing fails."""
+    workload = WorkloadConfig(num_prompts=16, input_len=16, output_len=48, thinking_share=1.0, seed=5)
+    cfg = BenchConfig(url=server, backend="openai", model="m", api_key=KEY, request_rate=8.0, duration_s=60,
+                      timeout_s=120, workload=workload, sampling=SamplingArgs(ignore_eos=True),
+                      replan=ReplanConfig(at_s=1.0, pool="thinking", redundant=2))
+    (run,) = bench(cfg, [8.0], progress=False)
+    replan = run["replan"]
+    assert replan["status"] == 200, replan
+    assert replan["requests"]["in_flight"] > 0 and replan["requests"]["failed"] == 0
+    assert run["summary"]["overall"]["completed"] == 16
