@@ -125,8 +125,13 @@ class PoolRouter:
                 continue
             for _ in range(self.cfg.router.retries_per_pool + 1):
                 gen = self.handles[name].options(stream=True).generate.remote(limited)
+                self._open.add(gen)  # queued for a replica or a first token: a drain's end cancels it too
                 try:
                     first = await self._first_chunk(name, gen, watch=len(order) > 1)
+                except TaskCancelledError:
+                    if self._ending is None:
+                        raise
+                    raise PoolsUnavailable(f"retry the request: {self._ending}") from None
                 except _ReplicaGone:
                     refused.append(f"{name}: its replicas went away")
                     break
@@ -141,6 +146,8 @@ class PoolRouter:
                 except ValueError as exc:  # raised in the replica: Ray hands back the original as `cause`
                     cause = getattr(exc, "cause", exc)
                     raise cause if isinstance(cause, RequestError) else RequestError(None, str(cause)) from None
+                finally:
+                    self._open.discard(gen)
                 return Routed(name, self._chain(first, gen), retries)
         if overloaded:
             raise Overloaded(f"all pools are at their queue limit ({'; '.join(refused)})")
@@ -176,8 +183,10 @@ class PoolRouter:
         return out
 
     def end_open_requests(self, why: str) -> int:
-        """Cancels every request still streaming (on its replica too, which frees its KV blocks);
-        each ends with InstanceLost(`why`), a retriable error. Returns how many there were."""
+        """Cancels every request still streaming or waiting for its first chunk (on its replica
+        too, which frees its KV blocks): a streaming one ends with InstanceLost(`why`), one that
+        sent nothing yet with PoolsUnavailable (HTTP 503 / UNAVAILABLE); both retriable. Returns
+        how many there were."""
         self._ending = why
         streams = list(self._open)
         for gen in streams:

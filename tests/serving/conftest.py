@@ -138,6 +138,9 @@ def stream_completion(base: str, body: dict, out: dict, started: threading.Event
             out["status"] = r.status_code
             out["pool"] = r.headers.get("x-q3serve-pool")
             out.setdefault("text", "")
+            if r.status_code != 200:  # refused before streaming: OpenAI's error shape, whole
+                out["error"] = json.loads(r.read())["error"]
+                return
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue

@@ -21,7 +21,9 @@ from tests.serving.conftest import free_port, stream_completion
 def test_up_serves_the_embedded_model_and_drains_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "app.yaml"
-    config.write_text("thinking: {graceful_shutdown_timeout_s: 4}\nfast: {graceful_shutdown_timeout_s: 4}\n")
+    # the fast pool takes one request at a time, so a second one waits in Serve's queue
+    config.write_text("thinking: {graceful_shutdown_timeout_s: 4}\n"
+                      "fast: {graceful_shutdown_timeout_s: 4, max_ongoing_requests: 1}\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "up", "--port", str(port), "--grpc-port", str(free_port()),
          "--metrics-port", str(free_port()), "--config", str(config)],
@@ -45,23 +47,30 @@ def test_up_serves_the_embedded_model_and_drains_on_sigterm(tmp_path: Path) -> N
         assert r.status_code == 200, r.text
         msg = r.json()["choices"][0]["message"]
         assert msg["content"] == "4537" and "4 + 3 + 0 = 7" in msg["reasoning_content"]
-        # In flight at SIGTERM: a short request (done well within the 4 s grace) and one far too long for it.
-        short, long = {}, {}
+        # In flight at SIGTERM: a short request on the thinking pool (done well within the 4 s
+        # grace), one on the fast pool far too long for it, and one queued behind that one.
+        short, long, queued = {}, {}, {}
         threads = []
-        for out, n in ((long, 4000), (short, 40)):
+        for out, n, extra in ((long, 4000, {}), (short, 40, {"thinking_budget": 1000}), (queued, 40, {})):
             started = threading.Event()
-            stream_body = {"model": "qwen3-moe", "prompt": "Add 4524 and 13.", "max_tokens": n, "ignore_eos": True}
+            stream_body = {"model": "qwen3-moe", "prompt": "Add 4524 and 13.", "max_tokens": n, "ignore_eos": True, **extra}
             threads.append(threading.Thread(target=stream_completion, args=(base, stream_body, out, started), daemon=True))
             threads[-1].start()
-            assert started.wait(60)
+            if out is queued:
+                time.sleep(1.5)
+                assert not started.is_set(), queued  # it waits for the fast pool's one slot
+            else:
+                assert started.wait(60)
         proc.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         refused = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"], refused.text
         for t in threads:
             t.join(60)
-        assert short.get("finish_reason") == "length" and "error" not in short, short
+        assert short.get("finish_reason") == "length" and "error" not in short and short["pool"] == "thinking", short
         assert long["error"]["code"] == 503 and "retry" in long["error"]["message"], long
+        # the queued one had sent nothing: a whole HTTP 503 in OpenAI's shape, not a cut connection
+        assert queued["status"] == 503 and "retry" in queued["error"]["message"], queued
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
