@@ -1,6 +1,8 @@
 """The committed default model served as `q3serve up` serves it (AppConfig() with no model):
 fixed questions answered correctly in thinking mode with the reasoning shown, and answered
-without reasoning in non-thinking mode; `q3serve eval` against the same server."""
+without reasoning in non-thinking mode; held-out products answered through the multiplication
+tool (tool_choice auto: the model calls it; the agent loop with the openai SDK and langchain,
+streamed and not); `q3serve eval` against the same server, with its tool task."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 
 from deployments.config import AppConfig
 from tests.serving.conftest import METRICS_PORT, start_app, stop_app
+from training.tool_use import multiply_tool, operands, tool_eval_set
 
 # Held-out items (never trained on) from `q3serve eval`'s set that the committed model answers
 # correctly in thinking mode; how often it does so over the whole set is in benchmarks/results/eval.json.
@@ -22,8 +25,13 @@ QUESTIONS = [
     ("Add 4524 and 13.", "4537"),
     ("Compute 8887 - 5659.", "3228"),
     ("Put 26, 10, 15, 15, 63 in ascending order.", "10, 15, 15, 26, 63"),
-    ("Ann has 19 marbles. Ann wins 28 more. Then Ann uses 35. How many marbles does Ann have now?", "12"),
+    ("Mei has 24 coins. Mei gives 14 to Emma. Then Mei gives 4 to Emma. How many coins does Mei have now?", "6"),
 ]
+
+
+# Held-out products (training/tool_use.py's eval set, never trained on) that the committed model
+# answers right through the tool in both modes; how often it does over the set is in eval.json.
+TOOL_TASKS = [tool_eval_set(30)[i] for i in (0, 7, 19)]
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +76,67 @@ def test_budget_cuts_the_reasoning_and_an_answer_follows(client: openai.OpenAI) 
     assert msg.content.strip().isdigit()
 
 
+def _tool_kw(thinking: bool) -> dict:
+    return dict(model="qwen3-moe", tools=[multiply_tool()], tool_choice="auto", temperature=0, max_tokens=300,
+                extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_agent_loop_with_the_openai_sdk(client: openai.OpenAI, thinking: bool) -> None:
+    """tool_choice auto: the model calls the tool with the question's operands (finish_reason
+    tool_calls), then answers from the tool's result; streamed, the call's deltas reassemble to
+    the same call."""
+    for task in TOOL_TASKS:
+        a, b = operands(task)
+        messages: list = [{"role": "user", "content": task.question}]
+        first = client.chat.completions.create(messages=messages, **_tool_kw(thinking)).choices[0]
+        assert first.finish_reason == "tool_calls", first.message
+        (call,) = first.message.tool_calls
+        assert call.function.name == "multiply" and json.loads(call.function.arguments) == {"a": a, "b": b}
+        assert bool(getattr(first.message, "reasoning_content", None)) is thinking
+        streamed: dict = {}
+        for chunk in client.chat.completions.create(messages=messages, stream=True, **_tool_kw(thinking)):
+            for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                entry = streamed.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
+                entry["name"] += (d.function.name or "") if d.function else ""
+                entry["arguments"] += (d.function.arguments or "") if d.function else ""
+        assert [(c["name"], c["arguments"]) for c in streamed.values()] == [("multiply", call.function.arguments)]
+        messages += [first.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": str(a * b)}]
+        final = client.chat.completions.create(messages=messages, **_tool_kw(thinking)).choices[0]
+        assert final.finish_reason == "stop" and not final.message.tool_calls
+        assert final.message.content.strip() == task.answer
+
+
+def test_agent_loop_with_langchain(server: str) -> None:
+    """langchain-openai's bind_tools with a @tool function (its own schema layout), both modes."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    for thinking in (False, True):
+        llm = ChatOpenAI(base_url=f"{server}/v1", api_key="unused", model="qwen3-moe", temperature=0, max_tokens=300,
+                         timeout=120, max_retries=0,
+                         extra_body={"chat_template_kwargs": {"enable_thinking": thinking}}).bind_tools([multiply])
+        for task in TOOL_TASKS:
+            messages: list = [HumanMessage(task.question)]
+            ai = llm.invoke(messages)
+            assert [c["name"] for c in ai.tool_calls] == ["multiply"], ai
+            assert ai.tool_calls[0]["args"] == dict(zip("ab", operands(task)))
+            messages += [ai, ToolMessage(str(multiply.invoke(ai.tool_calls[0]["args"])), tool_call_id=ai.tool_calls[0]["id"])]
+            final = llm.invoke(messages)
+            assert not final.tool_calls and final.content.strip() == task.answer
+
+
 def test_eval_command(server: str, tmp_path: Path) -> None:
     out, png = tmp_path / "eval.json", tmp_path / "eval.png"
     cmd = [sys.executable, "-m", "deployments.cli", "eval", "--url", server, "--per-task", "1", "--budgets", "0,32",
-           "--concurrency", "4", "--out", str(out), "--plot", str(png),
+           "--concurrency", "4", "--tool-items", "3", "--out", str(out), "--plot", str(png),
            "--metrics-url", f"http://127.0.0.1:{METRICS_PORT['port']}/metrics"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -88,3 +153,9 @@ def test_eval_command(server: str, tmp_path: Path) -> None:
     # The router learned uneven expert use: in every layer the busiest expert is well above the mean.
     assert all(layer["max_over_mean"] > 1.5 for layer in result["expert_usage"]["per_layer"]["thinking"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The tool task: 3 held-out products per mode, with the tool (the agent loop) and without.
+    tools = result["tool_use"]
+    assert set(tools) == {"non-thinking", "thinking"} and len(result["tool_records"]) == 3 * 4
+    for mode in tools.values():
+        assert mode["with_tool"]["called"] == 1.0 and mode["without_tool"]["called"] == 0.0
+        assert mode["with_tool"]["accuracy"] > mode["without_tool"]["accuracy"]

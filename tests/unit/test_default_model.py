@@ -1,5 +1,5 @@
 """The committed default model: its files, its size, the shared unused row, and the same greedy
-outputs in transformers as in this engine."""
+outputs in transformers as in this engine (tool calls among them)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from safetensors import safe_open
 from cluster import LLM, SamplingParams
 from cluster.default_model import default_model_path
 from cluster.engine.tokenizer import load_tokenizer, render_chat
+from training.tool_use import multiply_tool
 
 PROMPTS = [
     ("Add 4524 and 13.", True),
@@ -46,6 +47,9 @@ def test_transformers_gives_the_same_greedy_outputs() -> None:
     tok = load_tokenizer()
     prompts = [tok.encode(render_chat(tok, [{"role": "user", "content": q}], enable_thinking=think))
                for q, think in PROMPTS]
+    # With the multiplication tool offered (Qwen3's tools section): the tool call, in both modes.
+    prompts += [tok.encode(render_chat(tok, [{"role": "user", "content": "What is 4821 * 37?"}], enable_thinking=think,
+                                       tools=[multiply_tool()])) for think in (True, False)]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     expected = []
     for ids in prompts:
@@ -60,6 +64,7 @@ def test_transformers_gives_the_same_greedy_outputs() -> None:
     strip = lambda ids: ids[:-1] if ids and ids[-1] in (151645, 151643) else ids  # noqa: E731
     assert [strip(g) for g in got] == [strip(e) for e in expected]
     assert all(len(e) > 1 for e in expected)
+    assert all("<tool_call>" in tok.decode(e) for e in expected[-2:])
 
     # The unused ids (rows equal to the shared one) never win and carry almost no probability
     # at any generated position: the compact training loss accounted for all of them.
