@@ -5,8 +5,13 @@ from cluster.config import EngineConfig, ModelConfig, ParallelConfig, RequestErr
 from cluster.engine.core import RequestOutput
 from cluster.engine.engine import LLM, Engine, EngineDeadError
 from cluster.engine.tokenizer import STOP_THINKING, THINK_END, THINK_START, load_tokenizer, render_chat
+from cluster.model.expert_usage import ExpertUsage, model_identity, most_used
+from cluster.model.prune import prune_checkpoint
+from cluster.parallel.placement import ExpertPlacement, contiguous, load_balanced, load_report
 
 __all__ = [
     "LLM", "Engine", "EngineDeadError", "EngineConfig", "ModelConfig", "ParallelConfig", "RequestError",
     "RequestOutput", "SamplingParams", "STOP_THINKING", "THINK_END", "THINK_START", "load_tokenizer", "render_chat",
+    "ExpertUsage", "model_identity", "most_used", "prune_checkpoint", "ExpertPlacement", "contiguous",
+    "load_balanced", "load_report",
 ]

@@ -45,7 +45,7 @@ def calibration_conversations(prompts: str | None, tasks: int, seed: int) -> lis
 def collect(args: argparse.Namespace) -> int:
     from cluster import LLM, SamplingParams
     from cluster.default_model import default_model_path
-    from cluster.model.expert_usage import ExpertUsage, model_identity
+    from cluster import ExpertUsage, model_identity
 
     model = Path(args.model or default_model_path())
     conversations = calibration_conversations(args.prompts, args.tasks, args.seed)
@@ -70,8 +70,8 @@ def collect(args: argparse.Namespace) -> int:
 
 def prune(args: argparse.Namespace) -> int:
     from cluster.config import ModelConfig
-    from cluster.model.expert_usage import ExpertUsage, most_used
-    from cluster.model.prune import prune_checkpoint
+    from cluster import ExpertUsage, most_used
+    from cluster import prune_checkpoint
 
     usage = ExpertUsage.load(args.usage)
     usage.check_model(args.model)
@@ -89,8 +89,8 @@ def prune(args: argparse.Namespace) -> int:
 
 
 def place(args: argparse.Namespace) -> int:
-    from cluster.model.expert_usage import ExpertUsage
-    from cluster.parallel.placement import contiguous, load_balanced, load_report
+    from cluster import ExpertUsage
+    from cluster import contiguous, load_balanced, load_report
 
     usage = ExpertUsage.load(args.usage)
     if args.model:

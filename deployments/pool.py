@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from cluster import Engine, RequestError, RequestOutput, SamplingParams
-from cluster.model.expert_usage import ExpertUsage, model_identity
-from cluster.parallel.placement import load_balanced, load_report
+from cluster import ExpertUsage, model_identity
+from cluster import load_balanced, load_report
 from deployments.config import PoolConfig
 from deployments.host import apply_cpu_settings, priority_of
 from deployments.metrics import PoolMetrics
