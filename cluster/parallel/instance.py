@@ -216,16 +216,19 @@ class RayExecutor:
         stay), every rank swaps its routing tables. A failure fails the instance, as a failed
         step does (Serve then rebuilds the replica)."""
         new = resolve_placement(self.cfg, dataclasses.replace(self.parallel, placement=placement))
-        holders = self.shards if self.parallel.colocated else self.groups
-        reloaded = self._wait({a.replan.remote(new): a for a in self.actors}, timeout_s)
+        holders = self.expert_holders
+        reloaded = dict(zip(self.actors, self._wait({a.replan.remote(new): a for a in self.actors}, timeout_s)))
         self.placement = new
-        by_holder = reloaded[: len(self.shards)] if self.parallel.colocated else reloaded[len(self.shards):]
-        return {"groups": len(holders), "layers_reloaded": by_holder}
+        return {"groups": len(holders), "layers_reloaded": [reloaded[a] for a in holders]}
+
+    @property
+    def expert_holders(self) -> list:
+        """The actors holding expert groups, in group order (the shards in the colocated layout)."""
+        return self.shards if self.parallel.colocated else self.groups
 
     def expert_group_rows(self, reset: bool = False) -> list[list[list[int]]]:
         """[group][MoE layer][step]: rows each expert group computed per layer in recent steps."""
-        holders = self.shards if self.parallel.colocated else self.groups
-        return [s["expert_rows"] for s in self.call_all("exchange_stats", reset, actors=holders)]
+        return [s["expert_rows"] for s in self.call_all("exchange_stats", reset, actors=self.expert_holders)]
 
     def check_health(self) -> None:
         if self.failed:

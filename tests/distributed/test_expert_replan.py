@@ -16,16 +16,12 @@ from cluster.config import ModelConfig
 from cluster.engine.engine import Engine
 from cluster.parallel.placement import ExpertPlacement, contiguous, load_balanced, load_report
 from tests.conftest import hf_greedy, hf_model
+from tests.distributed.test_expert_parallel import GREEDY, PROMPTS, _expert_bytes
 
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-PROMPTS = [[1, 2, 3, 4, 5], list(range(20, 61)), [7] * 9, [300, 12], list(range(100, 118))]
+# a KV pool large enough for all five prompts at once (the expert-parallel tests' one preempts)
 ENGINE = dict(dtype="float32", num_kv_blocks=32, block_size=4, max_num_batched_tokens=16, max_model_len=64)
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def _expert_bytes(cfg: ModelConfig) -> int:
-    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * len(cfg.moe_layers)
 
 
 def test_measured_group_rows_follow_the_map(moe_checkpoint: Path, tmp_path: Path) -> None:
