@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from benchmarks.machine import describe_machine
@@ -83,10 +83,16 @@ def train(args: argparse.Namespace) -> Trained:
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer()
     used = used_token_ids(tokenizer, args.seed, args.vocab_samples)
+    init = load_file(str(Path(args.init) / "model.safetensors")) if args.init else None
+    if init is not None:  # keep every token the checkpoint learned (the last row is a never-used id's)
+        embed = init["model.embed_tokens.weight"]
+        used = sorted(set(used) | set((embed != embed[-1]).any(dim=1).nonzero()[:, 0].tolist()))
     remap = {t: i for i, t in enumerate(used)}
     cfg = TinyConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, num_experts=args.experts,
                      num_experts_per_tok=args.top_k, moe_intermediate_size=args.moe_intermediate)
     model = TinyQwen3Moe(cfg, used)
+    if init is not None:
+        model.load_export(init)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -143,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/q3serve-tiny-thinker")
     p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--init", default=None, help="train on from this exported checkpoint (same architecture)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--micro-batches", type=int, default=4, help="length buckets per step (gradient accumulated)")
