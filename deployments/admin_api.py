@@ -1,18 +1,20 @@
 """Operator routes under /admin (behind the API keys, like /v1): a pool's live expert usage, in
 the file format `q3serve experts prune | place` read, and a live re-plan of its expert
-placement from those counters. Each call reaches one replica of the pool (Serve picks it), and
-says which one."""
+placement from those counters. Both reach every replica of the pool (Serve's handle broadcast):
+the usage is the replicas' counters added, and the re-plan gives every replica the one map made
+from them, so a pool's replicas stay alike."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster import RequestError
+from cluster import ExpertUsage, RequestError
 from deployments.frontend import Frontend
 
 
@@ -26,12 +28,23 @@ def _error(status: int, message: str, param: str | None) -> JSONResponse:
                                    "code": status}}, status_code=status)
 
 
-async def _bounded(call: Any, timeout_s: float) -> Any:
-    """A pool call that cannot hang the route: past `timeout_s` it is a 504."""
-    async def wait() -> Any:
-        return await call
+def _cause(exc: BaseException) -> BaseException:
+    return getattr(exc, "cause", None) or exc  # a replica's own error, not Ray's wrapper
 
-    return await asyncio.wait_for(wait(), timeout_s)
+
+async def _on_every_replica(handle: Any, method: str, timeout_s: float, *args: Any) -> list[Any]:
+    """`method` on every replica of a pool at once; past `timeout_s` a TimeoutError (a 504)."""
+    return await handle.broadcast(method, *args).results_async(timeout_s=timeout_s)
+
+
+def pool_usage(readings: list[dict[str, Any]], pool: str) -> ExpertUsage:
+    """The replicas' counters added into one usage file that names them."""
+    usages = [ExpertUsage(**r) for r in readings]
+    total = usages[0]
+    for u in usages[1:]:
+        total = total.plus(u)
+    names = ", ".join(u.source.split("replica ", 1)[-1].split(",", 1)[0] for u in usages)
+    return dataclasses.replace(total, source=f"pool {pool}, {len(usages)} replica(s) ({names}), live counters")
 
 
 def add_admin_routes(app: FastAPI, frontend: Frontend, usage_timeout_s: float = 60.0,
@@ -45,20 +58,32 @@ def add_admin_routes(app: FastAPI, frontend: Frontend, usage_timeout_s: float = 
     @app.get("/admin/experts/{pool}")
     async def expert_usage(pool: str) -> Any:
         try:
-            return await _bounded(handle(pool).expert_usage.remote(), usage_timeout_s)
+            readings = await _on_every_replica(handle(pool), "expert_usage", usage_timeout_s)
         except LookupError as exc:
             return _error(404, str(exc), "pool")
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, TimeoutError):
             return _error(504, f"pool {pool} did not answer within {usage_timeout_s:g}s", "pool")
+        if not readings:
+            return _error(503, f"pool {pool} has no running replica", "pool")
+        return dataclasses.asdict(pool_usage(readings, pool))
 
     @app.post("/admin/experts/{pool}/replan")
     async def replan(pool: str, body: ReplanRequest) -> Any:
         try:
-            return await _bounded(handle(pool).replan.remote(body.redundant), replan_timeout_s)
+            h = handle(pool)
+            readings = await _on_every_replica(h, "expert_usage", usage_timeout_s)
+            if not readings:
+                return _error(503, f"pool {pool} has no running replica", "pool")
+            usage = pool_usage(readings, pool)
+            moved = await _on_every_replica(h, "replan", replan_timeout_s, body.redundant, usage.tokens)
         except LookupError as exc:
             return _error(404, str(exc), "pool")
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, TimeoutError):
             return _error(504, f"pool {pool} did not finish the re-plan within {replan_timeout_s:g}s", "pool")
         except RequestError as exc:
-            cause = getattr(exc, "cause", None) or exc  # the replica's own error, not Ray's wrapper
-            return _error(400, str(cause), getattr(cause, "param", None))
+            return _error(400, str(_cause(exc)), getattr(_cause(exc), "param", None))
+        first = moved[0]
+        return {"pool": pool, "usage": usage.source, "groups": first["groups"], "before": first["before"],
+                "after": first["after"], "placement": first["placement"],
+                "replicas": [{"replica": m["replica"], "seconds": m["seconds"], "layers_reloaded": m["layers_reloaded"],
+                              "same_map": m["placement"] == first["placement"]} for m in moved]}

@@ -19,8 +19,10 @@ APP_NAME = "q3serve"
 # starts, so they go into the environment before `ray.init` (and into the chart's head pod).
 # A replica whose health checks fail 3 times in a row has a dead engine (nothing it runs can
 # finish), so it is stopped at once rather than given its graceful-shutdown period: the pool is
-# rebuilt sooner.
-SERVE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
+# rebuilt sooner. A proxy gets 30 s (not Serve's 5 s) to say it is ready: on a busy host (a node
+# still loading a model, CPUs saturated) a 5 s check kills a healthy starting proxy, and
+# `serve.start` fails with ActorDiedError.
+SERVE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 
 def apply_serve_env() -> None:

@@ -106,15 +106,19 @@ class ModelPool:
                                         f"pool {self.name}, replica {self._replica()}, live counters")
         return dataclasses.asdict(usage)
 
-    async def replan(self, redundant: int = 0) -> dict[str, Any]:
-        """Re-plans this replica's expert placement from its live counters (load-balanced with
-        `redundant` extra copies per layer) and moves the experts between steps; requests in
-        flight pause for the move and go on unchanged."""
+    async def replan(self, redundant: int = 0, tokens: list[list[float]] | None = None) -> dict[str, Any]:
+        """Re-plans this replica's expert placement (load-balanced with `redundant` extra copies
+        per layer) from `tokens` (per MoE layer and expert: the pool's counters, so every replica
+        gets the same map) or else its own live counters, and moves the experts between steps;
+        requests in flight pause for the move and go on unchanged."""
         core = self.engine.core
         groups = self.pool.expert_groups
         if groups < 2:
             raise RequestError("pool", f"pool {self.name} has one expert group: there is nothing to place")
-        counts = self.engine.expert_usage()[0][core.model_config.moe_layers]
+        own = self.engine.expert_usage()[0][core.model_config.moe_layers]
+        counts = own if tokens is None else torch.tensor(tokens, dtype=own.dtype)
+        if counts.shape != own.shape:
+            raise RequestError("tokens", f"expected {list(own.shape)} counts (MoE layers x experts), got {list(counts.shape)}")
         try:
             placement = load_balanced(counts, groups, redundant)
         except ValueError as exc:  # its message starts with the field: "redundant: ..."

@@ -33,7 +33,7 @@ async def run_replan(cfg: ReplanConfig, http: httpx.AsyncClient, t0: float) -> d
     out = {"pool": cfg.pool, "redundant": cfg.redundant, "at_s": start - t0, "took_s": time.perf_counter() - start,
            "status": status}
     if status == 200:
-        out.update({k: body[k] for k in ("replica", "seconds", "before", "after", "layers_reloaded")})
+        out.update({k: body[k] for k in ("usage", "before", "after", "replicas")})
     else:
         out["error"] = body.get("error", body)
     return out

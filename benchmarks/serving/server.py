@@ -25,9 +25,11 @@ def free_port() -> int:
 class UpServer:
     """A `q3serve up` process on free loopback ports; a context manager."""
 
-    def __init__(self, config: dict[str, Any] | None = None, timeout_s: float = 600.0) -> None:
-        """config None: `q3serve up` with its defaults, as a new user starts it."""
-        self.config, self.timeout_s = config, timeout_s
+    def __init__(self, config: dict[str, Any] | None = None, timeout_s: float = 600.0,
+                 args: list[str] | None = None) -> None:
+        """config None: `q3serve up` with its defaults, as a new user starts it; args: more of its
+        command-line options (`--model DIR`)."""
+        self.config, self.timeout_s, self.args = config, timeout_s, list(args or [])
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
@@ -35,7 +37,8 @@ class UpServer:
         self._dir = tempfile.TemporaryDirectory()
 
     def __enter__(self) -> "UpServer":
-        args = ["--port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port)]
+        args = ["--port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+                *self.args]
         if self.config is not None:
             path = Path(self._dir.name) / "app.yaml"
             path.write_text(yaml.safe_dump(self.config))

@@ -69,6 +69,15 @@ class ExpertUsage:
         return ExpertUsage(self.model, self.moe_layers, self.num_experts, self.top_k, sub(self.tokens, before.tokens),
                            sub(self.weight, before.weight), self.source)
 
+    def plus(self, other: "ExpertUsage", source: str | None = None) -> "ExpertUsage":
+        """Two sets of counters of the same checkpoint added (a pool's replicas together)."""
+        self._check_same_shape(other)
+        if other.model != self.model:
+            raise ValueError("usage: the two readings are of different checkpoints")
+        add = lambda a, b: [[x + y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]  # noqa: E731
+        return ExpertUsage(self.model, self.moe_layers, self.num_experts, self.top_k, add(self.tokens, other.tokens),
+                           add(self.weight, other.weight), self.source if source is None else source)
+
     def _check_same_shape(self, other: "ExpertUsage") -> None:
         if (other.moe_layers, other.num_experts) != (self.moe_layers, self.num_experts):
             raise ValueError("usage: the two readings are of different models")

@@ -1,7 +1,8 @@
-"""The /admin expert routes of the running app (behind the API keys): a pool replica's live usage
-in the file format `q3serve experts prune | place` read, and a live re-plan of an expert-parallel
-pool (2 attention shards, 2 expert groups) from its counters while greedy requests stream:
-none fails, each gives the same tokens before, during and after, and the new map is in effect."""
+"""The /admin expert routes of the running app (behind the API keys): a pool's live usage (its two
+replicas' counters added) in the file format `q3serve experts prune | place` read, and a live
+re-plan of an expert-parallel pool (two replicas, each with 2 expert groups) from those counters
+while greedy requests stream: none fails, each gives the same tokens before, during and after,
+and both replicas have moved to the one new map."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from tests.serving.conftest import start_app, stop_app, stream_completion
 
 KEY = "admin-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
-EP = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "attention_shards": 2, "expert_groups": 2}
+EP = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "expert_groups": 2,
+      "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
 FAST = {"dtype": "float32", "kv_cache_memory_gb": 0.05}
 
 
@@ -65,7 +67,7 @@ def test_usage_and_live_replan_under_load(server: str, qwen_vocab_checkpoint: Pa
     assert usage.status_code == 200
     parsed = ExpertUsage(**usage.json())
     parsed.check_model(qwen_vocab_checkpoint)
-    assert "pool thinking" in parsed.source and sum(parsed.tokens[0]) > 0
+    assert "pool thinking, 2 replica(s)" in parsed.source and sum(parsed.tokens[0]) > 0
 
     replanned: dict = {}
 
@@ -76,7 +78,9 @@ def test_usage_and_live_replan_under_load(server: str, qwen_vocab_checkpoint: Pa
     during = run_all(6, replan)
     assert replanned["status"] == 200, replanned
     body = replanned["body"]
-    assert body["groups"] == 2 and sum(body["layers_reloaded"]) > 0
+    assert body["groups"] == 2 and len(body["replicas"]) == 2
+    assert len({r["replica"] for r in body["replicas"]}) == 2
+    assert all(sum(r["layers_reloaded"]) > 0 and r["same_map"] for r in body["replicas"])
     assert body["after"]["max_group_tokens_sum"] <= body["before"]["max_group_tokens_sum"]
     placement = ExpertPlacement.from_dict(body["placement"])
     assert any(len(r) > 1 for layer in range(placement.num_layers) for r in placement.replicas(layer))

@@ -97,6 +97,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     {{- if eq .role "head" }}
     {{- /* Serve's controller runs here: deployments/app.py SERVE_ENV */}}
     - {name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS, value: "1"}
+    - {name: RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S, value: "30"}
     {{- end }}
     {{- if ne .role "head" }}
     {{- $nccl := $.Values.nccl }}
