@@ -87,6 +87,14 @@ class SparseMoe(nn.Module):
         self.usage[1].index_add_(0, flat, weights.flatten().to(self.usage.dtype))
         return ids, weights.to(x.dtype)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        """Moves with the module but stays float64: cast to bf16 with the weights, a counter
+        stops at 256 (256 + 1 rounds back to 256)."""
+        super()._apply(fn, recurse)
+        if self.usage.dtype != torch.float64:
+            self.usage = torch.zeros(self.usage.shape, dtype=torch.float64, device=self.usage.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
         return self.experts(x, ids, weights)

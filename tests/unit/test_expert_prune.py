@@ -52,6 +52,25 @@ def test_engine_usage_matches_transformers_router(moe_checkpoint: Path) -> None:
         assert torch.allclose(torch.tensor(usage.weight[i], dtype=torch.float64), weight, atol=1e-4)
 
 
+def test_usage_counts_exactly_in_a_bf16_model(moe_checkpoint: Path) -> None:
+    """The counters stay float64 when the model is cast: in bf16 a count stopped at 256. Every
+    token processed (prompt and decode, every layer) is counted top-k times."""
+    prompts = [list(range(3, 500)), list(range(10, 500)), list(range(500, 20, -1))]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    llm = LLM(moe_checkpoint, dtype="bfloat16", num_kv_blocks=512, block_size=4)
+    try:
+        llm.generate(prompts, params)
+        usage = llm.expert_usage()
+        top_k = llm.core.model_config.num_experts_per_tok
+        layers = llm.core.model_config.moe_layers
+    finally:
+        llm.shutdown()
+    processed = sum(len(p) for p in prompts) + len(prompts) * (params.max_tokens - 1)  # the last token is not fed back
+    assert usage.dtype == torch.float64
+    assert usage[0, layers].sum(dim=-1).tolist() == [float(processed * top_k)] * len(layers)
+    assert usage[0, layers].max() > 256
+
+
 def test_usage_file_round_trip_and_model_check(moe_checkpoint: Path, tmp_path: Path) -> None:
     usage = _usage(moe_checkpoint)
     cfg = ModelConfig.from_pretrained(moe_checkpoint)
