@@ -38,7 +38,7 @@ def collect_usage(model: Path, n: int, max_tokens: int, out: Path) -> ExpertUsag
 
 
 def score(model: Path, per_task: int, budget: int) -> dict:
-    with UpServer({"model": str(model)}, timeout_s=900) as server:
+    with UpServer(None, timeout_s=900, args=["--model", str(model)]) as server:
         result = evaluate(server.url, per_task=per_task, budgets=[budget], tool_items=per_task, progress=False)
     summary, tools = result["summary"], result["tool_use"]
     return {
