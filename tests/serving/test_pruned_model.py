@@ -1,6 +1,6 @@
 """A pruned default model served as a user serves it: usage collected with `q3serve experts
 collect`, 12 of 16 experts per layer kept by routing weight with `q3serve experts prune`, the
-result served by `q3serve up --model DIR`. Thinking and non-thinking answers equal transformers'
+result served as `q3serve up --model DIR` serves it (its AppConfig, on the shared test cluster). Thinking and non-thinking answers equal transformers'
 greedy decoding of the same pruned checkpoint (whatever its quality: how much pruning costs this
 model is benchmarks/results/pruning.json); a thinking budget cuts the reasoning and an answer follows."""
 
@@ -14,11 +14,12 @@ import openai
 import pytest
 import torch
 
-from benchmarks.serving.server import UpServer
 from cluster.config import ModelConfig
 from cluster.default_model import default_model_path
 from cluster.engine.tokenizer import load_tokenizer, render_chat
 from deployments.cli import main as cli
+from deployments.config import AppConfig
+from tests.serving.conftest import start_app, stop_app
 
 QUESTION = "Add 4524 and 13."
 BUDGET_NOTE = "Considering the limited time by the user"
@@ -39,9 +40,10 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def client(pruned: Path) -> Iterator[openai.OpenAI]:
     # float32 in both pools, as the transformers reference runs
-    config = {"thinking": {"dtype": "float32"}, "fast": {"dtype": "float32"}}
-    with UpServer(config, timeout_s=300, args=["--model", str(pruned)]) as server:
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    base = start_app(AppConfig.model_validate({"model": str(pruned), "thinking": {"dtype": "float32"},
+                                               "fast": {"dtype": "float32"}}))
+    yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+    stop_app()
 
 
 def _reference(model: Path, thinking: bool) -> tuple[str, str]:
