@@ -146,37 +146,10 @@ class TinyQwen3Moe(nn.Module):
         shift[-1] = self.unused_log_count
         return logits + shift, aux / len(self.blocks)
 
-    @torch.no_grad()
-    def load_export(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Starts from an exported checkpoint (to train on from it): the inverse of export().
-        A token used now but not then starts from the checkpoint's shared unused row."""
-        full = tensors["model.embed_tokens.weight"].float()
-        unused = torch.ones(full.shape[0], dtype=torch.bool)
-        unused[self.used_ids] = False
-        self.embed[:-1] = full[self.used_ids]
-        self.embed[-1] = full[unused.nonzero()[0, 0]]
-        self.norm.copy_(tensors["model.norm.weight"])
-        for i, b in enumerate(self.blocks):
-            p = f"model.layers.{i}."
-            for name, param in (("input_layernorm.weight", b.input_norm), ("post_attention_layernorm.weight", b.post_norm),
-                                ("self_attn.q_proj.weight", b.q), ("self_attn.k_proj.weight", b.k),
-                                ("self_attn.v_proj.weight", b.v), ("self_attn.o_proj.weight", b.o),
-                                ("self_attn.q_norm.weight", b.q_norm), ("self_attn.k_norm.weight", b.k_norm),
-                                ("mlp.gate.weight", b.gate)):
-                param.copy_(tensors[p + name])
-            for e in range(self.c.num_experts):
-                q = f"{p}mlp.experts.{e}."
-                b.w_gate[e].copy_(tensors[q + "gate_proj.weight"])
-                b.w_up[e].copy_(tensors[q + "up_proj.weight"])
-                b.w_down[e].copy_(tensors[q + "down_proj.weight"])
-
-    @torch.no_grad()
-    def export(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-        """Hub-layout tensors at the full vocabulary."""
-        c = self.c
-        embed = self.embed[-1].expand(c.vocab_size, -1).clone()
-        embed[self.used_ids] = self.embed[:-1]
-        out = {"model.embed_tokens.weight": embed, "model.norm.weight": self.norm}
+    def _hub_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor but the embedding under its hub name (views of the parameters): what
+        export() writes and load_export() reads back."""
+        out = {"model.norm.weight": self.norm}
         for i, b in enumerate(self.blocks):
             p = f"model.layers.{i}."
             out.update({
@@ -186,9 +159,30 @@ class TinyQwen3Moe(nn.Module):
                 p + "self_attn.q_norm.weight": b.q_norm, p + "self_attn.k_norm.weight": b.k_norm,
                 p + "mlp.gate.weight": b.gate,
             })
-            for e in range(c.num_experts):
+            for e in range(self.c.num_experts):
                 q = f"{p}mlp.experts.{e}."
                 out[q + "gate_proj.weight"] = b.w_gate[e]
                 out[q + "up_proj.weight"] = b.w_up[e]
                 out[q + "down_proj.weight"] = b.w_down[e]
+        return out
+
+    @torch.no_grad()
+    def load_export(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Starts from an exported checkpoint (to train on from it): the inverse of export().
+        A token used now but not then starts from the checkpoint's shared unused row."""
+        full = tensors["model.embed_tokens.weight"].float()
+        unused = torch.ones(full.shape[0], dtype=torch.bool)
+        unused[self.used_ids] = False
+        self.embed[:-1] = full[self.used_ids]
+        self.embed[-1] = full[unused.nonzero()[0, 0]]
+        for name, param in self._hub_tensors().items():
+            param.copy_(tensors[name])
+
+    @torch.no_grad()
+    def export(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+        """Hub-layout tensors at the full vocabulary."""
+        c = self.c
+        embed = self.embed[-1].expand(c.vocab_size, -1).clone()
+        embed[self.used_ids] = self.embed[:-1]
+        out = {"model.embed_tokens.weight": embed, **self._hub_tensors()}
         return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}

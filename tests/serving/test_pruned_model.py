@@ -1,8 +1,9 @@
 """A pruned default model served as a user serves it: usage collected with `q3serve experts
 collect`, 12 of 16 experts per layer kept by routing weight with `q3serve experts prune`, the
-result served as `q3serve up --model DIR` serves it (its AppConfig, on the shared test cluster). Thinking and non-thinking answers equal transformers'
-greedy decoding of the same pruned checkpoint (whatever its quality: how much pruning costs this
-model is benchmarks/results/pruning.json); a thinking budget cuts the reasoning and an answer follows."""
+result served as `q3serve up --model DIR` serves it (its AppConfig, on the shared test cluster).
+Thinking and non-thinking answers equal transformers' greedy decoding of the same pruned
+checkpoint (whatever its quality: how much pruning costs this model is
+benchmarks/results/pruning.json); a thinking budget cuts the reasoning and an answer follows."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _reference(model: Path, thinking: bool) -> tuple[str, str]:
     text = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
     if not thinking:
         return "", text.strip()
-    reasoning, end, answer = text.partition("</think>")  # no </think>: all of it is reasoning
+    reasoning, _, answer = text.partition("</think>")  # no </think>: all of it is reasoning
     return reasoning.strip().removeprefix("<think>").strip(), answer.strip()
 
 

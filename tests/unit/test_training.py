@@ -64,11 +64,9 @@ def test_soft_switches_agree_with_the_router() -> None:
 def test_short_training_exports_what_transformers_reads(tmp_path: Path, tok) -> None:  # noqa: ANN001
     from transformers import AutoModelForCausalLM
 
-    args = parser().parse_args([
-        "--out", str(tmp_path), "--steps", "30", "--batch", "8", "--layers", "2", "--hidden", "32",
-        "--experts", "4", "--top-k", "2", "--moe-intermediate", "16", "--vocab-samples", "400",
-        "--warmup", "5", "--save-every", "0",
-    ])
+    shape = ["--layers", "2", "--hidden", "32", "--experts", "4", "--top-k", "2", "--moe-intermediate", "16",
+             "--vocab-samples", "400", "--save-every", "0"]
+    args = parser().parse_args(["--out", str(tmp_path), "--steps", "30", "--batch", "8", "--warmup", "5", *shape])
     run = train(args)
     assert sum(run.losses[-5:]) / 5 < run.losses[0] - 1.0
     save(args, run, dtype=torch.float32)
@@ -91,3 +89,11 @@ def test_short_training_exports_what_transformers_reads(tmp_path: Path, tok) -> 
         mine = F.log_softmax(compact[0], -1)[target].gather(1, ids[0, 1:][target][:, None])
         theirs = F.log_softmax(full[0], -1)[target].gather(1, torch.tensor(ex.ids[1:])[target][:, None])
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+
+    # --init trains on from the export: 0 steps later the model exports the same tensors
+    again = parser().parse_args([*shape, "--init", str(tmp_path), "--steps", "0", "--out", str(tmp_path / "again")])
+    resumed = train(again)
+    assert resumed.used == run.used
+    mine, theirs = resumed.model.export(torch.float32), run.model.export(torch.float32)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
