@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.config import ModelConfig
-from cluster.model.experts import grouped_swiglu, sort_by_expert
+from cluster.model.experts import sort_by_expert
+from cluster.model.layers import silu_mul
 from cluster.model.layers import apply_rope, rms_norm, rope_tables
 
 
@@ -64,6 +65,18 @@ def _init(*shape: int, std: float = 0.02) -> nn.Parameter:
     return nn.Parameter(torch.randn(*shape) * std)
 
 
+def expert_rows(xs: torch.Tensor, counts: list[int], w_gate: torch.Tensor, w_up: torch.Tensor,
+                w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU over rows sorted by expert (counts[e] rows each), one matmul per expert joined by
+    cat: unlike writing into slices of one output or indexing the weights per expert, its backward
+    allocates no full-size zeros per expert (a training step 1.55 -> 1.15-1.3 s on 2 Intel cores; torch._grouped_mm has no CPU backward)."""
+    w_gate_up = torch.cat((w_gate, w_up), dim=1).unbind(0)  # unbind: its backward is one stack
+    downs = w_down.unbind(0)
+    return torch.cat([
+        silu_mul(p @ w_gate_up[e].T) @ downs[e].T for e, p in enumerate(xs.split(counts)) if counts[e]
+    ])
+
+
 class Block(nn.Module):
     def __init__(self, c: TinyConfig) -> None:
         super().__init__()
@@ -104,7 +117,7 @@ class Block(nn.Module):
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(flat.dtype)
         order, per_expert = sort_by_expert(top_i, c.num_experts)
         token = order // c.num_experts_per_tok
-        y = grouped_swiglu(flat[token], per_expert, torch.cat((self.w_gate, self.w_up), dim=1).transpose(1, 2), self.w_down.transpose(1, 2))
+        y = expert_rows(flat.index_select(0, token), per_expert, self.w_gate, self.w_up, self.w_down)
         out = torch.zeros_like(flat).index_add(0, token, y * top_w.reshape(-1)[order, None])
         hits = torch.tensor(per_expert)
         counts += hits

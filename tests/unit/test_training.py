@@ -97,3 +97,23 @@ def test_short_training_exports_what_transformers_reads(tmp_path: Path, tok) -> 
     mine, theirs = resumed.model.export(torch.float32), run.model.export(torch.float32)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
+
+
+def test_training_experts_equal_the_engines_grouped_experts() -> None:
+    """expert_rows (training's autograd-friendly form) computes what the engine's grouped_swiglu
+    computes, with the same gradients: the speed-up changes nothing that is learned."""
+    from cluster.model.experts import grouped_swiglu
+    from training.model import expert_rows
+
+    gen = torch.Generator().manual_seed(0)
+    counts = [5, 0, 9, 1, 0, 7]
+    xs = torch.randn(sum(counts), 16, generator=gen, requires_grad=True)
+    w_gate, w_up, w_down = (torch.randn(6, a, b, generator=gen, requires_grad=True) for a, b in ((8, 16), (8, 16), (16, 8)))
+    ours = expert_rows(xs, counts, w_gate, w_up, w_down)
+    ref = grouped_swiglu(xs, counts, torch.cat((w_gate, w_up), dim=1).transpose(1, 2), w_down.transpose(1, 2))
+    torch.testing.assert_close(ours, ref)
+    upstream = torch.randn(ours.shape, generator=gen)
+    grads = torch.autograd.grad((ours * upstream).sum(), (xs, w_gate, w_up, w_down))
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (xs, w_gate, w_up, w_down))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
