@@ -57,6 +57,13 @@ async def _unavailable_on_loss(chunks: AsyncIterator[PoolChunk], ctx: Any) -> As
         raise _abort(ctx, exc) from None
 
 
+def _retried(ctx: Any, retries: int) -> None:
+    """How many failed starts the server retried before this one served, as trailing metadata
+    (x-q3serve-retries, the HTTP header's name; Serve's proxy sends what the replica set)."""
+    if retries:
+        ctx.set_trailing_metadata([("x-q3serve-retries", str(retries))])
+
+
 def _opt(msg: Any, field: str) -> Any:
     return getattr(msg, field) if msg.HasField(field) else None
 
@@ -160,9 +167,10 @@ class GrpcApi:
             thinking, ids = self.frontend.chat_prompt(messages, _opt(request, "enable_thinking"), offered)
             params = self._sampling(request, thinking)
             params = constrain_to_tools(params, functions, forced, required, thinking, request.parallel_tool_calls)
-            pool, chunks, _ = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
+            pool, chunks, retries = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
+        _retried(ctx, retries)
         parser = StreamingReasoningParser()
         tool_parser = StreamingToolParser() if functions else None
         async for c in _unavailable_on_loss(chunks, ctx):
@@ -193,9 +201,10 @@ class GrpcApi:
             thinking = _opt(request, "thinking_budget") is not None
             params = self._sampling(request, thinking, stop_token_ids=list(request.stop_token_ids),
                                     ignore_eos=request.ignore_eos)
-            pool, chunks, _ = await self.frontend.start("grpc_generate", ids, params, thinking, param)
+            pool, chunks, retries = await self.frontend.start("grpc_generate", ids, params, thinking, param)
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
+        _retried(ctx, retries)
         async for c in _unavailable_on_loss(chunks, ctx):
             chunk = pb.GenerateChunk(token_ids=c.delta_token_ids, text=c.delta_text, pool=pool)
             if c.finished:

@@ -133,6 +133,11 @@ async def send_http(client: httpx.AsyncClient, backend: str, model: str, spec: R
     timer.done()
 
 
+def _retries(trailing: Any) -> int:
+    """The server's x-q3serve-retries trailing metadata (gRPC's form of the HTTP header)."""
+    return int(dict(trailing or ()).get("x-q3serve-retries", 0))
+
+
 async def send_grpc(stub: Any, backend: str, model: str, spec: RequestSpec, sampling: SamplingArgs, record: Record,
                     timeout_s: float, metadata: list[tuple[str, str]]) -> None:
     import grpc
@@ -167,5 +172,7 @@ async def send_grpc(stub: Any, backend: str, model: str, spec: RequestSpec, samp
     except grpc.aio.AioRpcError as exc:
         record.status = exc.code().name
         record.error = f"gRPC {exc.code().name}: {exc.details()}"[:200]
+        record.retries = _retries(exc.trailing_metadata())
         return
+    record.retries = _retries(await call.trailing_metadata())
     timer.done()

@@ -53,7 +53,8 @@ class Injected:
     at_s: float
     recovered_after_s: float | None = None
     pid: int | None = None  # a stopped process, resumed after the run in case it still exists
-    # the pool deployment's replica states as they changed: [seconds after the fault, {state: count}]
+    # the pool deployment's replica states as they changed: [seconds after the fault, {state: count},
+    # Serve's message when it has one]
     replica_states: list = field(default_factory=list)
 
 
@@ -130,21 +131,27 @@ def release(injected: Injected | None) -> None:
             pass
 
 
-def _replica_states(deployment: str) -> dict[str, int]:
+def _replica_states(deployment: str) -> tuple[dict[str, int], str]:
+    """The deployment's replica counts by state, and Serve's message about it (it names why a
+    replica failed its health check or its start)."""
     from ray import serve
 
     app = serve.status().applications.get(APP)
     dep = app.deployments.get(deployment) if app is not None else None
-    return {str(k): v for k, v in dep.replica_states.items()} if dep is not None else {}
+    if dep is None:
+        return {}, ""
+    return {str(k): v for k, v in dep.replica_states.items()}, dep.message or ""
 
 
 async def watch_states(deployment: str, since: float, timeline: list, every_s: float = 0.5) -> None:
-    """Appends the deployment's replica states each time they change, until cancelled: where the
-    time to recover goes (noticing the failure, stopping the old replica, building the new one)."""
+    """Appends the deployment's replica states (and Serve's message, when it says something) each
+    time they change, until cancelled: where the time to recover goes (noticing the failure,
+    stopping the old replica, building the new one) and why a replica was stopped."""
     while True:
-        states = await asyncio.to_thread(_replica_states, deployment)
-        if not timeline or timeline[-1][1] != states:
-            timeline.append([round(time.perf_counter() - since, 2), states])
+        states, message = await asyncio.to_thread(_replica_states, deployment)
+        entry = [states, message[:300]] if message else [states]
+        if not timeline or timeline[-1][1:] != entry:
+            timeline.append([round(time.perf_counter() - since, 2), *entry])
         await asyncio.sleep(every_s)
 
 

@@ -59,6 +59,9 @@ def _check(run: dict, retriable: str) -> None:
     print(fault)
     assert fault["all"]["hung"] == 0 and fault["all"]["failed_other"] == 0, fault["other_errors"]
     assert fault["in_flight"]["requests"] > 0  # the fault hit a loaded pool
+    # Requests that reached the broken instance before their first token were retried and said so
+    # (the x-q3serve-retries header over HTTP, trailing metadata over gRPC).
+    assert fault["all"]["retried"] > 0, fault
     for r in records:
         if r["error"] is not None:
             _failed_mid_stream(r, retriable)
