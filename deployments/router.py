@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
-from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from cluster import EngineDeadError, RequestError, SamplingParams
 from deployments.config import AppConfig, PoolConfig
 from deployments.pool import PoolChunk, PoolRequest
+from deployments.replica_counts import ReplicaCounts
 
 # The pool could not take the request: its queue is full or it has no replica to give it to.
 _REFUSALS = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
@@ -88,24 +87,14 @@ class PoolRouter:
         self.cfg = cfg
         self.handles = handles
         self.app_name = app_name
-        self._running: dict[str, tuple[float, int]] = {}
+        self._replicas = ReplicaCounts(app_name)
         self._open: set[Any] = set()      # the pool streams of requests in flight
         self._ending: str | None = None   # why open streams were cancelled (a drain past its grace)
 
-    def running_replicas(self, pool: str) -> int:
-        """Replicas of a pool in RUNNING state (cached for a second: it asks the controller)."""
-        now = time.monotonic()
-        cached = self._running.get(pool)
-        if cached and now - cached[0] < 1.0:
-            return cached[1]
-        count = 0
-        app = serve.status().applications.get(self.app_name)
-        if app is not None:
-            dep = app.deployments.get(f"{pool}-pool")
-            if dep is not None:
-                count = dep.replica_states.get("RUNNING", 0)
-        self._running[pool] = (now, count)
-        return count
+    def running_replicas(self, pool: str) -> int | None:
+        """Replicas of a pool in RUNNING state as last reported (None: not known yet); never
+        blocks the event loop (see deployments.replica_counts)."""
+        return self._replicas.get(f"{pool}-pool")
 
     async def stream(self, request: PoolRequest) -> Routed:
         """Starts the request on the first pool that takes it. A pool that refuses it is passed
@@ -177,7 +166,7 @@ class PoolRouter:
         out = {}
         for name in self.cfg.pools():
             try:
-                out[name] = self.running_replicas(name) > 0 and await self.handles[name].ready.remote()
+                out[name] = await self._replicas.known(f"{name}-pool") > 0 and await self.handles[name].ready.remote()
             except Exception:  # noqa: BLE001 - any failure means not ready
                 out[name] = False
         return out

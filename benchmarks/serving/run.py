@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from benchmarks.serving.summary import parse_slos, summarize_by_mode
 from benchmarks.serving.workload import RequestSpec, WorkloadConfig, arrival_offsets, make_workload
 
 NOT_SENT = "not sent: the run's duration had passed"
+REQUESTS_PER_POOL = 64  # requests per HTTP client (see run_once)
 
 
 @dataclass
@@ -61,8 +63,13 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
     records = [Record(s.index, s.mode, s.budget) for s in specs]
     limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     bar = tqdm(total=sum(cfg.only_mode in (None, s.mode) for s in specs), desc=f"{cfg.label} @ {cfg.request_rate} req/s", disable=not progress, unit="req")
-    http = httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=cfg.timeout_s,
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+    # Several clients, each with its own connection pool: httpcore scans every connection of its
+    # pool each time a request ends, so one pool over hundreds of open streams cost the client
+    # most of a core (py-spy, 600 at once) and delayed what it measured.
+    pools = [httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=cfg.timeout_s,
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+             for _ in range(max(1, math.ceil(len(specs) / REQUESTS_PER_POOL)))]
+    http = pools[0]
     channel = stub = None
     if cfg.backend.startswith("grpc"):
         import grpc
@@ -95,7 +102,8 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
             if stub is not None:
                 send = send_grpc(stub, cfg.backend, model, spec, cfg.sampling, record, cfg.timeout_s, metadata)
             else:
-                send = send_http(http, cfg.backend, model, spec, cfg.sampling, record, cfg.timeout_s)
+                send = send_http(pools[spec.index % len(pools)], cfg.backend, model, spec, cfg.sampling, record,
+                                 cfg.timeout_s)
             await asyncio.wait_for(send, cfg.timeout_s)
         except (asyncio.TimeoutError, httpx.TimeoutException):
             record.status = "timeout"
@@ -125,7 +133,8 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
             if task is not None and not task.done():
                 task.cancel()
         bar.close()
-        await http.aclose()
+        for client in pools:
+            await client.aclose()
         if channel is not None:
             await channel.close()
         release(injected)

@@ -45,3 +45,28 @@ def test_grpc_health_not_serving_until_every_pool_is_ready(server: str) -> None:
         assert client.health() == 2  # NOT_SERVING: the fast pool has no replica
     finally:
         client.close()
+
+
+def test_replica_counts_say_what_serve_status_says(server: str) -> None:
+    """The router's replica counts (read from the controller's plain details, in the background)
+    equal serve.status()'s: one thinking replica, no fast one."""
+    import asyncio
+
+    from ray import serve
+
+    from deployments.replica_counts import ReplicaCounts, _running
+    from tests.serving.conftest import APP
+
+    want = {name: d.replica_states.get("RUNNING", 0) for name, d in serve.status().applications[APP].deployments.items()}
+    assert _running(APP) == want and want["thinking-pool"] == 1 and want["fast-pool"] == 0
+
+    async def counts() -> tuple:
+        replicas = ReplicaCounts(APP)
+        first = replicas.get("thinking-pool")  # nothing known yet: a refresh starts, nobody waits
+        for _ in range(300):
+            if replicas.get("thinking-pool") is not None:
+                break
+            await asyncio.sleep(0.1)
+        return first, replicas.get("thinking-pool"), replicas.get("fast-pool")
+
+    assert asyncio.run(counts()) == (None, 1, 0)
