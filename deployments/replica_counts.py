@@ -32,6 +32,8 @@ def _running(app_name: str) -> dict[str, int]:
 
 
 class ReplicaCounts:
+    """The router's view of each deployment's RUNNING replicas, at most `period_s` old while in use."""
+
     def __init__(self, app_name: str, period_s: float = 1.0) -> None:
         self.app_name = app_name
         self.period_s = period_s
