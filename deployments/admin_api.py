@@ -38,12 +38,13 @@ async def _on_every_replica(handle: Any, method: str, timeout_s: float, *args: A
 
 
 def pool_usage(readings: list[dict[str, Any]], pool: str) -> ExpertUsage:
-    """The replicas' counters added into one usage file that names them."""
-    usages = [ExpertUsage(**r) for r in readings]
+    """The replicas' counters (ModelPool.expert_usage answers) added into one usage file that
+    names them."""
+    usages = [ExpertUsage(**r["usage"]) for r in readings]
     total = usages[0]
     for u in usages[1:]:
         total = total.plus(u)
-    names = ", ".join(u.source.split("replica ", 1)[-1].split(",", 1)[0] for u in usages)
+    names = ", ".join(r["replica"] for r in readings)
     return dataclasses.replace(total, source=f"pool {pool}, {len(usages)} replica(s) ({names}), live counters")
 
 

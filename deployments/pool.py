@@ -99,12 +99,13 @@ class ModelPool:
             return "local"
 
     def expert_usage(self) -> dict[str, Any]:
-        """This replica's per-expert usage since it started, in the file format of
-        `q3serve experts collect` (prune and place read either)."""
+        """This replica's id and its per-expert usage since it started, the latter in the file
+        format of `q3serve experts collect` (prune and place read either)."""
         core = self.engine.core
+        replica = self._replica()
         usage = ExpertUsage.from_tensor(self.engine.expert_usage(), core.model_config, model_identity(core.model_path),
-                                        f"pool {self.name}, replica {self._replica()}, live counters")
-        return dataclasses.asdict(usage)
+                                        f"pool {self.name}, replica {replica}, live counters")
+        return {"replica": replica, "usage": dataclasses.asdict(usage)}
 
     async def replan(self, redundant: int = 0, tokens: list[list[float]] | None = None) -> dict[str, Any]:
         """Re-plans this replica's expert placement (load-balanced with `redundant` extra copies

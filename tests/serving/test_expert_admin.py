@@ -80,6 +80,7 @@ def test_usage_and_live_replan_under_load(server: str, qwen_vocab_checkpoint: Pa
     body = replanned["body"]
     assert body["groups"] == 2 and len(body["replicas"]) == 2
     assert len({r["replica"] for r in body["replicas"]}) == 2
+    assert all(r["replica"] in parsed.source for r in body["replicas"])  # the usage named the same replicas
     assert all(sum(r["layers_reloaded"]) > 0 and r["same_map"] for r in body["replicas"])
     assert body["after"]["max_group_tokens_sum"] <= body["before"]["max_group_tokens_sum"]
     placement = ExpertPlacement.from_dict(body["placement"])
