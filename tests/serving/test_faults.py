@@ -49,7 +49,7 @@ def _run(server: str, kind: str, backend: str = "openai-chat") -> dict:
     cfg = BenchConfig(url=server, grpc_target=f"127.0.0.1:{GRPC_PORT['port']}", backend=backend, model="m",
                       request_rate=6.0, duration_s=60, timeout_s=45, workload=workload,
                       sampling=SamplingArgs(ignore_eos=backend != "grpc-chat"),
-                      fault=FaultConfig(kind, at_s=3.0, pool="thinking", recover_timeout_s=120))
+                      fault=FaultConfig(kind, at_s=2.0, pool="thinking", recover_timeout_s=120))
     (run,) = bench(cfg, [6.0], progress=False)
     return run
 
@@ -60,7 +60,8 @@ def _check(run: dict, retriable: str) -> None:
     assert fault["all"]["hung"] == 0 and fault["all"]["failed_other"] == 0, fault["other_errors"]
     assert fault["in_flight"]["requests"] > 0  # the fault hit a loaded pool
     # Requests that reached the broken instance before their first token were retried and said so
-    # (the x-q3serve-retries header over HTTP, trailing metadata over gRPC).
+    # (the x-q3serve-retries header over HTTP, trailing metadata over gRPC). The workload is seeded:
+    # five thinking requests arrive 0.5-1.3 s after the fault, so some always are.
     assert fault["all"]["retried"] > 0, fault
     for r in records:
         if r["error"] is not None:
