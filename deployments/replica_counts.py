@@ -49,9 +49,13 @@ class ReplicaCounts:
         return None if self._counts is None else self._counts.get(deployment, 0)
 
     async def known(self, deployment: str) -> int:
-        """The count, asking the controller first (off the loop) when none is known yet."""
+        """The count, waiting for the controller's answer (off the loop) when none is known yet:
+        the read get() has in flight, not a second one."""
         count = self.get(deployment)
-        return (await self.refresh()).get(deployment, 0) if count is None else count
+        if count is None and self._refreshing is not None:
+            await asyncio.shield(self._refreshing)  # a cancelled caller leaves the read to finish
+            count = self.get(deployment)
+        return count or 0
 
     async def refresh(self) -> dict[str, int]:
         """Asks the controller now (in a thread) and keeps the answer; on failure keeps the old one."""

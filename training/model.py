@@ -20,8 +20,7 @@ from torch import nn
 
 from cluster.config import ModelConfig
 from cluster.model.experts import sort_by_expert
-from cluster.model.layers import silu_mul
-from cluster.model.layers import apply_rope, rms_norm, rope_tables
+from cluster.model.layers import apply_rope, rms_norm, rope_tables, silu_mul
 
 
 @dataclass

@@ -98,7 +98,6 @@ def test_short_training_exports_what_transformers_reads(tmp_path: Path, tok) -> 
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-
 def test_training_experts_equal_the_engines_grouped_experts() -> None:
     """expert_rows (training's autograd-friendly form) computes what the engine's grouped_swiglu
     computes, with the same gradients: the speed-up changes nothing that is learned."""
