@@ -20,7 +20,7 @@ from torch import nn
 
 from cluster.config import ModelConfig
 from cluster.model.experts import sort_by_expert
-from cluster.model.layers import apply_rope, rms_norm, rope_tables, silu_mul
+from cluster.model.layers import apply_rope, rope_tables, silu_mul
 
 
 @dataclass
@@ -58,6 +58,12 @@ class TinyConfig:
             "sliding_window": None, "max_window_layers": self.num_hidden_layers,
             "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
         }
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """PyTorch's fused RMSNorm: in float32 the same values as the engine's `layers.rms_norm`
+    (tested), with fewer elementwise passes forward and backward (~4% of a training step)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _init(*shape: int, std: float = 0.02) -> nn.Parameter:

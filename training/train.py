@@ -63,11 +63,18 @@ def length_buckets(examples: list[Example], n: int) -> list[list[Example]]:
     return [examples[i:i + size] for i in range(0, len(examples), size)]
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to a tenth as `progress` goes 0 -> 1."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def progress_at(step: int, elapsed_s: float, args: argparse.Namespace) -> float:
+    """How far through the run: by steps, or by wall-clock when --minutes caps it (whichever is
+    further), so that a time-budgeted run still ends its schedule at the low learning rate."""
+    by_steps = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return max(by_steps, elapsed_s / (60 * args.minutes)) if args.minutes else by_steps
 
 
 @dataclass
@@ -79,6 +86,7 @@ class Trained:
 
 
 def train(args: argparse.Namespace) -> Trained:
+    start = time.monotonic()  # the budget counts the vocabulary scan and the setup too
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer()
@@ -95,16 +103,18 @@ def train(args: argparse.Namespace) -> Trained:
         model.load_export(init)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # fused: one kernel per parameter group instead of a dozen elementwise passes per tensor
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+                            lr=args.lr, betas=(0.9, 0.95), fused=True)
     rng = random.Random(args.seed)
     losses: list[float] = []
-    start = time.monotonic()
     bar = tqdm(range(args.steps), desc="training", unit="step")
     for step in bar:
+        if args.minutes and time.monotonic() - start >= 60 * args.minutes:
+            break
         examples = sorted((random_example(rng, tokenizer) for _ in range(args.batch)), key=lambda e: len(e.ids))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, progress_at(step, time.monotonic() - start, args), args.lr, args.warmup)
         opt.zero_grad(set_to_none=True)
         learned = sum(sum(e.learn) for e in examples)
         loss_sum, aux_sum = 0.0, 0.0
@@ -149,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/q3serve-tiny-thinker")
     p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop after this much training time (the schedule follows the clock), or at --steps")
     p.add_argument("--init", default=None, help="train on from this exported checkpoint (same architecture)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)

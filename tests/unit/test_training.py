@@ -116,3 +116,19 @@ def test_training_experts_equal_the_engines_grouped_experts() -> None:
     ref_grads = torch.autograd.grad((ref * upstream).sum(), (xs, w_gate, w_up, w_down))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_a_time_budget_ends_the_run_and_its_schedule() -> None:
+    """--minutes stops training when the time is spent, however many --steps were asked, and the
+    learning rate follows the clock down to its floor (a tenth of the peak) at the end."""
+    from training.train import lr_at, progress_at
+
+    shape = ["--layers", "1", "--hidden", "16", "--experts", "2", "--top-k", "1", "--moe-intermediate", "8",
+             "--vocab-samples", "200", "--save-every", "0", "--batch", "2", "--warmup", "2"]
+    args = parser().parse_args([*shape, "--steps", "5000", "--minutes", "0.03"])
+    run = train(args)
+    assert 0 < len(run.losses) < 5000
+    assert progress_at(10, 0.5 * 60 * 0.03, args) == pytest.approx(0.5, abs=0.01)
+    assert lr_at(10, progress_at(10, 60 * 0.03, args), 2e-3, 2) == pytest.approx(2e-4)
+    no_clock = parser().parse_args([*shape, "--steps", "102"])
+    assert progress_at(52, 1e9, no_clock) == pytest.approx(0.5)
