@@ -110,11 +110,12 @@ def train(args: argparse.Namespace) -> Trained:
     losses: list[float] = []
     bar = tqdm(range(args.steps), desc="training", unit="step")
     for step in bar:
-        if args.minutes and time.monotonic() - start >= 60 * args.minutes:
+        elapsed = time.monotonic() - start
+        if args.minutes and elapsed >= 60 * args.minutes:
             break
         examples = sorted((random_example(rng, tokenizer) for _ in range(args.batch)), key=lambda e: len(e.ids))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, progress_at(step, time.monotonic() - start, args), args.lr, args.warmup)
+            group["lr"] = lr_at(step, progress_at(step, elapsed, args), args.lr, args.warmup)
         opt.zero_grad(set_to_none=True)
         learned = sum(sum(e.learn) for e in examples)
         loss_sum, aux_sum = 0.0, 0.0
