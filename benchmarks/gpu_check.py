@@ -4,7 +4,7 @@ On a random checkpoint with Qwen3-30B-A3B's layer shapes (hidden 2048, 32 q / 4 
 128 experts top-8 of width 768, vocabulary 151,936) and a few layers:
   - greedy generation against transformers on the same GPU (float32), with chunked prefill, a
     prefix-cache hit and preemption; seeded sampled generation reproduces;
-  - host syncs per decode step (torch.cuda sync debug mode);
+  - host syncs per decode step (torch.cuda sync debug mode), in bf16 and in float32;
   - FP8 (Qwen's block layout) loads and generates as its dequantized bf16 twin, dequantized on load
     and with the experts kept in FP8 (block-scaled FP8 matmuls where the GPU has them): tokens,
     bytes, decode time;
@@ -137,7 +137,7 @@ def correctness(path: Path, device: str) -> dict[str, Any]:
         "preemptions": llm.core.shards[0].num_preemptions,
         "chunked_prefill_budget": 64,
         "seeded_sampling_reproduces": s1 == s2,
-        "host_syncs_per_decode_step": host_syncs(llm, device),
+        "host_syncs_per_decode_step_float32": host_syncs(llm, device),  # float32: experts read their counts
     }
     llm.shutdown()
     return result
@@ -182,14 +182,16 @@ def fp8_check(path: Path, tmp: Path, device: str) -> dict[str, Any]:
             before = torch.cuda.memory_allocated()
         llm = LLM(p, dtype="bfloat16", device=device, num_kv_blocks=256, max_num_seqs=16, fp8_weights=option)
         weights = torch.cuda.memory_allocated() - before if device == "cuda" else None
-        outs = llm.generate(prompts, greedy)
-        _sync(device)
-        start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
-        _sync(device)
-        out[name] = {"tokens": [o.token_ids for o in outs], "allocated_after_load_bytes": weights,
-                     "decode_16_seqs_s_per_32_tokens": round(time.perf_counter() - start, 3)}
-        llm.shutdown()
+        try:
+            out[name] = _fp8_run(llm, prompts, greedy, device)
+        finally:
+            llm.shutdown()  # a failed run must not hold its memory into the next part
+        out[name]["allocated_after_load_bytes"] = weights
+    twin_lp = torch.tensor(out["twin"].pop("prompt_logprobs"))
+    for name in ("dequantized", "kept"):  # how far each is from the twin, per prompt token
+        diff = (torch.tensor(out[name].pop("prompt_logprobs")) - twin_lp).abs()
+        out[f"{name}_prompt_logprob_abs_diff"] = {"max": round(diff.max().item(), 4), "mean": round(diff.mean().item(), 4)}
+    out["twin_prompt_logprob_mean"] = round(twin_lp.mean().item(), 3)
     twin_tokens = out["twin"].pop("tokens")
     out["dequantized_equals_twin"] = out["dequantized"].pop("tokens") == twin_tokens
     kept = out["kept"].pop("tokens")
@@ -198,6 +200,18 @@ def fp8_check(path: Path, tmp: Path, device: str) -> dict[str, Any]:
     shutil.rmtree(fp8)
     shutil.rmtree(twin)
     return out
+
+
+def _fp8_run(llm: LLM, prompts: list[list[int]], greedy: SamplingParams, device: str) -> dict[str, Any]:
+    outs = llm.generate(prompts, greedy)
+    _sync(device)
+    start = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    _sync(device)
+    fresh = [list(range(5000 + 64 * j, 5064 + 64 * j)) for j in range(4)]  # not in the prefix cache
+    scored = llm.generate(fresh, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    return {"tokens": [o.token_ids for o in outs], "decode_16_seqs_s_per_32_tokens": round(time.perf_counter() - start, 3),
+            "prompt_logprobs": [lp for o in scored for lp in (o.prompt_logprobs or [])[1:]]}
 
 
 def copy_bandwidth(device: str) -> float:
@@ -252,6 +266,11 @@ def decode_timing(path: Path, spec: dict, layers: int, device: str, bandwidth: f
             llm.core.step()
         _sync(device)
         step_s = (time.perf_counter() - start) / steps
+        if batch == 1 and device == "cuda":
+            try:
+                out["profile_1_seq"] = profile_steps(llm, 5)
+            except Exception as exc:  # noqa: BLE001 - the timings matter more than the profile
+                out["profile_1_seq"] = {"error": repr(exc)[:500]}
         while llm.core.has_work():
             llm.core.step()
         touched = e * (1 - (1 - k / e) ** batch)
@@ -262,8 +281,30 @@ def decode_timing(path: Path, spec: dict, layers: int, device: str, bandwidth: f
                              "read_floor_ms": round(floor_s * 1e3, 3), "over_floor": round(step_s / floor_s, 2),
                              "tokens_per_s": round(batch / step_s, 1)})
         print(json.dumps(out["steps"][-1]), flush=True)
+    out["host_syncs_per_decode_step"] = host_syncs(llm, device)  # bf16, the serving path
     llm.shutdown()
     return out
+
+
+def profile_steps(llm: LLM, steps: int) -> dict[str, Any]:
+    """Where a decode step's time goes (torch profiler over `steps` steps): the ops with the most
+    host time and the most device time, per step; the next optimisation starts from this."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            llm.core.step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def top(key: str) -> list[dict[str, Any]]:
+        rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:12]
+        return [{"op": e.key[:80], "calls_per_step": round(e.count / steps, 1),
+                 "cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+                 "cuda_ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3)} for e in rows]
+
+    return {"launches_per_step": round(sum(e.count for e in events if e.device_type.name == "CUDA") / steps, 1),
+            "by_host_time": top("self_cpu_time_total"), "by_device_time": top("self_device_time_total")}
 
 
 def utilization_check(path: Path, device: str) -> dict[str, Any] | None:

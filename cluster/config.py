@@ -341,8 +341,8 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None  # CUDA: size the KV pool from the device (vLLM's meaning)
     enable_prefix_caching: bool = True
     seed: int = 0
-    # FP8 checkpoints: keep the routed experts in FP8 ("keep"), dequantize them on load
-    # ("dequantize"), or keep them where the device has block-scaled FP8 matmuls ("auto")
+    # FP8 checkpoints: keep the routed experts in FP8 ("keep": half their bytes, slower steps),
+    # or dequantize them on load ("dequantize", and "auto" for now: cluster/model/fp8.py says why)
     fp8_weights: str = "auto"
 
     def __post_init__(self) -> None:

@@ -110,6 +110,28 @@ def grouped_mm_available(device: str, dtype: torch.dtype) -> bool:
         return False
 
 
+def unsort_weighted_sum(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's routing-weighted sum of its k expert outputs, from `out`, rows in the order
+    `order` gives (row j is flat (token, slot) pair order[j]): the rows go back to (token, slot)
+    order (unique indices, no accumulation) and one batched matmul sums each token's k. The sum's
+    order is fixed, unlike a GPU's index_add_, which adds with atomics in no fixed order (bf16 sums
+    that change from run to run change greedy tokens)."""
+    t, k = weights.shape
+    back = torch.empty_like(out)
+    back[order] = out
+    return torch.bmm(weights.unsqueeze(1).to(out.dtype), back.view(t, k, out.shape[1])).squeeze(1)
+
+
+def weighted_sum_back(x: torch.Tensor, out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`unsort_weighted_sum` for rows sorted by expert; on the CPU index_add_ in expert order
+    instead (deterministic there, and transformers' order of summation, which the float32
+    comparisons with it rely on)."""
+    if not x.is_cpu:
+        return unsort_weighted_sum(out, order, weights)
+    out.mul_(weights.reshape(-1)[order, None].to(out.dtype))
+    return torch.zeros_like(x).index_add_(0, order // weights.shape[1], out)
+
+
 def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
     """Stable order of flattened (token, slot) pairs by expert id, and the count per expert."""
     flat = ids.reshape(-1)
@@ -165,9 +187,6 @@ class LocalExperts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sorted by expert on the device, two grouped matmuls, weighted sum back per token:
         nothing read to the host."""
-        k = ids.shape[1]
         order, offs = group_offsets(ids, self.w_gate_up.shape[0])
-        token = order // k
-        out = grouped_swiglu_offsets(x[token], offs, self.w_gate_up, self.w_down)
-        out.mul_(weights.reshape(-1)[order, None])
-        return torch.zeros_like(x).index_add_(0, token, out)
+        out = grouped_swiglu_offsets(x[order // ids.shape[1]], offs, self.w_gate_up, self.w_down)
+        return weighted_sum_back(x, out, order, weights)

@@ -12,8 +12,11 @@ load as before. Each matmul is either
   load-time dequantization gives) and a matmul in the serving dtype. This runs anywhere and gives
   the dequantized model's results; on the CPU it is the correctness path, not a fast one.
 
-`fp8_weights` ("auto" | "keep" | "dequantize", EngineConfig and PoolConfig) decides per process:
-"auto" keeps FP8 where the block-scaled matmul is available (CUDA, compute capability 9.0+)."""
+`fp8_weights` ("auto" | "keep" | "dequantize", EngineConfig and PoolConfig) decides per process.
+"auto" dequantizes: kept experts run one expert at a time (no grouped FP8 matmul yet), and on an
+H200 that decoded 16 sequences 16x slower than the dequantized experts' grouped bf16 path even with
+the block-scaled matmul (benchmarks/results/gpu_check.json); "keep" is for a model that only fits
+in FP8, at that cost."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from cluster.config import ModelConfig
 from cluster.model.checkpoint import Fp8Tensor, Shape, dequantize_fp8, scale_shape
-from cluster.model.experts import sort_by_expert
+from cluster.model.experts import sort_by_expert, weighted_sum_back
 from cluster.model.layers import silu_mul
 
 log = logging.getLogger(__name__)
@@ -59,13 +62,18 @@ def blockwise_reference(xq: torch.Tensor, x_scale: torch.Tensor, w: Fp8Tensor, b
 
 def _scaled_mm_blockwise(x: torch.Tensor, w: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] @ W^T with W [N, K] in e4m3 and 128x128 block scales, on the GPU's FP8 tensor
-    cores. The 1x128 activation scales go in outer-dim-major order, as cuBLAS's block-scaled
-    recipe reads them."""
-    xq, xs = quantize_rows(x)
+    cores, in the layouts torch's DeepSeek-style recipe checks for: the 1x128 activation scales
+    [M, K/128] outer-dim-major; the weight's scales transposed with it, [K/128, N/128], their K
+    blocks padded to a multiple of 4; and M padded to a multiple of 4 (zero rows, cut off after),
+    since cuBLAS found no algorithm for other row counts (an expert's rows are any number; seen on
+    an H200, benchmarks/results/gpu_check.json)."""
+    m = x.shape[0]
+    xq, xs = quantize_rows(F.pad(x, (0, 0, 0, -m % 4)))
+    ws = F.pad(w.scale_inv, (0, -w.scale_inv.shape[1] % 4))
     return F.scaled_mm(
         xq, w.q.t(), xs.t().contiguous().t(), F.ScalingType.BlockWise1x128,
-        w.scale_inv, F.ScalingType.BlockWise128x128, output_dtype=out_dtype,
-    )
+        ws.t(), F.ScalingType.BlockWise128x128, output_dtype=out_dtype,
+    )[:m]
 
 
 @functools.cache
@@ -79,9 +87,10 @@ def blockwise_fp8_available(device: str) -> bool:
         return False
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(64, 512, device=device, generator=gen, dtype=torch.bfloat16)
-        w = Fp8Tensor(torch.randn(384, 512, device=device, generator=gen).clamp(-400, 400).to(FP8),
-                      torch.rand(3, 4, device=device, generator=gen) / 100 + 1e-3)
+        # the shapes an expert gives: any row count, K blocks not a multiple of 4 (768 = 6 x 128)
+        x = torch.randn(5, 768, device=device, generator=gen, dtype=torch.bfloat16)
+        w = Fp8Tensor(torch.randn(384, 768, device=device, generator=gen).clamp(-400, 400).to(FP8),
+                      torch.rand(3, 6, device=device, generator=gen) / 100 + 1e-3)
         got = _scaled_mm_blockwise(x, w, torch.bfloat16).float()
         want = blockwise_reference(*quantize_rows(x), w, (128, 128), torch.float32)
         err = ((got - want).norm() / want.norm()).item()
@@ -103,7 +112,7 @@ def keeps_fp8(cfg: ModelConfig, option: str, device: str) -> bool:
         if option == "keep" and cfg.fp8_block is None:
             raise ValueError("fp8_weights: 'keep' needs an FP8 checkpoint (config.json has no quantization_config)")
         return False
-    return option == "keep" or blockwise_fp8_available(device)
+    return option == "keep"
 
 
 def fp8_linear(x: torch.Tensor, w: Fp8Tensor, block: Shape) -> torch.Tensor:
@@ -170,12 +179,9 @@ class Fp8Experts:
         return out
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        k = ids.shape[1]
         order, counts = sort_by_expert(ids, self.num_slots)
-        token = order // k
-        out = self.run_sorted(x[token], counts)
-        out.mul_(weights.reshape(-1)[order, None].to(out.dtype))
-        return torch.zeros_like(x).index_add_(0, token, out)
+        out = self.run_sorted(x[order // ids.shape[1]], counts)
+        return weighted_sum_back(x, out, order, weights)
 
 
 def _fill(w: Fp8Tensor, slots: list[int]) -> Callable[[Fp8Tensor], None]:

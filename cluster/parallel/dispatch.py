@@ -32,6 +32,7 @@ import torch.distributed as dist
 from cluster import native
 from cluster.model.experts import (
     group_offsets, grouped_mm_available, grouped_swiglu, grouped_swiglu_offsets, sort_by_expert,
+    unsort_weighted_sum,
 )
 from cluster.model.fp8 import Fp8Experts
 from cluster.parallel.placement import ExpertPlacement
@@ -167,9 +168,7 @@ class Exchange:
         order = dest.argsort(stable=True)
         send = torch.zeros(self.world, dtype=torch.long, device=x.device).index_add_(0, dest, torch.ones_like(dest))
         back = self._exchange(layer, x[order // k], slot_of[flat, copy][order], send)
-        out = torch.empty_like(back)
-        out[order] = back
-        return torch.bmm(weights.unsqueeze(1).to(out.dtype), out.view(t, k, x.shape[1])).squeeze(1)
+        return unsort_weighted_sum(back, order, weights)
 
     # -- expert-group side (separate layout) ---------------------------------------------------
     def serve(self, layer: int, dtype: torch.dtype) -> None:

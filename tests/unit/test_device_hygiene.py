@@ -193,7 +193,7 @@ def test_device_side_expert_paths_stay_on_device() -> None:
     """The paths a GPU takes that a CPU does not choose: the grouped experts (counts and offsets
     made on the device) and FP8 experts (dequantized per matmul), under the check."""
     from cluster.config import ModelConfig
-    from cluster.model.experts import LocalExperts
+    from cluster.model.experts import LocalExperts, unsort_weighted_sum
     from cluster.model.fp8 import Fp8Experts
 
     raw = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
@@ -208,8 +208,10 @@ def test_device_side_expert_paths_stay_on_device() -> None:
         w.q.copy_(torch.randn(w.q.shape))
         w.scale_inv.fill_(0.01)
     x, ids, weights = torch.randn(6, 32), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    rows, order = torch.randn(12, 32), torch.randperm(12)
     with torch.inference_mode(), OnlyOnModelDevice() as mode:
         a = local.forward_grouped(x, ids, weights)
         b = fp8(x, ids, weights)
+        c = unsort_weighted_sum(rows, order, weights)
     assert mode.strays == [], mode.strays[:5]
-    assert a.shape == b.shape == x.shape and a.device == b.device == torch.device("cpu")
+    assert a.shape == b.shape == c.shape == x.shape and a.device == b.device == torch.device("cpu")

@@ -194,14 +194,15 @@ def test_block_scaled_matmul_reference_is_the_dense_product_within_fp8_error() -
 
 
 def test_fp8_weights_option(tmp_path: Path) -> None:
-    """"auto" keeps FP8 only where block-scaled matmuls run (never on the CPU); "keep" on a
-    checkpoint that is not FP8 is refused naming the option."""
+    """"auto" dequantizes (kept experts are the slow path, also where block-scaled matmuls run);
+    "keep" on a checkpoint that is not FP8 is refused naming the option."""
     from cluster.model.fp8 import blockwise_fp8_available, keeps_fp8
 
     fp8, twin = fp8_pair(tmp_path, (16, 16))
     assert not blockwise_fp8_available("cpu")
     cfg = ModelConfig.from_pretrained(fp8)
     assert keeps_fp8(cfg, "auto", "cpu") is False and keeps_fp8(cfg, "keep", "cpu") is True
+    assert keeps_fp8(cfg, "auto", "cuda") is False
     assert keeps_fp8(cfg, "dequantize", "cpu") is False
     with pytest.raises(ValueError, match="fp8_weights: 'keep' needs an FP8 checkpoint"):
         LLM(twin, dtype="float32", fp8_weights="keep")
