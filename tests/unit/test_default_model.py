@@ -67,7 +67,8 @@ def test_transformers_gives_the_same_greedy_outputs() -> None:
     assert all("<tool_call>" in tok.decode(e) for e in expected[-2:])
 
     # The unused ids (rows equal to the shared one) never win and carry almost no probability
-    # at any generated position: the compact training loss accounted for all of them.
+    # at any generated position: the compact training loss accounted for all of them. (The
+    # position after the end token is not one: nothing is generated there, nor trained.)
     embed = hf.get_input_embeddings().weight
     rows, counts = torch.unique(embed, dim=0, return_counts=True)
     shared = rows[counts.argmax()]
@@ -75,6 +76,7 @@ def test_transformers_gives_the_same_greedy_outputs() -> None:
     assert unused.sum() > 150_000
     for ids, out in zip(prompts, expected):
         with torch.no_grad():
-            probs = hf(torch.tensor([ids + out])).logits[0, len(ids) - 1:].softmax(-1)
+            probs = hf(torch.tensor([ids + out])).logits[0, len(ids) - 1 : -1].softmax(-1)
+        assert probs.shape[0] == len(out)
         assert not unused[probs.argmax(-1)].any()
         assert probs[:, unused].sum(-1).max() < 1e-3

@@ -16,7 +16,7 @@ from cluster.engine.tokenizer import IM_END, THINK_END, THINK_START, load_tokeni
 from deployments.openai_api import Message
 from deployments.tools import parse_tool_calls
 from training import tool_use
-from training.data import make_tool_example, random_example
+from training.data import TOOL_THINKING_SHARE, make_tool_example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
 from training.tasks import sample
 from training.train import batch, length_buckets
@@ -68,7 +68,7 @@ def test_answer_prompt_is_the_servers_rendering_of_the_clients_messages(tok) -> 
         ex = make_tool_example(rng, tok, task, "tool_answer")
         rng.setstate(state)  # replay the draws make_tool_example made
         tools, name, params = tool_use.random_tools(rng)
-        thinking = rng.random() < 0.55
+        thinking = rng.random() < TOOL_THINKING_SHARE
         reasoning = tool_use.call_thought(task, name, params) if thinking and rng.random() < 0.5 else None
         sent = [Message.model_validate(m).model_dump(exclude_none=True)
                 for m in tool_use.conversation(task, name, params, reasoning)]
