@@ -208,9 +208,10 @@ def _fp8_run(llm: LLM, prompts: list[list[int]], greedy: SamplingParams, device:
     start = time.perf_counter()
     llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
     _sync(device)
+    decode_s = time.perf_counter() - start
     fresh = [list(range(5000 + 64 * j, 5064 + 64 * j)) for j in range(4)]  # not in the prefix cache
     scored = llm.generate(fresh, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
-    return {"tokens": [o.token_ids for o in outs], "decode_16_seqs_s_per_32_tokens": round(time.perf_counter() - start, 3),
+    return {"tokens": [o.token_ids for o in outs], "decode_16_seqs_s_per_32_tokens": round(decode_s, 3),
             "prompt_logprobs": [lp for o in scored for lp in (o.prompt_logprobs or [])[1:]]}
 
 

@@ -104,7 +104,7 @@ def blockwise_fp8_available(device: str) -> bool:
         return False
 
 
-def keeps_fp8(cfg: ModelConfig, option: str, device: str) -> bool:
+def keeps_fp8(cfg: ModelConfig, option: str) -> bool:
     """Whether this process holds its routed experts in FP8 (see the module docstring)."""
     if option not in FP8_WEIGHTS:
         raise ValueError(f"fp8_weights: {option!r} is not one of {', '.join(FP8_WEIGHTS)}")

@@ -158,7 +158,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str, experts=None)
 def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu") -> Qwen3MoeModel:
     """The whole model in this process: attention weights plus every layer's local experts
     (in FP8 where `keeps_fp8` says so)."""
-    fp8 = {i: Fp8Experts(cfg, cfg.num_experts, device) for i in cfg.moe_layers} if keeps_fp8(cfg, cfg.fp8_weights, device) else {}
+    fp8 = {i: Fp8Experts(cfg, cfg.num_experts, device) for i in cfg.moe_layers} if keeps_fp8(cfg, cfg.fp8_weights) else {}
     model = empty_model(cfg, dtype, device, fp8.__getitem__ if fp8 else None)
     expected, fills = attention_tensors(cfg), attention_fills(model)
     for i in cfg.moe_layers:
@@ -196,7 +196,7 @@ def load_expert_stacks(
     read: input-major (w_gate_up, w_down) stacks in the serving dtype, or an `Fp8Experts` where
     `keeps_fp8` says so."""
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
-    fp8 = keeps_fp8(cfg, cfg.fp8_weights, device)
+    fp8 = keeps_fp8(cfg, cfg.fp8_weights)
     stacks: list[ExpertStack] = []
     expected: dict[str, Shape] = {}
     fills: dict[str, Fill] = {}

@@ -201,9 +201,8 @@ def test_fp8_weights_option(tmp_path: Path) -> None:
     fp8, twin = fp8_pair(tmp_path, (16, 16))
     assert not blockwise_fp8_available("cpu")
     cfg = ModelConfig.from_pretrained(fp8)
-    assert keeps_fp8(cfg, "auto", "cpu") is False and keeps_fp8(cfg, "keep", "cpu") is True
-    assert keeps_fp8(cfg, "auto", "cuda") is False
-    assert keeps_fp8(cfg, "dequantize", "cpu") is False
+    assert keeps_fp8(cfg, "auto") is False and keeps_fp8(cfg, "keep") is True  # on any device
+    assert keeps_fp8(cfg, "dequantize") is False
     with pytest.raises(ValueError, match="fp8_weights: 'keep' needs an FP8 checkpoint"):
         LLM(twin, dtype="float32", fp8_weights="keep")
     with pytest.raises(ValueError, match="fp8_weights: 'fast'"):
