@@ -17,6 +17,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SERVE_METRICS_INTERVAL_S = 10.0
+
+
 class AutoscalingConfig(_Strict):
     """Serve's replica autoscaling for one pool (see Serve's `autoscaling_config`)."""
 
@@ -25,7 +28,9 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(4.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0)
+    # Serve averages replica metrics pushed every 10 s (its metrics_interval_s default, deprecated as
+    # a setting) and warns, "an exception in a future release", for a window not longer than that.
+    look_back_period_s: float = Field(30.0, gt=SERVE_METRICS_INTERVAL_S)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":

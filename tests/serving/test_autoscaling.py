@@ -20,7 +20,7 @@ def server(qwen_vocab_checkpoint: Path):
         "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
         "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "autoscaling": {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
-            "downscale_delay_s": 4, "look_back_period_s": 2}},
+            "downscale_delay_s": 4, "look_back_period_s": 10.5}},
         "fast": {"enabled": False},
     })
     yield start_app(cfg)

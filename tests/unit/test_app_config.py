@@ -38,6 +38,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         ({"fast": {"max_num_seq": 4}}, "fast.max_num_seq"),
         ({"thinking": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "thinking.autoscaling"),
         ({"fast": {"max_num_seqs": 0}}, "fast.max_num_seqs"),
+        ({"fast": {"autoscaling": {"look_back_period_s": 2}}}, "fast.autoscaling.look_back_period_s"),
         ({"http_port": 70000}, "http_port"),
         ({"unknown_key": 1}, "unknown_key"),
         ({"thinking": {"enabled": False}, "fast": {"enabled": False}}, "enabled"),
