@@ -33,6 +33,12 @@ MODES = {"think": 0.465, "cut": 0.08, "nothink": 0.25, "soft_no": 0.13, "tool_ca
 # Tool examples in thinking mode: below half, because the non-thinking call (no thought to lead up to
 # it) is the one the 58-minute run missed (0.83 called, against 1.00 thinking).
 TOOL_THINKING_SHARE = 0.4
+# Task kinds of the no-think examples (nothink, soft_no), by weight: a model this small cannot add,
+# subtract, multiply or solve word problems without its steps (held-out no-think accuracy 0.00-0.07
+# in every run, the 3.4-hour one included), so those examples teach the format and little else;
+# sort and count are learned without thinking, given examples (more no-think data moved sort
+# 0.53 -> 0.67), so they take most of them. Thinking examples keep every kind at the same share.
+NO_THINK_KINDS = {"add": 0.5, "sub": 0.5, "mul": 0.5, "word": 0.5, "compare": 1.0, "sort": 3.0, "count": 3.0}
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Example:
     ids: list[int]
     learn: list[bool]  # learn[i]: ids[i] is a target (predicted from ids[:i])
     mode: str
+    kind: str  # the task's kind (training.tasks.KINDS, or "tool" for the tool's products)
 
 
 def _switch_messages(rng: random.Random, task: Task, thinking: bool | None) -> list[dict]:
@@ -93,7 +100,7 @@ def make_example(rng: random.Random, tokenizer, task: Task, mode: str) -> Exampl
         prompt = enc(render_chat(tokenizer, _switch_messages(rng, task, False), enable_thinking=True))
         target = _thought_target(enc, "", task.answer)  # the empty block the model writes itself
         learn = [True] * len(target)
-    return Example(prompt + target, [False] * len(prompt) + learn, mode)
+    return Example(prompt + target, [False] * len(prompt) + learn, mode, task.kind)
 
 
 def make_tool_example(rng: random.Random, tokenizer, task: Task, mode: str) -> Example:  # noqa: ANN001
@@ -113,7 +120,7 @@ def make_tool_example(rng: random.Random, tokenizer, task: Task, mode: str) -> E
         after, thought = task.answer, task.steps
     prompt = enc(render_chat(tokenizer, messages, enable_thinking=thinking, tools=tools))
     target = _thought_target(enc, thought, after) if thinking else enc(after) + [IM_END]
-    return Example(prompt + target, [False] * len(prompt) + [True] * len(target), mode)
+    return Example(prompt + target, [False] * len(prompt) + [True] * len(target), mode, task.kind)
 
 
 def random_example(rng: random.Random, tokenizer, held_out: bool = False) -> Example:  # noqa: ANN001
@@ -122,4 +129,6 @@ def random_example(rng: random.Random, tokenizer, held_out: bool = False) -> Exa
         return make_tool_example(rng, tokenizer, tool_use.big_mul(rng, held_out), mode)
     if mode == "tool_other":
         return make_tool_example(rng, tokenizer, sample(rng, held_out=held_out), mode)
-    return make_example(rng, tokenizer, sample(rng, held_out=held_out), mode)
+    kind = rng.choices(list(NO_THINK_KINDS), weights=list(NO_THINK_KINDS.values()))[0] \
+        if mode in ("nothink", "soft_no") else None
+    return make_example(rng, tokenizer, sample(rng, held_out=held_out, kind=kind), mode)

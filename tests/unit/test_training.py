@@ -132,3 +132,21 @@ def test_a_time_budget_ends_the_run_and_its_schedule() -> None:
     assert lr_at(10, progress_at(10, 60 * 0.03, args), 2e-3, 2) == pytest.approx(2e-4)
     no_clock = parser().parse_args([*shape, "--steps", "102"])
     assert progress_at(52, 1e9, no_clock) == pytest.approx(0.5)
+
+
+def test_no_think_examples_favour_the_kinds_learnable_without_steps(tok) -> None:  # noqa: ANN001
+    """No-think examples draw their task kind by NO_THINK_KINDS (sort and count, which the model
+    learns to answer at once, most); thinking examples keep every kind at the same share."""
+    from training.data import NO_THINK_KINDS, random_example
+    from training.tasks import KINDS
+
+    assert set(NO_THINK_KINDS) == set(KINDS)
+    rng = random.Random(11)
+    drawn = [random_example(rng, tok) for _ in range(1500)]
+    no_think = [e.kind for e in drawn if e.mode in ("nothink", "soft_no")]
+    think = [e.kind for e in drawn if e.mode in ("think", "cut")]
+    total = sum(NO_THINK_KINDS.values())
+    for kind in KINDS:  # binomial standard deviations are under 0.03 at these counts
+        assert abs(no_think.count(kind) / len(no_think) - NO_THINK_KINDS[kind] / total) < 0.06, kind
+        assert abs(think.count(kind) / len(think) - 1 / len(KINDS)) < 0.06, kind
+    assert {e.kind for e in drawn if e.mode in ("tool_call", "tool_answer")} == {"tool"}
