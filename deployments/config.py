@@ -9,15 +9,13 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.serve.config import DEFAULT_METRICS_INTERVAL_S
 
 from cluster.config import ParallelConfig
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-SERVE_METRICS_INTERVAL_S = 10.0
 
 
 class AutoscalingConfig(_Strict):
@@ -28,9 +26,10 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(4.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
-    # Serve averages replica metrics pushed every 10 s (its metrics_interval_s default, deprecated as
-    # a setting) and warns, "an exception in a future release", for a window not longer than that.
-    look_back_period_s: float = Field(30.0, gt=SERVE_METRICS_INTERVAL_S)
+    # Serve averages replica metrics pushed every DEFAULT_METRICS_INTERVAL_S (10 s; metrics_interval_s
+    # is deprecated as a setting) and warns, "an exception in a future release", for a window not
+    # longer than that: Serve's own bound, read from Serve.
+    look_back_period_s: float = Field(30.0, gt=DEFAULT_METRICS_INTERVAL_S)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":
