@@ -36,8 +36,9 @@ TOOL_THINKING_SHARE = 0.4
 # Task kinds of the no-think examples (nothink, soft_no), by weight: a model this small cannot add,
 # subtract, multiply or solve word problems without its steps (held-out no-think accuracy 0.00-0.07
 # in every run before this weighting, the 3.4-hour one included), so those examples teach the
-# format and little else; sort and count are learned without thinking, given examples (more no-think data moved sort
-# 0.53 -> 0.67), so they take most of them. Thinking examples keep every kind at the same share.
+# format and little else; sort and count are learned without thinking, given examples (more
+# no-think data moved sort 0.53 -> 0.67), so they take most of them. Thinking examples keep every
+# kind at the same share.
 NO_THINK_KINDS = {"add": 0.5, "sub": 0.5, "mul": 0.5, "word": 0.5, "compare": 1.0, "sort": 3.0, "count": 3.0}
 
 
