@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+import os
 from typing import Any
 
 import pytest
 import torch
+
+# The Triton kernels (cluster/kernels/gpu) run in Triton's interpreter where no GPU is present; it
+# is read when a kernel is defined, so it is set before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BASE_MOE: dict[str, Any] = dict(
     vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from cluster import native
+from cluster.kernels import gpu as triton_kernels
+from cluster.model.layers import apply_rope, rms_norm
 
 
 @dataclass
@@ -33,6 +35,21 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None          # [D] context length of each decode
     decode_mask: torch.Tensor | None = None          # [D, 1, 1, max_blocks * block_size], 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def qk_norm_rope_cache(qkv: torch.Tensor, qk_norm: torch.Tensor, eps: float, cos: torch.Tensor,
+                       sin: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
+                       num_heads: int) -> torch.Tensor:
+    """qkv [T, H + 2*KV, d] from the fused projection: normalises the q and k heads (qk_norm
+    [H + KV, d]), rotates them (cos/sin [T, 1, d] from `rope_tables`), writes the keys and values
+    into their cache slots and returns the queries [T, H, d]. The PyTorch twin of the fused kernel
+    (cluster/kernels/gpu/norm_rope.py), which does it in one pass."""
+    h, dim = num_heads, qkv.shape[2]
+    kvh = (qkv.shape[1] - h) // 2
+    qk = apply_rope(rms_norm(qkv[:, : h + kvh], qk_norm, eps), cos, sin)
+    kv = torch.cat([qk[:, h:], qkv[:, h + kvh:]], dim=1)
+    kv_cache.view(-1, 2 * kvh, dim).index_copy_(0, slot_mapping.long(), kv)
+    return qk[:, :h]
 
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -72,10 +89,33 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     d, heads, dim = q.shape
     if (kernels := native.for_tensor(q)) is not None:
         return kernels.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
+    if (gpu := triton_kernels.for_tensor(q)) is not None:
+        return gpu.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
+    mask = meta.decode_mask
+    if mask is None:  # the static step's tables: the mask comes from the lengths on the device
+        width = meta.decode_block_tables.shape[1] * kv_cache.shape[1]
+        mask = (torch.arange(width, device=q.device) < meta.decode_lens[:, None].long())[:, None, None, :]
+    return _gathered_attention(q, kv_cache, meta.decode_block_tables, mask, dim**-0.5)
+
+
+def decode_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The PyTorch twin of the paged decode attention kernels: q [D, H, d]; block_tables [D, W]
+    (entries past a sequence's blocks are ignored), context_lens [D] >= 1; returns [D, H, d]."""
+    width = block_tables.shape[1] * kv_cache.shape[1]
+    mask = (torch.arange(width, device=q.device) < context_lens[:, None].long())[:, None, None, :]
+    return _gathered_attention(q, kv_cache, block_tables, mask, scale)
+
+
+def _gathered_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                        mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gathers every table entry's block, then one SDPA under `mask` (additive or boolean)."""
+    d, heads, dim = q.shape
     kv_heads = kv_cache.shape[2] // 2
     # index_select copies whole blocks; advanced indexing is several times slower on CPU.
-    ctx = kv_cache.index_select(0, meta.decode_block_tables.flatten()).view(d, -1, 2 * kv_heads, dim)
+    ctx = kv_cache.index_select(0, block_tables.flatten().long()).view(d, -1, 2 * kv_heads, dim)
     keys, values = ctx[:, :, :kv_heads].transpose(1, 2), ctx[:, :, kv_heads:].transpose(1, 2)
     # The query heads that share a KV head act as that many queries of that head.
-    o = F.scaled_dot_product_attention(q.view(d, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=meta.decode_mask)
+    o = F.scaled_dot_product_attention(q.view(d, kv_heads, heads // kv_heads, dim), keys, values,
+                                       attn_mask=mask, scale=scale)
     return o.reshape(d, heads, dim)

@@ -25,6 +25,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream's step: (RMSNorm of residual + x, residual + x). The PyTorch twin of
+    the fused kernel (cluster/kernels/gpu/norm_rope.py), which does both in one read."""
+    h = residual + x
+    return rms_norm(h, weight, eps), h
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
