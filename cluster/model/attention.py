@@ -35,6 +35,12 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None          # [D] context length of each decode
     decode_mask: torch.Tensor | None = None          # [D, 1, 1, max_blocks * block_size], 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # [T] 1 for real rows, 0 for a static step's padding rows (which count no expert usage); None: all real
+    row_mask: torch.Tensor | None = None
+
+    @property
+    def pure_decode(self) -> bool:
+        return not self.prefills
 
 
 def qk_norm_rope_cache(qkv: torch.Tensor, qk_norm: torch.Tensor, eps: float, cos: torch.Tensor,
@@ -44,12 +50,19 @@ def qk_norm_rope_cache(qkv: torch.Tensor, qk_norm: torch.Tensor, eps: float, cos
     [H + KV, d]), rotates them (cos/sin [T, 1, d] from `rope_tables`), writes the keys and values
     into their cache slots and returns the queries [T, H, d]. The PyTorch twin of the fused kernel
     (cluster/kernels/gpu/norm_rope.py), which does it in one pass."""
-    h, dim = num_heads, qkv.shape[2]
+    q, kv = norm_rope(qkv, qk_norm, eps, cos, sin, num_heads)
+    kv_cache.view(-1, kv.shape[1], kv.shape[2]).index_copy_(0, slot_mapping.long(), kv)
+    return q
+
+
+def norm_rope(qkv: torch.Tensor, qk_norm: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+              num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries [T, H, d] and the new keys and values [T, 2*KV, d] of a fused projection:
+    q and k heads normalised together and rotated, the values as they came."""
+    h = num_heads
     kvh = (qkv.shape[1] - h) // 2
     qk = apply_rope(rms_norm(qkv[:, : h + kvh], qk_norm, eps), cos, sin)
-    kv = torch.cat([qk[:, h:], qkv[:, h + kvh:]], dim=1)
-    kv_cache.view(-1, 2 * kvh, dim).index_copy_(0, slot_mapping.long(), kv)
-    return qk[:, :h]
+    return qk[:, :h], torch.cat([qk[:, h:], qkv[:, h + kvh:]], dim=1)
 
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -62,10 +75,10 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
     kv_cache.view(-1, 2 * kv_heads, dim).index_copy_(0, meta.slot_mapping, kv)
     d = meta.num_decodes
     if d and d == t:  # a pure decode step: no output buffer to fill
-        return _decode_attention(q, kv_cache, meta)
+        return decode_attention(q, kv_cache, meta)
     out = torch.empty_like(q)
     if d:
-        out[:d] = _decode_attention(q[:d], kv_cache, meta)
+        out[:d] = decode_attention(q[:d], kv_cache, meta)
     for c in meta.prefills:
         rows = slice(c.start, c.start + c.length)
         if c.context_len == c.length:  # no cached prefix: attend to the chunk's own k/v
@@ -83,14 +96,14 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
     return out
 
 
-def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """One query per sequence, batched over the gathered block tables; q [D, H, d]. The native
-    kernel reads the blocks in place; the PyTorch path gathers them first."""
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """One query per sequence, batched over the block tables; q [D, H, d]. The Triton kernel
+    (GPU) and the native one (CPU) read the blocks in place; the PyTorch path gathers them first."""
     d, heads, dim = q.shape
-    if (kernels := native.for_tensor(q)) is not None:
-        return kernels.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
     if (gpu := triton_kernels.for_tensor(q)) is not None:
         return gpu.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
+    if (kernels := native.for_tensor(q)) is not None:
+        return kernels.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
     mask = meta.decode_mask
     if mask is None:  # the static step's tables: the mask comes from the lengths on the device
         width = meta.decode_block_tables.shape[1] * kv_cache.shape[1]

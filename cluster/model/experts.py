@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -183,6 +184,12 @@ class LocalExperts(nn.Module):
         out = grouped_swiglu(x[token], counts, self.w_gate_up, self.w_down)
         out.mul_(weights.reshape(-1)[order, None])
         return torch.zeros_like(x).index_add_(0, token, out)
+
+    def fused(self, gpu: ModuleType, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              valid: torch.Tensor | None, usage: torch.Tensor) -> torch.Tensor:
+        """The grouped Triton kernel (cluster/kernels/gpu/moe.py): block-aligned expert segments,
+        gate/up with the SwiGLU epilogue, down with the routing weight, usage counted on the way."""
+        return gpu.fused_moe(x, ids, weights, self.w_gate_up, self.w_down, valid=valid, usage=usage)
 
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sorted by expert on the device, two grouped matmuls, weighted sum back per token:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from types import ModuleType
 from collections.abc import Callable, Sequence
 
 import torch
@@ -177,6 +178,11 @@ class Fp8Experts:
                 out[start : start + n] = self.expert(s, xs[start : start + n])
                 start += n
         return out
+
+    def fused(self, gpu: ModuleType, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              valid: torch.Tensor | None, usage: torch.Tensor) -> torch.Tensor:
+        """The grouped Triton kernel over the FP8 weights as stored (dequantized in registers)."""
+        return gpu.fused_moe_fp8(x, ids, weights, self.gate, self.up, self.down, self.block, valid=valid, usage=usage)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         order, counts = sort_by_expert(ids, self.num_slots)

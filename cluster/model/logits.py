@@ -6,7 +6,8 @@ once for any token in the output). Greedy rows are processed too: the argmax com
 
 The history a penalty needs travels in the step plan (`PlanEntry.output_token_ids` /
 `prompt_token_ids`, only for such requests) and becomes per-row counts on the device with one
-scatter, so there is no per-token Python."""
+scatter, so there is no per-token Python. What goes to the device goes from pinned memory
+(staging.upload): no host sync on a GPU."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from cluster.config import SamplingParams
 from cluster.model.sampler import column, scratch
+from cluster.model.staging import upload
 
 
 def process_logits(
@@ -35,10 +37,10 @@ def process_logits(
                 cols.append(token)
                 vals.append(bias)
         dev = out.device
-        out.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                       torch.tensor(vals, dtype=out.dtype, device=dev), accumulate=True)
+        out.index_put_((upload(rows, dev), upload(cols, dev)),
+                       upload(vals, dev, out.dtype), accumulate=True)
     if penalized:
-        idx = torch.tensor(penalized, device=out.device)
+        idx = upload(penalized, out.device)
         sub = out.index_select(0, idx)
         ps = [params[i] for i in penalized]
         counts = _counts([outputs[i] or [] for i in penalized], out.shape[1], out.device)
@@ -58,7 +60,7 @@ def _counts(histories: list[list[int]], vocab: int, device: torch.device) -> tor
     width = max((len(h) for h in histories), default=0)
     if width == 0:
         return torch.zeros(len(histories), vocab, device=device)
-    ids = torch.tensor([h + [vocab] * (width - len(h)) for h in histories], device=device)  # pad: a spare column
+    ids = upload([h + [vocab] * (width - len(h)) for h in histories], device)  # pad: a spare column
     counts = torch.zeros(len(histories), vocab + 1, device=device)
     counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
     return counts[:, :vocab]
@@ -84,11 +86,11 @@ def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch
     (slow on the CPU) or a fresh bias tensor, and 44 ms for xgrammar's own C++ kernel; the same
     code runs on a GPU. Little-endian words: byte b holds tokens 8b..8b+7."""
     vocab = logits.shape[1]
-    words = torch.stack(masks).to(logits.device)
+    words = upload(torch.stack(masks), logits.device)
     index = words.view(torch.uint8).view(-1).int()
     out = scratch((index.numel(), 8), torch.float32, logits.device)
     bias = torch.index_select(_bias_table(logits.device), 0, index, out=out).view(len(rows), -1)[:, :vocab]
     if len(rows) == logits.shape[0]:
         logits.add_(bias.to(logits.dtype))
     else:
-        logits.index_add_(0, torch.tensor(rows, device=logits.device), bias.to(logits.dtype))
+        logits.index_add_(0, upload(rows, logits.device), bias.to(logits.dtype))

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.model.attention import AttentionMetadata, paged_attention
+from cluster.kernels import gpu as triton_kernels
+from cluster.model.attention import AttentionMetadata, decode_attention, norm_rope, paged_attention
 from cluster.config import ModelConfig
 from cluster.model.experts import LocalExperts
 from cluster import native
-from cluster.model.layers import Linear, RMSNorm, apply_rope, linear, rms_norm, silu_mul
+from cluster.model.layers import Linear, RMSNorm, add_rms_norm, linear, silu_mul
 from cluster.model.profiler import section
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,10 +46,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t, h, kvh = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
-        qk = apply_rope(rms_norm(qkv[:, : h + kvh], self.qk_norm, self.eps), meta.cos, meta.sin)
-        kv = torch.cat([qk[:, h:], qkv[:, h + kvh:]], dim=1)
-        out = paged_attention(qk[:, :h], kv, self.kv_cache, meta)
-        return self.o_proj(out.view(t, h * self.head_dim))
+        if meta.pure_decode and (gpu := triton_kernels.for_tensor(qkv)) is not None:
+            # Decode on the GPU: norms, rotation and the cache write in one kernel, then the
+            # paged kernel reads the blocks in place.
+            q = gpu.qk_norm_rope_cache(qkv, self.qk_norm, self.eps, meta.cos, meta.sin, meta.slot_mapping,
+                                       self.kv_cache, h)
+            out = decode_attention(q, self.kv_cache, meta)
+        else:
+            q, kv = norm_rope(qkv, self.qk_norm, self.eps, meta.cos, meta.sin, h)
+            out = paged_attention(q, kv, self.kv_cache, meta)
+        return self.o_proj(out.reshape(t, h * self.head_dim))
 
 
 class DenseMlp(nn.Module):
@@ -82,10 +89,18 @@ class SparseMoe(nn.Module):
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        flat = ids.flatten()  # index_add_, not bincount: no host sync on CUDA
-        self.usage[0].index_add_(0, flat, torch.ones(flat.shape, dtype=self.usage.dtype, device=flat.device))
-        self.usage[1].index_add_(0, flat, weights.flatten().to(self.usage.dtype))
-        return ids, weights.to(x.dtype)
+        return ids, weights
+
+    def count(self, ids: torch.Tensor, weights: torch.Tensor, row_mask: torch.Tensor | None) -> None:
+        """Adds this batch's routing to `usage`; rows whose mask is 0 (a static step's padding)
+        add nothing. index_add_, not bincount: no host sync on CUDA."""
+        flat = ids.flatten()
+        if row_mask is None:
+            ones = torch.ones(flat.shape, dtype=self.usage.dtype, device=flat.device)
+        else:
+            ones = row_mask.to(self.usage.dtype)[:, None].expand(ids.shape).reshape(-1)
+        self.usage[0].index_add_(0, flat, ones)
+        self.usage[1].index_add_(0, flat, weights.flatten().to(self.usage.dtype) * ones)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
         """Moves with the module but stays float64: cast to bf16 with the weights, a counter
@@ -95,9 +110,15 @@ class SparseMoe(nn.Module):
             self.usage = torch.zeros(self.usage.shape, dtype=torch.float64, device=self.usage.device)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
         ids, weights = self.route(x)
-        return self.experts(x, ids, weights)
+        fused = getattr(self.experts, "fused", None)
+        if fused is not None and (gpu := triton_kernels.for_tensor(x)) is not None and fused_moe_fits(x, self.experts):
+            # The grouped kernel counts the usage in its own alignment pass.
+            valid = None if row_mask is None else row_mask > 0
+            return fused(gpu, x, ids, weights, valid, self.usage)
+        self.count(ids, weights, row_mask)
+        return self.experts(x, ids, weights.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -110,11 +131,36 @@ class DecoderLayer(nn.Module):
             SparseMoe(cfg, experts) if cfg.is_moe_layer(layer) else DenseMlp(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the next layer adds the two
+        in the same pass as its norm (one fused kernel on the GPU)."""
         with section("attention"):
-            h = h + self.self_attn(self.input_layernorm(h), meta)
+            if residual is None:
+                h, residual = self.input_layernorm(x), x
+            else:
+                h, residual = _add_norm(x, residual, self.input_layernorm)
+            h, residual = _add_norm(self.self_attn(h, meta), residual, self.post_attention_layernorm)
         with section("experts"):
-            return h + self.mlp(self.post_attention_layernorm(h))
+            if isinstance(self.mlp, SparseMoe):
+                return self.mlp(h, meta.row_mask), residual
+            return self.mlp(h), residual
+
+
+def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + x), residual + x): the fused kernel on the GPU, its twin elsewhere."""
+    if (gpu := triton_kernels.for_tensor(x)) is not None:
+        return gpu.add_rms_norm(x, residual, norm.weight, norm.eps)
+    return add_rms_norm(x, residual, norm.weight, norm.eps)
+
+
+# Tokens up to which the grouped Triton MoE runs bf16 experts; past it (prefill) the grouped
+# matmul, whose tiles suit large batches. FP8 experts take the kernel at every size.
+FUSED_MOE_MAX_TOKENS = 256
+
+
+def fused_moe_fits(x: torch.Tensor, experts: object) -> bool:
+    return x.shape[0] <= FUSED_MOE_MAX_TOKENS or not isinstance(experts, LocalExperts)
 
 
 class Qwen3MoeModel(nn.Module):
@@ -138,10 +184,10 @@ class Qwen3MoeModel(nn.Module):
         self._tied_head_t: torch.Tensor | None = None  # a tied head's input-major copy, for the native matmul
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(h, meta)
-        return h
+            h, residual = layer(h, residual, meta)
+        return residual + h
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         with section("lm_head"):

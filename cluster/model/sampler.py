@@ -17,6 +17,7 @@ import threading
 import torch
 
 from cluster.config import SamplingParams
+from cluster.model.staging import upload
 
 _local = threading.local()
 
@@ -30,12 +31,17 @@ TopLogprobs = list[tuple[int, float]]
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-    raw: torch.Tensor | None = None,
+    raw: torch.Tensor | None = None, sync_free: bool = False,
 ) -> tuple[list[int], list[float | None], list[TopLogprobs | None]]:
     """logits [B, V] (processed, see logits.py) -> (token ids, the logprob of each chosen token
     under the model's own distribution `raw` (default: `logits`), and the `top_logprobs` most
     likely tokens with theirs), logprobs only for rows that asked. The logprobs are the model's
-    before any processing, as vLLM returns by default."""
+    before any processing, as vLLM returns by default. Everything comes back in one read.
+
+    Which rows take which path is decided from the parameters, on the host. The one decision
+    that depends on the logits (whether a top-p nucleus reaches past the candidates) is read to
+    the host on the CPU, where that costs nothing; with `sync_free` (a GPU's decode step) both
+    paths are computed for those rows and chosen between on the device."""
     logits = logits.float()
     raw = logits if raw is None else raw
     rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -45,23 +51,39 @@ def sample(
         tokens = logits.argmax(dim=-1)
     if rows:
         u = _uniforms([generators[i] for i in rows], logits.device)
-        tokens[_index(rows, logits)] = _sample_rows(_take(logits, rows), [params[i] for i in rows], u)
+        tokens[_index(rows, logits)] = _sample_rows(_take(logits, rows), [params[i] for i in rows], u, sync_free)
     want = [i for i, p in enumerate(params) if p.logprobs]
     lps: list[float | None] = [None] * len(params)
     tops: list[TopLogprobs | None] = [None] * len(params)
-    if want:
-        w = _index(want, logits)
-        logp = torch.log_softmax(raw[w].float(), dim=-1)
-        chosen = logp.gather(1, tokens[w].unsqueeze(1)).squeeze(1)
-        for i, v in zip(want, chosen.tolist()):
-            lps[i] = v
-        k = max(params[i].top_logprobs for i in want)
-        if k:
-            values, ids = logp.topk(k, dim=-1)
-            for i, vs, ts in zip(want, values.tolist(), ids.tolist()):
-                n = params[i].top_logprobs
-                tops[i] = list(zip(ts[:n], vs[:n])) if n else None
-    return tokens.tolist(), lps, tops
+    if not want:
+        return read_to_host(tokens).long().tolist(), lps, tops
+    w = _index(want, logits)
+    logp = torch.log_softmax(raw[w].float(), dim=-1)
+    chosen = logp.gather(1, tokens[w].unsqueeze(1)).squeeze(1)
+    k = max(params[i].top_logprobs for i in want)
+    values, ids = logp.topk(k, dim=-1) if k else (chosen[:0], chosen[:0])
+    packed = torch.cat([tokens.double(), chosen.double(), values.double().flatten(), ids.double().flatten()])
+    flat = read_to_host(packed).tolist()  # ids below 2^53 are exact in float64
+    b, nw = len(params), len(want)
+    for j, i in enumerate(want):
+        lps[i] = flat[b + j]
+        n = params[i].top_logprobs
+        if n:
+            vs = flat[b + nw + j * k : b + nw + j * k + n]
+            ts = flat[b + nw + nw * k + j * k : b + nw + nw * k + j * k + n]
+            tops[i] = [(int(t), v) for t, v in zip(ts, vs)]
+    return [int(t) for t in flat[:b]], lps, tops
+
+
+def read_to_host(x: torch.Tensor) -> torch.Tensor:
+    """The step's one device-to-host read: into pinned memory (PyTorch's caching host allocator
+    keeps it), then one wait on the stream."""
+    if not x.is_cuda:
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    out.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return out
 
 
 def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
@@ -74,7 +96,7 @@ def _uniforms(generators: list[torch.Generator | None], device: torch.device) ->
 
 
 def _index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=like.device)
+    return upload(rows, like.device, torch.long)
 
 
 def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -83,11 +105,11 @@ def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-row values as a [rows, 1] tensor beside `like`."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+    """Per-row values as a [rows, 1] tensor beside `like` (from pinned memory on a GPU)."""
+    return upload(values, like.device, like.dtype).unsqueeze(1)
 
 
-def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor, sync_free: bool) -> torch.Tensor:
     """Sampled ids for rows that are not greedy; u holds each row's uniform draw."""
     vocab = logits.shape[1]
     small = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or (p.top_k == 0 and p.top_p < 1)]
@@ -96,7 +118,14 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], u: torch.Te
     picked = torch.empty(len(params), dtype=torch.long, device=logits.device)
     if small:
         idx = _index(small, logits)
-        got, missed = _sample_candidates(_take(logits, small), [params[i] for i in small], u[idx])
+        got, missed = _sample_candidates(_take(logits, small), [params[i] for i in small], u[idx], sync_free)
+        if isinstance(missed, torch.Tensor):  # sync-free: the full path for every row that may miss
+            maybe = [i for i, p in enumerate(params) if i in chosen and p.top_k == 0]
+            sub = [small.index(i) for i in maybe]
+            at = _index(sub, got)
+            other = _sample_full(_take(logits, maybe), [params[i] for i in maybe], u[_index(maybe, u)])
+            got[at] = torch.where(missed[at], other, got[at])
+            missed = []
         picked[idx] = got
         full = sorted(full + [small[i] for i in missed])
     if full:
@@ -106,16 +135,17 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], u: torch.Te
 
 
 def _sample_candidates(
-    logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor
-) -> tuple[torch.Tensor, list[int]]:
+    logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor, sync_free: bool = False,
+) -> tuple[torch.Tensor, list[int] | torch.Tensor]:
     """Rows sampled among their top-k (or TOP_P_CANDIDATES) tokens; returns the ids and the rows
-    whose top-p nucleus reaches past the candidates (to be sampled over the full vocabulary)."""
+    whose top-p nucleus reaches past the candidates (to be sampled over the full vocabulary): a
+    list read to the host, or with `sync_free` a [rows] boolean tensor left on the device."""
     ks = [p.top_k if p.top_k > 0 else min(TOP_P_CANDIDATES, logits.shape[1]) for p in params]
     width = max(ks)
     temps = column([p.temperature for p in params], logits)
     values, ids = logits.topk(width, dim=-1)  # sorted, descending
     scaled = values / temps
-    beyond_k = torch.arange(width, device=logits.device) >= torch.tensor(ks, device=logits.device).unsqueeze(1)
+    beyond_k = torch.arange(width, device=logits.device) >= upload(ks, logits.device).unsqueeze(1)
     scaled = scaled.masked_fill(beyond_k, float("-inf"))
     # Probabilities renormalised within the top-k (top-k filters first, then top-p, as in vLLM).
     denom = torch.logsumexp(scaled, dim=-1)
@@ -126,8 +156,10 @@ def _sample_candidates(
     probs = (scaled - denom.unsqueeze(1)).exp()
     top_p = column([p.top_p for p in params], logits)
     before = probs.cumsum(dim=-1) - probs
-    missed = []
-    if no_k:  # the one host read here, and only for rows whose nucleus may reach past the candidates
+    missed: list[int] | torch.Tensor = []
+    if no_k and sync_free:
+        missed = (probs.sum(dim=-1, keepdim=True) <= top_p).squeeze(1)
+    elif no_k:  # the one host read here, and only for rows whose nucleus may reach past the candidates
         mass = probs[_index(no_k, probs)].sum(dim=-1).tolist()
         missed = [i for i, m in zip(no_k, mass) if m <= params[i].top_p]
     probs = probs.masked_fill(before > top_p, 0.0)  # the first token is always kept
@@ -183,8 +215,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = torch.cumsum(probs, dim=-1, out=probs) if probs.is_contiguous() else probs.cumsum(dim=-1)
     target = (u * cdf[:, -1]).unsqueeze(1)
     pos = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    past = pos >= probs.shape[1]  # u * total rounded up to the total: the last token with mass
-    if past.any():  # the first position that reaches the total is the last one with mass
-        rows = cdf[past]
-        pos[past] = (rows >= rows[:, -1:]).int().argmax(dim=-1)
-    return pos
+    # u * total rounded up to the total lands past the end: then the first position that reaches
+    # the total, which is the last token with mass (chosen on the device: no read of `past`).
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous()).squeeze(1)
+    return torch.where(pos >= probs.shape[1], last, pos)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster import native
-from cluster.model.attention import AttentionMetadata, _decode_attention
+from cluster.model.attention import AttentionMetadata, decode_attention
 from cluster.model.experts import LocalExperts, use_padded
 from cluster.model.layers import rms_norm
 
@@ -189,7 +189,7 @@ def test_decode_attention_kernel_matches_torch(kernels, monkeypatch, case: tuple
     q, cache, meta = _paged_case(*case, dtype=dtype)
     got = kernels.paged_decode_attention(q, cache, meta.decode_block_tables, meta.decode_lens, q.shape[-1] ** -0.5)
     monkeypatch.setenv("Q3SERVE_NATIVE", "0")
-    ref = _decode_attention(q, cache, meta)  # gather + SDPA
+    ref = decode_attention(q, cache, meta)  # gather + SDPA
     assert got.dtype == dtype and got.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.float() - ref.float()).abs().max().item() < tol * ref.float().abs().max().item()
