@@ -9,8 +9,10 @@ On a random checkpoint with Qwen3-30B-A3B's layer shapes (hidden 2048, 32 q / 4 
     and with the experts kept in FP8 (block-scaled FP8 matmuls where the GPU has them): tokens,
     bytes, decode time;
   - load peak device memory against the weights' bytes; gpu_memory_utilization sizing;
-  - bf16 decode step time at 1, 16 and 64 sequences against the HBM read floor of the weights
-    and KV it touches (the device's copy bandwidth measured here).
+  - bf16 decode step time at 1, 16 and 64 sequences against the read floor (benchmarks/floor.py:
+    the dense weights, the lm_head, the experts the batch touches and the KV, over the device's
+    measured read bandwidth; no embedding table). benchmarks/decode_floor.py times the whole
+    48-layer model with CUDA graphs and the kernels.
 Writes benchmarks/results/gpu_check.json and prints it. `--device cpu --tiny` runs the same steps
 on the CPU with small shapes, to check the script itself.
 
@@ -35,13 +37,9 @@ import torch
 from cluster import LLM, SamplingParams
 from cluster.engine.tokenizer import TOKENIZER_FILES, wheel_tokenizer_dir
 
+from benchmarks.floor import QWEN3_30B, TINY, copy_bandwidth, read_bandwidth, step_read_bytes
+
 RESULTS = Path(__file__).parent / "results"
-QWEN3_30B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                 num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-                 num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
-                 tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6)
-TINY = dict(QWEN3_30B, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4, vocab_size=151936)
 BLOCK = (128, 128)
 
 
@@ -215,29 +213,15 @@ def _fp8_run(llm: LLM, prompts: list[list[int]], greedy: SamplingParams, device:
             "prompt_logprobs": [lp for o in scored for lp in (o.prompt_logprobs or [])[1:]]}
 
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes read + written per second by a device-to-device copy of 1 GiB (the HBM ceiling)."""
-    x = torch.empty(1 << 28, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    _sync(device)
-    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - start)
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def decode_timing(path: Path, spec: dict, layers: int, device: str, bandwidth: float) -> dict[str, Any]:
-    """bf16 decode steps at 1, 16 and 64 sequences (1024-token contexts) against the read floor:
-    the non-expert weights, the experts the batch touches (expected distinct experts per layer)
-    and the KV of every sequence, read once at the measured bandwidth."""
+def decode_timing(path: Path, spec: dict, layers: int, device: str) -> dict[str, Any]:
+    """bf16 decode steps at 1, 16 and 64 sequences (1024-token contexts) against the read floor
+    (benchmarks/floor.py), at the measured read bandwidth."""
+    bandwidth, copy = read_bandwidth(device), copy_bandwidth(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     llm = LLM(path, dtype="bfloat16", device=device, num_kv_blocks=4400, block_size=16,
@@ -246,10 +230,8 @@ def decode_timing(path: Path, spec: dict, layers: int, device: str, bandwidth: f
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     kv_bytes = sum(layer.self_attn.kv_cache.numel() * 2 for layer in model.layers)
-    h, e, k, i = spec["hidden_size"], spec["num_experts"], spec["num_experts_per_tok"], spec["moe_intermediate_size"]
-    expert_bytes = 3 * h * i * 2
-    kv_per_token = 2 * layers * spec["num_key_value_heads"] * spec["head_dim"] * 2
-    out: dict[str, Any] = {"weight_bytes": weight_bytes, "load_peak_allocated_bytes": peak,
+    out: dict[str, Any] = {"read_bandwidth_gbs": round(bandwidth / 1e9, 1), "copy_bandwidth_gbs": round(copy / 1e9, 1),
+                           "weight_bytes": weight_bytes, "load_peak_allocated_bytes": peak,
                            "load_peak_over_weights": round((peak - kv_bytes) / weight_bytes, 3) if peak else None,
                            "steps": []}
     for batch in (1, 16, 64):
@@ -274,10 +256,7 @@ def decode_timing(path: Path, spec: dict, layers: int, device: str, bandwidth: f
                 out["profile_1_seq"] = {"error": repr(exc)[:500]}
         while llm.core.has_work():
             llm.core.step()
-        touched = e * (1 - (1 - k / e) ** batch)
-        non_expert = weight_bytes - layers * e * expert_bytes
-        floor_bytes = non_expert + layers * touched * expert_bytes + batch * 1040 * kv_per_token
-        floor_s = floor_bytes / (bandwidth / 2)  # the copy counted reads and writes; a step reads
+        floor_s = step_read_bytes(spec, layers, batch, 1040) / bandwidth
         out["steps"].append({"sequences": batch, "step_ms": round(step_s * 1e3, 3),
                              "read_floor_ms": round(floor_s * 1e3, 3), "over_floor": round(step_s / floor_s, 2),
                              "tokens_per_s": round(batch / step_s, 1)})
@@ -340,7 +319,7 @@ def main() -> None:
         for name, fn in (("correctness", lambda: correctness(path, device)),
                          ("fp8", lambda: fp8_check(path, tmp, device)),
                          ("gpu_memory_utilization", lambda: utilization_check(path, device)),
-                         ("decode", lambda: decode_timing(path, spec, args.layers, device, copy_bandwidth(device)))):
+                         ("decode", lambda: decode_timing(path, spec, args.layers, device))):
             t0 = time.perf_counter()
             try:
                 result[name] = fn()

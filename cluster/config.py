@@ -344,8 +344,14 @@ class EngineConfig:
     # FP8 checkpoints: keep the routed experts in FP8 ("keep": half their bytes, slower steps),
     # or dequantize them on load ("dequantize", and "auto" for now: cluster/model/fp8.py says why)
     fp8_weights: str = "auto"
+    # Pure-decode steps replayed as CUDA graphs, one per batch bucket up to `max_graph_batch`
+    # (default max_num_seqs); None: on for a single-GPU instance, off elsewhere (cluster/model/graphs.py)
+    cuda_graphs: bool | None = None
+    max_graph_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_graph_batch is not None and self.max_graph_batch < 1:
+            raise ValueError("max_graph_batch: must be >= 1")
         if self.fp8_weights not in ("auto", "keep", "dequantize"):
             raise ValueError(f"fp8_weights: {self.fp8_weights!r} is not 'auto', 'keep' or 'dequantize'")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -361,6 +367,24 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} is not in (0, 1]")
         if self.gpu_memory_utilization is not None and self.num_kv_blocks is not None:
             raise ValueError("gpu_memory_utilization: give it or num_kv_blocks, not both")
+
+    def graphs_on(self, parallel: "ParallelConfig") -> bool:
+        """Whether this instance captures decode graphs: `cuda_graphs`, or by default where it
+        can (CUDA, one process). Refused, naming the field, where it cannot: an expert-parallel
+        instance's exchange reads its split sizes on the host, so it steps eagerly for now."""
+        local = parallel.attention_shards == 1 and parallel.expert_groups == 1 and not parallel.use_ray
+        if self.cuda_graphs is None:
+            return parallel.device == "cuda" and local
+        if self.cuda_graphs and parallel.device != "cuda":
+            raise ValueError(f"cuda_graphs: CUDA graphs need device 'cuda', not {parallel.device!r}")
+        if self.cuda_graphs and not local:
+            raise ValueError("cuda_graphs: an expert-parallel instance steps eagerly (its exchange sizes are read "
+                             "on the host); set it for single-GPU instances only")
+        return self.cuda_graphs
+
+    @property
+    def graph_batch(self) -> int:
+        return self.max_graph_batch or self.max_num_seqs
 
     def kv_blocks(self, model: ModelConfig, dtype: torch.dtype) -> int:
         if self.num_kv_blocks is not None:

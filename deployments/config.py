@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve.config import DEFAULT_METRICS_INTERVAL_S
 
-from cluster.config import ParallelConfig
+from cluster.config import EngineConfig, ParallelConfig
 
 
 class _Strict(BaseModel):
@@ -73,6 +73,10 @@ class PoolConfig(_Strict):
     fp8_weights: Literal["auto", "keep", "dequantize"] = "auto"
     block_size: int = Field(16, ge=1)
     enable_prefix_caching: bool = True
+    # Pure-decode steps replayed as CUDA graphs per batch bucket up to max_graph_batch (default
+    # max_num_seqs); None: on for a single-GPU replica (CUDA, 1 x 1), off elsewhere
+    cuda_graphs: bool | None = None
+    max_graph_batch: int | None = Field(None, ge=1)
     default_max_tokens: int = Field(1024, ge=1)
     max_tokens_limit: int = Field(8192, ge=1)
     default_thinking_budget: int | None = Field(None, ge=0)
@@ -107,6 +111,12 @@ class PoolConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _graphs(self) -> "PoolConfig":
+        EngineConfig(cuda_graphs=self.cuda_graphs).graphs_on(ParallelConfig(
+            attention_shards=self.attention_shards, expert_groups=self.expert_groups, device=self.device))
+        return self
+
+    @model_validator(mode="after")
     def _placement(self) -> "PoolConfig":
         if self.placement != "contiguous" and self.expert_groups < 2:
             raise ValueError("placement: a placement map spreads experts over expert groups; this pool has one")
@@ -133,7 +143,7 @@ class PoolConfig(_Strict):
 
     def engine_kwargs(self) -> dict[str, Any]:
         keys = ("attention_shards", "expert_groups", "layout", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "fp8_weights", "block_size", "enable_prefix_caching", "actor_resources",
+                "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "fp8_weights", "block_size", "enable_prefix_caching", "cuda_graphs", "max_graph_batch", "actor_resources",
                 "attention_resources", "expert_resources", "step_timeout_s", "placement")
         return {k: getattr(self, k) for k in keys}
 

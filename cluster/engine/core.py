@@ -119,9 +119,10 @@ class EngineCore:
         self._grammar_compiler: GrammarCompiler | None = None
         self.grammar_s = 0.0  # seconds filling structured outputs' bitmasks (the engine benchmark reads it)
         self._grammar_lock = threading.Lock()
+        graphs = self.config.graphs_on(self.parallel)
         self.executor = build_executor(
             self.model_path, self.model_config, self.dtype, self.parallel, num_blocks, self.config.block_size,
-            self.max_model_len,
+            self.max_model_len, cuda_graphs=graphs, max_graph_batch=min(self.config.graph_batch, self.config.max_num_seqs),
         )
         if util is not None:
             try:

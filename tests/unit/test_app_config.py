@@ -114,6 +114,27 @@ def test_bad_layouts_are_refused_naming_the_field(pool: dict, where: str) -> Non
         AppConfig.model_validate({"thinking": pool})
 
 
+@pytest.mark.parametrize("pool", [
+    {"cuda_graphs": True},  # on the CPU
+    {"cuda_graphs": True, "device": "cuda", "attention_shards": 2, "expert_groups": 2},  # expert-parallel
+    {"max_graph_batch": 0, "device": "cuda"},
+])
+def test_cuda_graphs_are_refused_where_they_cannot_run_naming_the_field(pool: dict) -> None:
+    with pytest.raises(ValidationError, match="cuda_graphs" if "cuda_graphs" in pool else "max_graph_batch"):
+        AppConfig.model_validate({"thinking": pool})
+
+
+def test_cuda_graphs_default_on_for_a_single_gpu_replica_only() -> None:
+    from cluster.config import EngineConfig, ParallelConfig
+
+    cfg = AppConfig.model_validate({"thinking": {"device": "cuda", "max_graph_batch": 48}}).thinking
+    assert cfg.engine_kwargs()["cuda_graphs"] is None and cfg.engine_kwargs()["max_graph_batch"] == 48
+    assert EngineConfig().graphs_on(ParallelConfig(device="cuda"))
+    assert not EngineConfig().graphs_on(ParallelConfig(device="cpu"))
+    assert not EngineConfig().graphs_on(ParallelConfig(device="cuda", attention_shards=2, expert_groups=2))
+    assert not EngineConfig(cuda_graphs=False).graphs_on(ParallelConfig(device="cuda"))
+
+
 def test_colocated_fractional_gpus_are_allowed() -> None:
     """In the colocated layout a GPU holds one rank of an instance, so a fraction (two instances'
     ranks sharing a device) is each communicator's one rank there: allowed."""
