@@ -12,11 +12,17 @@ load as before. Each matmul is either
   load-time dequantization gives) and a matmul in the serving dtype. This runs anywhere and gives
   the dequantized model's results; on the CPU it is the correctness path, not a fast one.
 
+On a GPU with Triton, kept experts instead run the grouped FP8 kernel (`Fp8Experts.fused`,
+cluster/kernels/gpu/moe.py: all experts of a layer in one pass, weights dequantized in registers),
+the same kernel shape as the bf16 experts' one; the per-expert path above stays for the CPU and as
+the reference.
+
 `fp8_weights` ("auto" | "keep" | "dequantize", EngineConfig and PoolConfig) decides per process.
-"auto" dequantizes: kept experts run one expert at a time (no grouped FP8 matmul yet), and on an
-H200 that decoded 16 sequences 16x slower than the dequantized experts' grouped bf16 path even with
-the block-scaled matmul (benchmarks/results/gpu_check.json); "keep" is for a model that only fits
-in FP8, at that cost."""
+"auto" dequantizes: the per-expert path decoded 16 sequences 16x slower than the dequantized
+experts' grouped bf16 path on an H200 (benchmarks/results/gpu_check.json), and the grouped FP8
+kernel has not yet been timed on a GPU (benchmarks/decode_floor.py's `fp8` rows will say whether
+kept FP8 beats bf16; then "auto" keeps FP8 where it does); "keep" is for a model that only fits in
+FP8."""
 
 from __future__ import annotations
 

@@ -53,3 +53,12 @@ def test_deployments_use_the_public_names() -> None:
     for f in _files("deployments"):
         used = {m for m in _imports(f, top_level_only=False) if m.startswith("cluster")}
         assert all(m in allowed or m.rsplit(".", 1)[0] in allowed for m in used), (f, used)
+
+
+def test_kernels_are_leaves() -> None:
+    """`model` -> `kernels`: a kernel module imports nothing of the engine or the model (its
+    PyTorch twin lives in `model` and the tests compare the two)."""
+    for f in _files("cluster.kernels"):
+        bad = {m for m in _imports(f, top_level_only=False)
+               if m.startswith("cluster") and not m.startswith("cluster.kernels")}
+        assert not bad, (f, bad)
