@@ -348,6 +348,9 @@ class EngineConfig:
     # (default max_num_seqs); None: on for a single-GPU instance, off elsewhere (cluster/model/graphs.py)
     cuda_graphs: bool | None = None
     max_graph_batch: int | None = None
+    # Pure-decode steps on the static buffers without capturing them (None: where cuda_graphs is
+    # on); True on the CPU runs the graphs' step eagerly, to check it against the eager path
+    static_decode: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_graph_batch is not None and self.max_graph_batch < 1:
@@ -381,6 +384,18 @@ class EngineConfig:
             raise ValueError("cuda_graphs: an expert-parallel instance steps eagerly (its exchange sizes are read "
                              "on the host); set it for single-GPU instances only")
         return self.cuda_graphs
+
+    def static_on(self, parallel: "ParallelConfig") -> bool:
+        """Whether pure-decode steps run on static buffers: `static_decode`, else with the graphs."""
+        graphs = self.graphs_on(parallel)
+        if self.static_decode is None:
+            return graphs
+        local = parallel.attention_shards == 1 and parallel.expert_groups == 1 and not parallel.use_ray
+        if self.static_decode and not local:
+            raise ValueError("static_decode: an expert-parallel instance steps eagerly; set it for single-process instances only")
+        if graphs and not self.static_decode:
+            raise ValueError("static_decode: CUDA graphs replay the static step; it cannot be off while cuda_graphs is on")
+        return self.static_decode
 
     @property
     def graph_batch(self) -> int:

@@ -95,12 +95,14 @@ class SparseMoe(nn.Module):
         """Adds this batch's routing to `usage`; rows whose mask is 0 (a static step's padding)
         add nothing. index_add_, not bincount: no host sync on CUDA."""
         flat = ids.flatten()
+        w = weights.flatten().to(self.usage.dtype)
         if row_mask is None:
             ones = torch.ones(flat.shape, dtype=self.usage.dtype, device=flat.device)
         else:
             ones = row_mask.to(self.usage.dtype)[:, None].expand(ids.shape).reshape(-1)
+            w = w * ones
         self.usage[0].index_add_(0, flat, ones)
-        self.usage[1].index_add_(0, flat, weights.flatten().to(self.usage.dtype) * ones)
+        self.usage[1].index_add_(0, flat, w)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
         """Moves with the module but stays float64: cast to bf16 with the weights, a counter
@@ -112,8 +114,9 @@ class SparseMoe(nn.Module):
 
     def forward(self, x: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
         ids, weights = self.route(x)
-        fused = getattr(self.experts, "fused", None)
-        if fused is not None and (gpu := triton_kernels.for_tensor(x)) is not None and fused_moe_fits(x, self.experts):
+        gpu = triton_kernels.for_tensor(x)
+        fused = getattr(self.experts, "fused", None) if gpu is not None else None
+        if fused is not None and fused_moe_fits(x, self.experts):
             # The grouped kernel counts the usage in its own alignment pass.
             valid = None if row_mask is None else row_mask > 0
             return fused(gpu, x, ids, weights, valid, self.usage)

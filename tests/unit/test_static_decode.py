@@ -254,3 +254,41 @@ def test_a_decode_step_has_no_host_sync(moe_checkpoint: Path, kernels: bool) -> 
     finally:
         sampler.read_to_host = real
     assert len(reads) == 3  # one read per step
+
+
+def test_the_engine_on_the_static_step_generates_what_the_eager_engine_does(moe_checkpoint: Path, monkeypatch) -> None:
+    """The whole engine (continuous batching, preemption under a small KV pool, finished
+    requests, seeded sampling) with its pure-decode steps on the static buffers (`static_decode`,
+    what CUDA graphs replay) gives the eager engine's tokens."""
+    from cluster import LLM
+    from cluster.model.graphs import StaticDecode
+
+    runs = []
+    real = StaticDecode.run
+    monkeypatch.setattr(StaticDecode, "run", lambda self, plan: runs.append(len(plan.entries)) or real(self, plan))
+    prompts = [[(i * 13 + t) % 500 for t in range(3 + i % 7)] for i in range(14)]
+    params = [SamplingParams(max_tokens=12, temperature=0) if i % 3 == 0 else
+              SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=i) if i % 3 == 1 else
+              SamplingParams(max_tokens=12, temperature=1.0, top_k=7, seed=i, logprobs=True) for i in range(14)]
+    kw = dict(dtype="float32", num_kv_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=32)
+    eager = LLM(moe_checkpoint, **kw)
+    want = eager.generate(prompts, params)
+    assert not runs
+    static = LLM(moe_checkpoint, static_decode=True, **kw)
+    got = static.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert len(runs) > 10 and set(runs) - {6}  # decode steps of several batch sizes took the static step
+    assert sum(s.num_preemptions for s in static.core.shards) > 0  # the small pool preempted
+    for llm in (eager, static):
+        llm.shutdown()
+
+
+def test_static_decode_is_refused_where_it_cannot_run() -> None:
+    from cluster.config import EngineConfig, ParallelConfig
+
+    with pytest.raises(ValueError, match="static_decode"):
+        EngineConfig(static_decode=True).static_on(ParallelConfig(attention_shards=2, expert_groups=2))
+    with pytest.raises(ValueError, match="static_decode"):
+        EngineConfig(static_decode=False, cuda_graphs=True).static_on(ParallelConfig(device="cuda"))
+    assert EngineConfig(static_decode=True).static_on(ParallelConfig())
+    assert not EngineConfig().static_on(ParallelConfig())

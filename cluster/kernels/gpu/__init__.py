@@ -28,10 +28,13 @@ def _ops() -> ModuleType | None:
 
 
 def for_tensor(x: torch.Tensor) -> ModuleType | None:
-    """The kernel entry points (`cluster.kernels.gpu.ops`) to run on `x`, or None for PyTorch."""
+    """The kernel entry points (`cluster.kernels.gpu.ops`) to run on `x`, or None for PyTorch.
+    Called several times per layer: the CPU's answer comes first and cheaply."""
+    if x.is_cpu and not _state["on_cpu"]:
+        return None
     if not _state["enabled"] or torch.is_grad_enabled():
         return None
-    if x.is_cuda or (x.is_cpu and _state["on_cpu"] and os.environ.get("TRITON_INTERPRET") == "1"):
+    if x.is_cuda or (x.is_cpu and os.environ.get("TRITON_INTERPRET") == "1"):
         return _ops()
     return None
 
