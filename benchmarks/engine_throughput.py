@@ -252,7 +252,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = Path(__file__).parent / "results"
     if args.part == "structured":
-        from benchmarks.machine import describe_machine
+        from deployments.tools.machine import describe_machine
 
         out = Path(args.out or results / "engine_structured.json")
         with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +266,7 @@ def main() -> None:
         print(f"wrote {out}")
         return
     if args.part == "sampling":
-        from benchmarks.machine import describe_machine
+        from deployments.tools.machine import describe_machine
 
         out = Path(args.out or results / "engine_sampling.json")
         with tempfile.TemporaryDirectory() as tmp:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.machine import describe_machine
+from deployments.tools.machine import describe_machine
 from cluster import LLM, SamplingParams
 from cluster.default_model import default_model_path
 from cluster.parallel.placement import ExpertPlacement, contiguous, load_balanced, load_report
 
 
 def traffic(n: int, seed: int) -> list[tuple[list[dict], bool]]:
-    from training.tasks import sample
+    from deployments.tools.tasks import sample
 
     rng = random.Random(seed)
     return [([{"role": "user", "content": sample(rng, held_out=True).question}], i % 2 == 0) for i in range(n)]

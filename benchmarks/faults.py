@@ -20,13 +20,13 @@ from typing import Any
 
 import httpx
 
-from benchmarks.machine import describe_machine
-from benchmarks.serving.clients import SamplingArgs
-from benchmarks.serving.faults import FAULTS, FaultConfig
-from benchmarks.serving.run import BenchConfig, bench
-from benchmarks.serving.summary import percentile
-from benchmarks.serving.server import UpServer
-from benchmarks.serving.workload import WorkloadConfig
+from deployments.tools.machine import describe_machine
+from deployments.tools.bench.clients import SamplingArgs
+from deployments.tools.bench.faults import FAULTS, FaultConfig
+from deployments.tools.bench.run import BenchConfig, bench
+from deployments.tools.bench.summary import percentile
+from benchmarks.servers import UpServer
+from deployments.tools.bench.workload import WorkloadConfig
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = {"thinking": {"attention_shards": 2, "expert_groups": 2, "step_timeout_s": 10},

@@ -16,13 +16,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import describe_machine
-from benchmarks.serving.server import UpServer
+from deployments.tools.machine import describe_machine
+from benchmarks.servers import UpServer
 from cluster.config import ModelConfig
 from cluster.default_model import default_model_path
 from cluster.model.expert_usage import ExpertUsage, most_used
 from cluster.model.prune import prune_checkpoint
-from deployments.evaluate import evaluate
+from deployments.tools.evaluate import evaluate
 
 FRACTIONS = (0.75, 0.5)
 METHODS = ("frequency", "weight")

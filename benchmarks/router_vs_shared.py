@@ -15,12 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import describe_machine
-from benchmarks.serving.clients import Record
-from benchmarks.serving.run import BenchConfig, bench
-from benchmarks.serving.summary import summarize_by_mode
-from benchmarks.serving.server import UpServer
-from benchmarks.serving.workload import WorkloadConfig
+from deployments.tools.machine import describe_machine
+from deployments.tools.bench.clients import Record
+from deployments.tools.bench.run import BenchConfig, bench
+from deployments.tools.bench.summary import summarize_by_mode
+from benchmarks.servers import UpServer
+from deployments.tools.bench.workload import WorkloadConfig
 
 RESULTS = Path(__file__).parent / "results"
 

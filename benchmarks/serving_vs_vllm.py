@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import describe_machine
-from benchmarks.serving.plots import plot_sweep
-from benchmarks.serving.run import BenchConfig, bench
-from benchmarks.serving.server import PeerServer, UpServer
-from benchmarks.serving.workload import WorkloadConfig
+from deployments.tools.machine import describe_machine
+from deployments.tools.bench.plots import plot_sweep
+from deployments.tools.bench.run import BenchConfig, bench
+from benchmarks.servers import PeerServer, UpServer
+from deployments.tools.bench.workload import WorkloadConfig
 from cluster.default_model import default_model_path
 
 RESULTS = Path(__file__).parent / "results"

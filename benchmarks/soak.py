@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.machine import describe_machine
+from deployments.tools.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
 APP = "q3serve"

@@ -184,7 +184,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from deployments.evaluate import main as run_eval
+    from deployments.tools.evaluate import main as run_eval
 
     return run_eval(args)
 
@@ -204,13 +204,13 @@ def _drain_node(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from benchmarks.serving.run import main as run_bench
+    from deployments.tools.bench.run import main as run_bench
 
     return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks.serving.run import add_arguments as add_bench_arguments
+    from deployments.tools.bench.run import add_arguments as add_bench_arguments
     from deployments.experts_cli import add_parser as add_experts_parser
 
     parser = argparse.ArgumentParser(prog="q3serve", description="Serve Qwen3 MoE models on Ray.")

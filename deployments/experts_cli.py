@@ -36,7 +36,7 @@ def calibration_conversations(prompts: str | None, tasks: int, seed: int) -> lis
         if not out:
             raise ValueError(f"prompts: {prompts} holds no prompt")
         return out
-    from training.tasks import sample
+    from deployments.tools.tasks import sample
 
     rng = random.Random(seed)
     return [[{"role": "user", "content": sample(rng, held_out=False).question}] for _ in range(tasks)]

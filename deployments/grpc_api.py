@@ -20,7 +20,7 @@ from deployments.chat import StreamingReasoningParser
 from deployments.frontend import (Frontend, InstanceLost, ModelNotFound, Overloaded, PoolsUnavailable, RequestError,
                                   Unauthenticated)
 from deployments.pool import PoolChunk
-from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools
+from deployments.tool_calls import StreamingToolParser, check_tools, constrain_to_tools
 from protos.q3serve.v1 import q3serve_pb2 as pb
 
 SERVICER_FUNCTIONS = [

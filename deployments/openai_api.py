@@ -25,7 +25,7 @@ from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
 from deployments.frontend import (Frontend, InstanceLost, ModelNotFound, Overloaded, PoolsUnavailable, RequestError, Routed,
                                   Unauthenticated)
 from deployments.pool import PoolChunk
-from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
+from deployments.tool_calls import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
 
 
 class ContentPart(BaseModel):

@@ -23,7 +23,7 @@ from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
 from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError
 from deployments.openai_api import IGNORED_FIELDS, ending_in_error_event, error_response, routed_headers
 from deployments.pool import PoolChunk
-from deployments.tools import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
+from deployments.tool_calls import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 

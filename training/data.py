@@ -10,7 +10,7 @@ Modes, as the server and Qwen3's template produce them:
            empty block itself.
 Soft switches (`/think`, `/no_think`) appear in user or system messages and earlier turns; the
 latest one decides, as in deployments/chat.py.
-Tool use (training/tool_use.py), thinking on or off:
+Tool use (deployments/tools/tool_use.py), thinking on or off:
 - tool_call:   a multiplication tool in `tools`, a large product asked; target the `<tool_call>`.
 - tool_answer: the call and the tool's `<tool_response>` in the history; target the returned number.
 - tool_other:  tools offered, any other task asked; target as without tools.
@@ -22,8 +22,8 @@ import random
 from dataclasses import dataclass
 
 from cluster.engine.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, render_chat
-from training import tool_use
-from training.tasks import Task, sample
+from deployments.tools import tool_use
+from deployments.tools.tasks import Task, sample
 
 # Shares of examples, chosen for compute (the budget is time): tool examples are ~2.5x as long
 # as the others (Qwen3's tools section; at 16% they were 38% of the tokens trained) and a copy task,
@@ -47,7 +47,7 @@ class Example:
     ids: list[int]
     learn: list[bool]  # learn[i]: ids[i] is a target (predicted from ids[:i])
     mode: str
-    kind: str  # the task's kind (training.tasks.KINDS, or "tool" for the tool's products)
+    kind: str  # the task's kind (deployments.tools.tasks.KINDS, or "tool" for the tool's products)
 
 
 def _switch_messages(rng: random.Random, task: Task, thinking: bool | None) -> list[dict]:

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from benchmarks.machine import describe_machine
+from deployments.tools.machine import describe_machine
 from cluster.engine.tokenizer import ENDOFTEXT, IM_END, IM_START, THINK_END, THINK_START, load_tokenizer
 from training.data import Example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
-from training.tasks import count
+from deployments.tools.tasks import count
 
 # Qwen3's own sampling defaults (what a server applies when a request sets none); do_sample stays
 # False so that transformers' generate() is greedy unless asked, as the tests compare against it.

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.serving.run import BenchConfig, bench
-from benchmarks.serving.summary import METRICS, PERCENTILES
-from benchmarks.serving.workload import WorkloadConfig
+from deployments.tools.bench.run import BenchConfig, bench
+from deployments.tools.bench.summary import METRICS, PERCENTILES
+from deployments.tools.bench.workload import WorkloadConfig
 from deployments.config import AppConfig
 from tests.serving.conftest import GRPC_PORT, start_app, stop_app
 

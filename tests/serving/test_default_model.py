@@ -17,7 +17,7 @@ import pytest
 
 from deployments.config import AppConfig
 from tests.serving.conftest import METRICS_PORT, start_app, stop_app
-from training.tool_use import multiply_tool, operands, tool_eval_set
+from deployments.tools.tool_use import multiply_tool, operands, tool_eval_set
 
 # Held-out items (never trained on) from `q3serve eval`'s set that the committed model answers
 # correctly in thinking mode; how often it does so over the whole set is in benchmarks/results/eval.json.

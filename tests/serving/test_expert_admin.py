@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.serving.clients import SamplingArgs
-from benchmarks.serving.replan import ReplanConfig
-from benchmarks.serving.run import BenchConfig, bench
-from benchmarks.serving.workload import WorkloadConfig
+from deployments.tools.bench.clients import SamplingArgs
+from deployments.tools.bench.replan import ReplanConfig
+from deployments.tools.bench.run import BenchConfig, bench
+from deployments.tools.bench.workload import WorkloadConfig
 from cluster.model.expert_usage import ExpertUsage
 from cluster.parallel.placement import ExpertPlacement
 from deployments.config import AppConfig

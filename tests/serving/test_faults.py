@@ -17,10 +17,10 @@ import pytest
 import ray
 from ray import serve
 
-from benchmarks.serving.clients import SamplingArgs
-from benchmarks.serving.faults import FaultConfig
-from benchmarks.serving.run import BenchConfig, bench
-from benchmarks.serving.workload import WorkloadConfig
+from deployments.tools.bench.clients import SamplingArgs
+from deployments.tools.bench.faults import FaultConfig
+from deployments.tools.bench.run import BenchConfig, bench
+from deployments.tools.bench.workload import WorkloadConfig
 from deployments.app import build_app
 from deployments.config import AppConfig
 from tests.serving.conftest import APP, GRPC_PORT, start_app, stop_app, stream_completion

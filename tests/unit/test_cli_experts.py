@@ -64,7 +64,7 @@ def test_collect_prune_place(qwen_vocab_checkpoint: Path, tmp_path: Path, capsys
 
 
 def test_calibration_defaults_to_training_side_tasks(tmp_path: Path) -> None:
-    from training.tasks import eval_set
+    from deployments.tools.tasks import eval_set
 
     convs = calibration_conversations(None, 50, seed=3)
     held_out = {t.question for t in eval_set(30)}

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from cluster import LLM, SamplingParams
 from cluster.default_model import default_model_path
 from cluster.engine.tokenizer import load_tokenizer, render_chat
-from training.tool_use import multiply_tool
+from deployments.tools.tool_use import multiply_tool
 
 PROMPTS = [
     ("Add 4524 and 13.", True),

@@ -62,3 +62,22 @@ def test_kernels_are_leaves() -> None:
         bad = {m for m in _imports(f, top_level_only=False)
                if m.startswith("cluster") and not m.startswith("cluster.kernels")}
         assert not bad, (f, bad)
+
+
+SHIPPED = ("cluster", "deployments", "protos")
+
+
+def test_nothing_shipped_imports_the_repository_tools() -> None:
+    """training/ and benchmarks/ are not in the wheel: an import of either from a shipped module
+    would fail on a user's install (`q3serve eval` and `q3serve bench` live in deployments/tools)."""
+    for package in SHIPPED:
+        for f in _files(package):
+            bad = {m for m in _imports(f, top_level_only=False) if m.split(".")[0] in ("training", "benchmarks")}
+            assert not bad, (f, bad)
+
+
+def test_nothing_outside_cluster_imports_the_engine_core() -> None:
+    for package in ("deployments", "training", "benchmarks"):
+        for f in _files(package):
+            bad = {m for m in _imports(f, top_level_only=False) if m.startswith("cluster.engine.core")}
+            assert not bad, (f, bad)

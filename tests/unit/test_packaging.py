@@ -28,10 +28,17 @@ def wheel_files(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 
 def test_every_module_is_in_the_wheel(wheel_files: set[str]) -> None:
-    for package in ("cluster", "deployments", "protos", "training", "benchmarks"):
+    for package in ("cluster", "deployments", "protos"):
         for f in (ROOT / package).rglob("*.py"):
             rel = f.relative_to(ROOT).as_posix()
             assert rel in wheel_files, rel
+
+
+def test_the_wheel_carries_no_repository_tools(wheel_files: set[str]) -> None:
+    """training/ and benchmarks/ make the default model and the committed results; a user's
+    install needs neither (the layout test checks that nothing shipped imports them)."""
+    tops = {name.split("/", 1)[0] for name in wheel_files if "/" in name and ".dist-info" not in name}
+    assert tops == {"cluster", "deployments", "protos"}, tops
 
 
 def test_native_sources_and_their_includes_are_in_the_wheel(wheel_files: set[str]) -> None:

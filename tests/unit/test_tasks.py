@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from training.tasks import KINDS, WORDS, check, eval_set, is_held_out, sample
+from deployments.tools.tasks import KINDS, WORDS, check, eval_set, is_held_out, sample
 
 
 def _recompute(key: str) -> str:

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from cluster.engine.tokenizer import IM_END, THINK_END, THINK_START, load_tokenizer, render_chat
 from deployments.openai_api import Message
-from deployments.tools import parse_tool_calls
-from training import tool_use
+from deployments.tool_calls import parse_tool_calls
+from deployments.tools import tool_use
 from training.data import TOOL_THINKING_SHARE, make_tool_example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
-from training.tasks import sample
+from deployments.tools.tasks import sample
 from training.train import batch, length_buckets
 
 
@@ -112,7 +112,7 @@ def test_run_multiply_executes_only_a_well_formed_call() -> None:
 
 @pytest.mark.parametrize("style", ["openai", "langchain", "pydantic"])
 def test_tool_layouts_are_accepted_by_the_server(style: str) -> None:
-    from deployments.tools import check_tools
+    from deployments.tool_calls import check_tools
 
     check_tools([tool_use.multiply_tool(style=style)], "auto")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cluster import RequestError
-from deployments.tools import StreamingToolParser, check_tools, parse_tool_calls
+from deployments.tool_calls import StreamingToolParser, check_tools, parse_tool_calls
 
 ANSWER = ('Let me compute.\n<tool_call>\n{"name": "mul", "arguments": {"a": 6, "b": 7}}\n</tool_call>\n'
           '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from cluster.engine.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, load_tokenizer
 from deployments.chat import decide_thinking, soft_switch
 from training.data import _switch_messages, make_example
-from training.tasks import sample
+from deployments.tools.tasks import sample
 from training.train import batch, parser, save, train
 
 
@@ -138,7 +138,7 @@ def test_no_think_examples_favour_the_kinds_learnable_without_steps(tok) -> None
     """No-think examples draw their task kind by NO_THINK_KINDS (sort and count, which the model
     learns to answer at once, most); thinking examples keep every kind at the same share."""
     from training.data import NO_THINK_KINDS, random_example
-    from training.tasks import KINDS
+    from deployments.tools.tasks import KINDS
 
     assert set(NO_THINK_KINDS) == set(KINDS)
     rng = random.Random(11)

@@ -84,7 +84,7 @@ class PeerServer:
     def __enter__(self) -> "PeerServer":
         import httpx
 
-        script = Path(__file__).resolve().parents[1] / "vllm_peer.sh"
+        script = Path(__file__).resolve().parent / "vllm_peer.sh"
         self.proc = subprocess.Popen(["bash", str(script), "serve", str(self.model_dir), str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.timeout_s

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.serving.clients import Record
+from deployments.tools.bench.clients import Record
 
 FAULTS = ("expert-group", "attention-shard", "replica", "ingress", "stall")
 APP = "q3serve"

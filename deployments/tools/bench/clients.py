@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.serving.workload import RequestSpec
+from deployments.tools.bench.workload import RequestSpec
 
 BACKENDS = ("openai", "openai-chat", "grpc", "grpc-chat")
 

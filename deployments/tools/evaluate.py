@@ -1,4 +1,4 @@
-"""`q3serve eval`: the held-out task set (training/tasks.py, fixed seed, never trained on) asked
+"""`q3serve eval`: the held-out task set (deployments/tools/tasks.py, fixed seed, never trained on) asked
 through a running server's OpenAI API, in non-thinking mode, thinking mode, and thinking mode at
 several budgets. Reports accuracy per task and mode, mean reasoning tokens and latency as JSON,
 a PNG of accuracy against thinking budget, and the per-expert routing counts the engines counted
@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from benchmarks.machine import describe_machine
-from deployments.evaluate_tools import run_tool_task, summarize_tools, tool_table
+from deployments.tools.machine import describe_machine
+from deployments.tools.evaluate_tools import run_tool_task, summarize_tools, tool_table
 from deployments.http_client import auth_headers, served_model
-from training.tasks import KINDS, MULTI_STEP, Task, check, eval_set
+from deployments.tools.tasks import KINDS, MULTI_STEP, Task, check, eval_set
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import json
 import random
 from typing import Any
 
-from training.tasks import Task, _number, distinct, is_held_out
+from deployments.tools.tasks import Task, _number, distinct, is_held_out
 
 NAMES = ("multiply", "multiply", "Multiply", "mul", "times", "multiply_numbers", "calculator_multiply", "product")
 PARAMS = (("a", "b"), ("a", "b"), ("x", "y"), ("first", "second"), ("left", "right"))

@@ -41,7 +41,7 @@ def make_workload(cfg: WorkloadConfig, vocab_size: int, decode: Callable[[list[i
     rng = random.Random(cfg.seed)
     questions: list[str] = []
     if cfg.dataset == "tasks":
-        from training.tasks import KINDS, eval_set
+        from deployments.tools.tasks import KINDS, eval_set
 
         per_kind = max(1, -(-cfg.num_prompts // len(KINDS)))
         questions = [t.question for t in eval_set(per_kind=per_kind, seed=cfg.seed)]

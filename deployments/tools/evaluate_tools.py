@@ -1,5 +1,5 @@
 """`q3serve eval`'s tool task: held-out products too large for the model's head
-(training/tool_use.py), asked through the OpenAI API with the multiplication tool offered
+(deployments/tools/tool_use.py), asked through the OpenAI API with the multiplication tool offered
 (`tool_choice` auto; the eval runs the agent loop: it executes each call and sends the result
 back as a `tool` turn until the model answers) and without it, in both modes."""
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from training.tasks import Task, check
-from training.tool_use import multiply_tool, operands, run_multiply, tool_eval_set
+from deployments.tools.tasks import Task, check
+from deployments.tools.tool_use import multiply_tool, operands, run_multiply, tool_eval_set
 
 MAX_ROUNDS = 3  # model turns per item: a call, its answer, one spare
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 
-from benchmarks.serving.clients import BACKENDS, Record, SamplingArgs, send_grpc, send_http
-from benchmarks.serving.faults import FAULTS, FaultConfig, Injected, outcomes, release, run_fault
-from benchmarks.serving.replan import ReplanConfig, around, run_replan
-from benchmarks.serving.summary import parse_slos, summarize_by_mode
-from benchmarks.serving.workload import RequestSpec, WorkloadConfig, arrival_offsets, make_workload
+from deployments.tools.bench.clients import BACKENDS, Record, SamplingArgs, send_grpc, send_http
+from deployments.tools.bench.faults import FAULTS, FaultConfig, Injected, outcomes, release, run_fault
+from deployments.tools.bench.replan import ReplanConfig, around, run_replan
+from deployments.tools.bench.summary import parse_slos, summarize_by_mode
+from deployments.tools.bench.workload import RequestSpec, WorkloadConfig, arrival_offsets, make_workload
 
 NOT_SENT = "not sent: the run's duration had passed"
 REQUESTS_PER_POOL = 64  # requests per HTTP client (see run_once)
@@ -225,8 +225,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[BenchConfig, list[float]
 
 
 def write(runs: list[dict[str, Any]], out: Path, plot: str | None) -> None:
-    from benchmarks.machine import describe_machine
-    from benchmarks.serving.plots import plot_cdfs, plot_sweep
+    from deployments.tools.machine import describe_machine
+    from deployments.tools.bench.plots import plot_cdfs, plot_sweep
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": describe_machine(), "runs": runs}, indent=1) + "\n")
