@@ -294,6 +294,11 @@ class ParallelConfig:
             )
 
     @property
+    def in_process(self) -> bool:
+        """A 1 x 1 instance not asked onto Ray: the engine's own process runs it (LocalExecutor)."""
+        return self.attention_shards == 1 and self.expert_groups == 1 and not self.use_ray
+
+    @property
     def colocated(self) -> bool:
         return self.layout == "colocated"
 
@@ -375,12 +380,11 @@ class EngineConfig:
         """Whether this instance captures decode graphs: `cuda_graphs`, or by default where it
         can (CUDA, one process). Refused, naming the field, where it cannot: an expert-parallel
         instance's exchange reads its split sizes on the host, so it steps eagerly for now."""
-        local = parallel.attention_shards == 1 and parallel.expert_groups == 1 and not parallel.use_ray
         if self.cuda_graphs is None:
-            return parallel.device == "cuda" and local
+            return parallel.device == "cuda" and parallel.in_process
         if self.cuda_graphs and parallel.device != "cuda":
             raise ValueError(f"cuda_graphs: CUDA graphs need device 'cuda', not {parallel.device!r}")
-        if self.cuda_graphs and not local:
+        if self.cuda_graphs and not parallel.in_process:
             raise ValueError("cuda_graphs: an expert-parallel instance steps eagerly (its exchange sizes are read "
                              "on the host); set it for single-GPU instances only")
         return self.cuda_graphs
@@ -390,8 +394,7 @@ class EngineConfig:
         graphs = self.graphs_on(parallel)
         if self.static_decode is None:
             return graphs
-        local = parallel.attention_shards == 1 and parallel.expert_groups == 1 and not parallel.use_ray
-        if self.static_decode and not local:
+        if self.static_decode and not parallel.in_process:
             raise ValueError("static_decode: an expert-parallel instance steps eagerly; set it for single-process instances only")
         if graphs and not self.static_decode:
             raise ValueError("static_decode: CUDA graphs replay the static step; it cannot be off while cuda_graphs is on")
@@ -399,7 +402,8 @@ class EngineConfig:
 
     @property
     def graph_batch(self) -> int:
-        return self.max_graph_batch or self.max_num_seqs
+        """The largest captured batch: `max_graph_batch`, never beyond what a step can hold."""
+        return min(self.max_graph_batch or self.max_num_seqs, self.max_num_seqs)
 
     def kv_blocks(self, model: ModelConfig, dtype: torch.dtype) -> int:
         if self.num_kv_blocks is not None:

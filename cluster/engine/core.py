@@ -122,7 +122,7 @@ class EngineCore:
         graphs = self.config.graphs_on(self.parallel)
         self.executor = build_executor(
             self.model_path, self.model_config, self.dtype, self.parallel, num_blocks, self.config.block_size,
-            self.max_model_len, cuda_graphs=graphs, max_graph_batch=min(self.config.graph_batch, self.config.max_num_seqs),
+            self.max_model_len, cuda_graphs=graphs, max_graph_batch=self.config.graph_batch,
             static_decode=self.config.static_on(self.parallel),
         )
         if util is not None:

@@ -46,8 +46,7 @@ class LocalExecutor:
         # Captured before the profile step, the graphs' memory is in its peak: counted when
         # gpu_memory_utilization sizes the KV cache (and captured again over the sized cache).
         self.runner = ModelRunner(model, cfg, num_blocks, block_size, max_model_len, dtype, device,
-                                  static_decode=static_decode or cuda_graphs, cuda_graphs=cuda_graphs,
-                                  max_batch=max_graph_batch)
+                                  static_decode=static_decode, cuda_graphs=cuda_graphs, max_batch=max_graph_batch)
 
     def execute(self, plans: list[StepPlan]) -> list[list[Sampled]]:
         return [self.runner.execute(plans[0])]
@@ -88,7 +87,7 @@ def build_executor(
 ) -> Executor:
     """In-process for a 1 x 1 instance (with decode graphs when asked), else over Ray actors."""
     args = (path, cfg, dtype, parallel.device, num_blocks, block_size, max_model_len)
-    if parallel.attention_shards == 1 and parallel.expert_groups == 1 and not parallel.use_ray:
+    if parallel.in_process:
         return LocalExecutor(*args, cuda_graphs=cuda_graphs, max_graph_batch=max_graph_batch, static_decode=static_decode)
     native.prepare(parallel.device)  # built here once, so that the instance's actors only load it
     from cluster.parallel.instance import RayExecutor

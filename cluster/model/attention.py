@@ -104,11 +104,9 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
         return gpu.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
     if (kernels := native.for_tensor(q)) is not None:
         return kernels.paged_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
-    mask = meta.decode_mask
-    if mask is None:  # the static step's tables: the mask comes from the lengths on the device
-        width = meta.decode_block_tables.shape[1] * kv_cache.shape[1]
-        mask = (torch.arange(width, device=q.device) < meta.decode_lens[:, None].long())[:, None, None, :]
-    return _gathered_attention(q, kv_cache, meta.decode_block_tables, mask, dim**-0.5)
+    if meta.decode_mask is None:  # the static step's tables: the mask comes from the lengths on the device
+        return decode_attention_torch(q, kv_cache, meta.decode_block_tables, meta.decode_lens, dim**-0.5)
+    return _gathered_attention(q, kv_cache, meta.decode_block_tables, meta.decode_mask, dim**-0.5)
 
 
 def decode_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -11,7 +11,6 @@ once, largest first, into one shared memory pool, and a step is the copy plus on
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from cluster.engine.plan import StepPlan
@@ -136,8 +135,3 @@ class StaticDecode:
     def release(self) -> None:
         """Drops the graphs (before the KV cache they point into is replaced)."""
         self.graphs.clear()
-
-
-def scratch_rows(plan_rows: int, bucket: int) -> np.ndarray:
-    """Indices of a bucket's padding rows (for tests and the device script)."""
-    return np.arange(plan_rows, bucket)

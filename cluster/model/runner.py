@@ -154,13 +154,14 @@ class ModelRunner:
         return measure(self.device)
 
     def _allocate(self, num_blocks: int) -> None:
-        """A KV cache of `num_blocks`, plus the static step's scratch block after them (which
-        no sequence owns), and the decode graphs captured over it."""
+        """A KV cache of `num_blocks` (the old one freed first), plus the static step's scratch
+        block after them (which no sequence owns), and the decode graphs captured over it."""
+        if self.static is not None:
+            self.static.release()  # the graphs point into the old cache
+        self.model.allocate_kv_cache(0, self.block_size, self.dtype, self.device)
         if self.static is None:
             self.model.allocate_kv_cache(num_blocks, self.block_size, self.dtype, self.device)
             return
-        self.static.release()  # the graphs point into the old cache
-        self.model.allocate_kv_cache(0, self.block_size, self.dtype, self.device)  # free the old one first
         self.model.allocate_kv_cache(num_blocks + 1, self.block_size, self.dtype, self.device)
         self.static.scratch_block = num_blocks
         if self.cuda_graphs:
@@ -170,7 +171,6 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Replaces the (profile-sized) KV cache with one of `num_blocks`, and forgets what the
         profile step left behind (expert counts, seeded generators)."""
-        self.model.allocate_kv_cache(0, self.block_size, self.dtype, self.device)  # free the old one first
         self._allocate(num_blocks)
         self.generators.clear()
         for m in self.model.modules():

@@ -120,8 +120,8 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], u: torch.Te
         idx = _index(small, logits)
         got, missed = _sample_candidates(_take(logits, small), [params[i] for i in small], u[idx], sync_free)
         if isinstance(missed, torch.Tensor):  # sync-free: the full path for every row that may miss
-            maybe = [i for i, p in enumerate(params) if i in chosen and p.top_k == 0]
-            sub = [small.index(i) for i in maybe]
+            sub = [j for j, i in enumerate(small) if params[i].top_k == 0]  # positions in `small`
+            maybe = [small[j] for j in sub]
             at = _index(sub, got)
             other = _sample_full(_take(logits, maybe), [params[i] for i in maybe], u[_index(maybe, u)])
             got[at] = torch.where(missed[at], other, got[at])
