@@ -7,27 +7,33 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as checked_dataclass
+
+if TYPE_CHECKING:  # torch only where a dtype is used: importing a config type must stay cheap
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM")
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
 }
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """Turns 'bfloat16' / 'float32' / a torch.dtype into a torch.dtype, with a clear error."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     key = str(name).removeprefix("torch.")
     if key not in _DTYPES:
         raise ValueError(f"dtype: unknown dtype {name!r}; use one of float32, bfloat16, float16")
-    return _DTYPES[key]
+    return getattr(torch, _DTYPES[key])
 
 
 class RequestError(ValueError):
@@ -234,7 +240,25 @@ def _eos_ids(raw: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:
     return tuple(ids)
 
 
-@dataclass
+def field_errors(exc: ValidationError) -> str:
+    """A pydantic report as one line per error that starts with the field, as the rest of the
+    engine's errors do ("max_num_seqs: 0 is not valid: input should be ..."); a cross-field
+    check's message already starts with its field."""
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(part) for part in err["loc"])
+        lines.append(f"{loc}: {err['input']!r} is not valid: {msg[:1].lower()}{msg[1:]}" if loc else msg)
+    return "; ".join(lines)
+
+
+# Engine-side configs are pydantic dataclasses: unknown fields and bad values are refused where
+# they are built, and a pydantic model that holds one reports them at its own path.
+_CHECKED = ConfigDict(extra="forbid")
+RayStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+@checked_dataclass(config=_CHECKED)
 class ParallelConfig:
     """How one model instance is spread: attention shards (data parallel over sequences, each
     with its sequences' KV cache) and expert groups (each a slice of every MoE layer's experts).
@@ -250,36 +274,32 @@ class ParallelConfig:
     devices); "colocated" makes actor i attention shard i and expert group i at once, one bundle
     (one GPU) each, A = E: an attention shard and an expert group share a GPU as one rank,
     because NCCL refuses two ranks of one communicator on one device (so fractional-GPU bundles
-    are refused in the separate layout)."""
+    are refused in the separate layout).
 
-    attention_shards: int = 1
-    expert_groups: int = 1
-    device: str = "cpu"
-    placement_strategy: str = "PACK"
+    A pydantic dataclass: a bad value fails at construction with the field's name, and a
+    pydantic model holding one (deployments' PoolConfig) reports it at its own path
+    (`fast.parallel.device`). Per-field bounds are in the annotations; `__post_init__` checks
+    what spans fields."""
+
+    attention_shards: Annotated[int, Field(ge=1)] = 1
+    expert_groups: Annotated[int, Field(ge=1)] = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    placement_strategy: RayStrategy = "PACK"
     actor_resources: dict[str, float] | None = None
     attention_resources: dict[str, float] = field(default_factory=dict)
     expert_resources: dict[str, float] = field(default_factory=dict)
     attention_labels: dict[str, str] = field(default_factory=dict)
     expert_labels: dict[str, str] = field(default_factory=dict)
-    placement: Any = "contiguous"
+    placement: Any = "contiguous"  # a name, a saved placement's path, or an ExpertPlacement
     use_ray: bool = False          # run even a 1 x 1 instance as actors
-    step_timeout_s: float = 60.0   # a step (and each collective) that takes longer fails the instance
-    torch_threads: int = 1         # intra-op threads per actor
-    layout: str = "separate"       # or "colocated": shard i and group i in one actor (see above)
+    # A step (and each collective) that takes longer fails the instance. 15 s is the served
+    # watchdog: long enough for any one step, short enough that a lost actor fails fast (one
+    # default, here; deployments' PoolConfig holds this config rather than restating it).
+    step_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    torch_threads: Annotated[int, Field(ge=1)] = 1  # intra-op threads per actor
+    layout: Literal["separate", "colocated"] = "separate"  # "colocated": shard i and group i in one actor
 
     def __post_init__(self) -> None:
-        if self.attention_shards < 1:
-            raise ValueError("attention_shards: must be >= 1")
-        if self.expert_groups < 1:
-            raise ValueError("expert_groups: must be >= 1")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device: {self.device!r} is not 'cpu' or 'cuda'")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"placement_strategy: {self.placement_strategy!r} is not a Ray strategy")
-        if self.step_timeout_s <= 0:
-            raise ValueError("step_timeout_s: must be > 0")
-        if self.layout not in ("separate", "colocated"):
-            raise ValueError(f"layout: {self.layout!r} is not 'separate' or 'colocated'")
         if self.colocated and self.expert_groups != self.attention_shards:
             raise ValueError(
                 f"expert_groups: the colocated layout pairs each attention shard with one expert group, "
@@ -329,50 +349,36 @@ class ParallelConfig:
         return [self.bundle(k) for k in self.kinds()]
 
 
-@dataclass
+@checked_dataclass(config=_CHECKED)
 class EngineConfig:
     """Limits of the scheduler and the KV pool. The KV pool is sized from `kv_cache_memory_gb`
     unless `num_kv_blocks` pins it (tests use that to force preemption) or, on CUDA,
     `gpu_memory_utilization` has it take what the device has left after the weights and a
     measured step (cluster/model/memory.py); with several attention shards, each shard gets a
-    pool of that size for its own sequences."""
+    pool of that size for its own sequences. A pydantic dataclass, as ParallelConfig."""
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    block_size: int = 16
-    kv_cache_memory_gb: float = 1.0
-    num_kv_blocks: int | None = None
-    gpu_memory_utilization: float | None = None  # CUDA: size the KV pool from the device (vLLM's meaning)
+    max_num_seqs: Annotated[int, Field(ge=1)] = 64
+    max_num_batched_tokens: Annotated[int, Field(ge=1)] = 2048
+    max_model_len: Annotated[int, Field(ge=1)] | None = None
+    block_size: Annotated[int, Field(ge=1)] = 16
+    kv_cache_memory_gb: Annotated[float, Field(gt=0)] = 1.0
+    num_kv_blocks: Annotated[int, Field(ge=1)] | None = None
+    # CUDA: size the KV pool from the device (vLLM's meaning)
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
     # FP8 checkpoints: keep the routed experts in FP8 ("keep": half their bytes, slower steps),
     # or dequantize them on load ("dequantize", and "auto" for now: cluster/model/fp8.py says why)
-    fp8_weights: str = "auto"
+    fp8_weights: Literal["auto", "keep", "dequantize"] = "auto"
     # Pure-decode steps replayed as CUDA graphs, one per batch bucket up to `max_graph_batch`
     # (default max_num_seqs); None: on for a single-GPU instance, off elsewhere (cluster/model/graphs.py)
     cuda_graphs: bool | None = None
-    max_graph_batch: int | None = None
+    max_graph_batch: Annotated[int, Field(ge=1)] | None = None
     # Pure-decode steps on the static buffers without capturing them (None: where cuda_graphs is
     # on); True on the CPU runs the graphs' step eagerly, to check it against the eager path
     static_decode: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.max_graph_batch is not None and self.max_graph_batch < 1:
-            raise ValueError("max_graph_batch: must be >= 1")
-        if self.fp8_weights not in ("auto", "keep", "dequantize"):
-            raise ValueError(f"fp8_weights: {self.fp8_weights!r} is not 'auto', 'keep' or 'dequantize'")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError("max_model_len: must be >= 1")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError("kv_cache_memory_gb: must be > 0")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError("num_kv_blocks: must be >= 1")
-        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} is not in (0, 1]")
         if self.gpu_memory_utilization is not None and self.num_kv_blocks is not None:
             raise ValueError("gpu_memory_utilization: give it or num_kv_blocks, not both")
 

@@ -16,12 +16,13 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from cluster.config import EngineConfig, ParallelConfig, RequestError, SamplingParams
+from cluster.config import EngineConfig, ModelConfig, ParallelConfig, RequestError, SamplingParams, field_errors
 from cluster.default_model import default_model_path
 from cluster.engine.core import EngineCore, RequestOutput
 from cluster.engine.tokenizer import render_chat
@@ -36,30 +37,56 @@ class EngineDeadError(RuntimeError):
     """The engine's step loop failed; every request in flight gets this."""
 
 
+def configs_from_kwargs(**options: Any) -> tuple[EngineConfig, ParallelConfig]:
+    """vLLM-style keyword options (`LLM(model, max_model_len=..., attention_shards=...)`) to the
+    typed configs, by the dataclasses' field names. An unknown name raises TypeError naming it;
+    a bad value a one-line ValueError naming the field (not pydantic's report)."""
+    names = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (EngineConfig, ParallelConfig)}
+    unknown = sorted(set(options).difference(*names.values()))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    built, errors = [], []
+    for cls, fields in names.items():
+        try:
+            built.append(cls(**{k: v for k, v in options.items() if k in fields}))
+        except ValidationError as exc:
+            errors.append(field_errors(exc))
+    if errors:
+        raise ValueError("; ".join(errors))
+    return built[0], built[1]
+
+
 def _build_core(
-    model: str | Path | None, dtype: str | torch.dtype, device: str, attention_shards: int,
-    expert_groups: int, kwargs: dict[str, Any],
+    model: str | Path | None, dtype: str | torch.dtype, engine: EngineConfig | None, parallel: ParallelConfig | None,
 ) -> EngineCore:
-    """Splits keyword options between ParallelConfig and EngineConfig by name; an unknown
-    name raises TypeError naming it."""
-    parallel_names = {f.name for f in dataclasses.fields(ParallelConfig)}
-    parallel = ParallelConfig(
-        attention_shards=attention_shards, expert_groups=expert_groups, device=device,
-        **{k: v for k, v in kwargs.items() if k in parallel_names},
-    )
-    config = EngineConfig(**{k: v for k, v in kwargs.items() if k not in parallel_names})
-    return EngineCore(model or default_model_path(), dtype=dtype, device=device, config=config, parallel=parallel)
+    """The core, from typed configs only (a dict of options is LLM's form: configs_from_kwargs)."""
+    for name, value, cls in (("engine", engine, EngineConfig), ("parallel", parallel, ParallelConfig)):
+        if value is not None and not isinstance(value, cls):
+            raise TypeError(f"{name}: expected cluster.{cls.__name__}, got {type(value).__name__}")
+    return EngineCore(model or default_model_path(), dtype=dtype, config=engine or EngineConfig(),
+                      parallel=parallel or ParallelConfig())
+
+
+class EngineStats(TypedDict):
+    """What a server reads of a running engine (gauges, the pool's stats), summed over shards; a
+    plain dict at run time, so a caller can add its own keys to it."""
+
+    running: int
+    waiting: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    instance_placement_group: str | None  # hex id of the instance's Ray placement group, if it has one
+    instance_actors: dict[str, str]       # role ("expert-group-1") -> Ray actor name
 
 
 class Engine:
     """Async engine: `async for out in engine.generate(prompt, params)` streams deltas."""
 
     def __init__(
-        self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-        attention_shards: int = 1, expert_groups: int = 1, request_timeout_s: float = 600.0,
-        **engine_kwargs: Any,
+        self, model: str | Path | None = None, *, engine: EngineConfig | None = None,
+        parallel: ParallelConfig | None = None, dtype: str | torch.dtype = "auto", request_timeout_s: float = 600.0,
     ) -> None:
-        self.core = _build_core(model, dtype, device, attention_shards, expert_groups, engine_kwargs)
+        self.core = _build_core(model, dtype, engine, parallel)
         self.tokenizer = self.core.tokenizer
         self.request_timeout_s = request_timeout_s
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -150,6 +177,35 @@ class Engine:
 
     def expert_usage(self) -> torch.Tensor:
         return self.core.expert_usage().clone()
+
+    def stats(self) -> EngineStats:
+        """Queue and KV-cache state, summed over attention shards, and where the instance runs.
+        Plain reads of counters the step thread writes: a gauge may be one step old."""
+        shards = self.core.shards
+        executor = self.core.executor
+        pg = getattr(executor, "pg", None)
+        return {
+            "running": sum(len(s.running) for s in shards), "waiting": sum(len(s.waiting) for s in shards),
+            "kv_blocks_free": sum(s.blocks.num_free for s in shards),
+            "kv_blocks_total": sum(s.blocks.num_blocks for s in shards),
+            "instance_placement_group": pg.id.hex() if pg is not None else None,
+            "instance_actors": dict(getattr(executor, "actor_names", {})),
+        }
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The served checkpoint's config (its `moe_layers` index expert_usage())."""
+        return self.core.model_config
+
+    @property
+    def model_path(self) -> Path:
+        """The checkpoint directory (`model_identity(engine.model_path)` names it in usage files)."""
+        return self.core.model_path
+
+    @property
+    def placement(self) -> Any:
+        """The expert-parallel instance's current ExpertPlacement; None in a single process."""
+        return getattr(self.core.executor, "placement", None)
 
     async def between_steps(self, fn: Callable[[], Any], timeout_s: float = 600.0) -> Any:
         """Runs `fn` on the step loop's thread between two steps, so nothing of the model runs
@@ -242,11 +298,10 @@ class Engine:
 class LLM:
     """Offline batch generation in the shape vLLM users know."""
 
-    def __init__(
-        self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-        attention_shards: int = 1, expert_groups: int = 1, **engine_kwargs: Any,
-    ) -> None:
-        self.core = _build_core(model, dtype, device, attention_shards, expert_groups, engine_kwargs)
+    def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto", **options: Any) -> None:
+        """`options` are EngineConfig's and ParallelConfig's fields by name (max_model_len,
+        num_kv_blocks, device, attention_shards, expert_groups, ...), as vLLM's LLM takes them."""
+        self.core = _build_core(model, dtype, *configs_from_kwargs(**options))
         self.tokenizer = self.core.tokenizer
 
     def generate(
@@ -291,6 +346,15 @@ class LLM:
 
     def expert_usage(self) -> torch.Tensor:
         return self.core.expert_usage().clone()
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The checkpoint's config (its `moe_layers` index expert_usage()), as Engine's."""
+        return self.core.model_config
+
+    @property
+    def model_path(self) -> Path:
+        return self.core.model_path
 
     def replan(self, placement: Any) -> dict:
         """A new expert placement for the expert-parallel instance (see RayExecutor.replan)."""

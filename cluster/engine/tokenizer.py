@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers imports torch: loaded where a tokenizer is built, not with this module
+    from transformers import PreTrainedTokenizerBase
 
 THINK_START, THINK_END = 151667, 151668
 # Qwen3's text for ending thinking early when the budget is spent (the model then answers).
@@ -33,6 +34,8 @@ def tokenizer_dir(model_path: str | Path | None) -> Path:
 
 
 def load_tokenizer(model_path: str | Path | None = None) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(tokenizer_dir(model_path)), local_files_only=True)
 
 

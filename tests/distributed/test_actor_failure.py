@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster import LLM, Engine, EngineDeadError, SamplingParams
+from cluster import LLM, Engine, EngineConfig, EngineDeadError, ParallelConfig, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def test_killed_expert_group_fails_requests(moe_checkpoint: Path) -> None:
     engine = Engine(
-        moe_checkpoint, attention_shards=1, expert_groups=2, dtype="float32", num_kv_blocks=256, block_size=4,
-        step_timeout_s=20,
+        moe_checkpoint, dtype="float32", engine=EngineConfig(num_kv_blocks=256, block_size=4),
+        parallel=ParallelConfig(attention_shards=1, expert_groups=2, step_timeout_s=20),
     )
     victim = engine.core.executor.groups[1]
     started = asyncio.Event()

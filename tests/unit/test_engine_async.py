@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster import LLM, Engine, EngineDeadError, RequestError, SamplingParams
+from cluster import LLM, Engine, EngineConfig, EngineDeadError, RequestError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def engine(moe_checkpoint: Path):
-    eng = Engine(moe_checkpoint, dtype="float32", num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
+    eng = Engine(moe_checkpoint, dtype="float32",
+                 engine=EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=16))
     yield eng
     eng.shutdown()
     assert not eng._thread.is_alive()
@@ -99,7 +100,7 @@ def test_bad_request_fails_alone(engine: Engine) -> None:
 
 
 def test_engine_failure_reaches_streams(moe_checkpoint: Path) -> None:
-    eng = Engine(moe_checkpoint, dtype="float32", num_kv_blocks=32)
+    eng = Engine(moe_checkpoint, dtype="float32", engine=EngineConfig(num_kv_blocks=32))
 
     def broken(batch):
         raise RuntimeError("simulated device fault")
@@ -120,7 +121,8 @@ def test_engine_failure_reaches_streams(moe_checkpoint: Path) -> None:
 def test_shutdown_ends_open_streams_at_once(moe_checkpoint: Path) -> None:
     """A replica stopped past its drain period shuts its engine down: a stream still open ends
     with EngineDeadError then, not after request_timeout_s (here far beyond the test's wait)."""
-    eng = Engine(moe_checkpoint, dtype="float32", num_kv_blocks=64, block_size=4, request_timeout_s=3600)
+    eng = Engine(moe_checkpoint, dtype="float32", engine=EngineConfig(num_kv_blocks=64, block_size=4),
+                 request_timeout_s=3600)
 
     async def main() -> BaseException | None:
         first = asyncio.Event()

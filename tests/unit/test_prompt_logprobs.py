@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from tests.conftest import hf_model
+from tests.helpers.models import hf_model
 
 
 def _reference(path: Path, prompt: list[int]) -> tuple[list[float], list[list[int]]]:
@@ -43,12 +43,12 @@ def test_prompt_logprobs_match_transformers_across_chunks_and_cache(moe_checkpoi
 def test_streamed_prompt_logprobs_come_with_the_first_output(moe_checkpoint: Path) -> None:
     import asyncio
 
-    from cluster import Engine
+    from cluster import Engine, EngineConfig
 
     prompt = list(range(5, 25))
 
     async def run() -> list:
-        engine = Engine(moe_checkpoint, dtype="float32", num_kv_blocks=32)
+        engine = Engine(moe_checkpoint, dtype="float32", engine=EngineConfig(num_kv_blocks=32))
         try:
             return [o async for o in engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0,
                                                                            ignore_eos=True, prompt_logprobs=0))]
