@@ -130,7 +130,7 @@ def main() -> None:
 
     from deployments.app import apply_serve_env, build_app
     from deployments.config import AppConfig
-    from deployments.grpc_api import SERVICER_FUNCTIONS
+    from deployments.api.grpc_api import SERVICER_FUNCTIONS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=5.0)

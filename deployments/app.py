@@ -9,7 +9,6 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import ParallelConfig
 from deployments.config import AppConfig, PoolConfig
 from deployments.ingress import Ingress
 from deployments.pool import ModelPool
@@ -45,7 +44,8 @@ def ingress_grace_s(cfg: AppConfig) -> float:
 
 
 def _expert_parallel(pool: PoolConfig) -> bool:
-    return pool.attention_shards * pool.expert_groups > 1
+    """Whether the replica's instance runs on Ray actors of its own (not in the replica's process)."""
+    return not pool.parallel.in_process
 
 
 def _instance_bundles(pool: PoolConfig) -> dict[str, Any]:
@@ -53,10 +53,7 @@ def _instance_bundles(pool: PoolConfig) -> dict[str, Any]:
     one bundle per actor of the instance (what cluster.parallel.instance places them in)."""
     if not _expert_parallel(pool):
         return {}
-    p = ParallelConfig(attention_shards=pool.attention_shards, expert_groups=pool.expert_groups, device=pool.device,
-                       layout=pool.layout, actor_resources=pool.actor_resources,
-                       attention_resources=pool.attention_resources, expert_resources=pool.expert_resources)
-    bundles = [{"CPU": float(pool.replica_cpus)}] + p.bundles()
+    bundles = [{"CPU": float(pool.replica_cpus)}] + pool.parallel.bundles()
     return {"placement_group_bundles": bundles, "placement_group_strategy": "PACK"}
 
 
@@ -69,7 +66,7 @@ def build_app(cfg: AppConfig, app_name: str = APP_NAME) -> Application:
             max_ongoing_requests=pool.ongoing_limit,
             max_queued_requests=pool.max_queued_requests,
             autoscaling_config=pool.autoscaling.model_dump(),
-            ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": 1 if pool.device == "cuda" and not _expert_parallel(pool) else 0},
+            ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": 1 if pool.parallel.device == "cuda" and not _expert_parallel(pool) else 0},
             **_instance_bundles(pool),
             health_check_period_s=pool.health_check_period_s,
             health_check_timeout_s=pool.health_check_timeout_s,

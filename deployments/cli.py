@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from cluster import LLM, SamplingParams
 from deployments.auth import load_keys
 from deployments.http_client import add_server_arguments, auth_headers, served_model
 
@@ -18,6 +17,8 @@ if TYPE_CHECKING:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from cluster import LLM, SamplingParams  # here: the other commands need no torch
+
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -75,7 +76,7 @@ def _up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (any number of times) means: shut down cleanly
         signal.signal(sig, lambda *_: stop.update(now=True))
     try:
-        from deployments.grpc_api import SERVICER_FUNCTIONS
+        from deployments.api.grpc_api import SERVICER_FUNCTIONS
 
         serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
                     grpc_options={"port": cfg.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS})

@@ -4,6 +4,7 @@ values are rejected with pydantic's message, which names the key's path."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,32 +52,41 @@ class SamplingDefaults(_Strict):
     min_p: float | None = Field(None, ge=0, le=1)
 
 
+def _field_names(config: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(config))
+
+
+ENGINE_FIELDS, PARALLEL_FIELDS = _field_names(EngineConfig), _field_names(ParallelConfig)
+
+
+def nest(pool: dict[str, Any]) -> dict[str, Any]:
+    """A pool block with its engine and layout fields in their blocks. The flat spelling of
+    0.1 (`thinking: {max_num_seqs: 64, attention_shards: 2}`) still loads: each such key moves
+    to `engine.` or `parallel.` (a key given both ways is refused, naming it)."""
+    out = dict(pool)
+    for block, names in (("engine", ENGINE_FIELDS), ("parallel", PARALLEL_FIELDS)):
+        flat = {k: out.pop(k) for k in list(out) if k in names}
+        if not flat:
+            continue
+        nested = out.get(block)
+        nested = dict(nested) if isinstance(nested, dict) else {}
+        both = sorted(set(flat) & set(nested))
+        if both:
+            raise ValueError(f"{both[0]}: given both at the pool's level and in its {block} block; give it once, "
+                             f"as {block}.{both[0]}")
+        out[block] = {**nested, **flat}
+    return out
+
+
 class PoolConfig(_Strict):
-    """One pool: an Engine per replica, its limits and its autoscaling."""
+    """One pool: an Engine per replica (its `engine` limits and its instance's `parallel`
+    layout, the cluster's own config types with their one set of defaults), the pool's request
+    limits, its replicas' CPU and health settings, and its autoscaling."""
 
     enabled: bool = True
-    attention_shards: int = Field(1, ge=1)
-    expert_groups: int = Field(1, ge=1)
-    # "colocated": each actor is an attention shard and an expert group on one GPU (wide-EP; A = E)
-    layout: Literal["separate", "colocated"] = "separate"
-    # which expert group holds which experts: "contiguous" runs, or the path of a load-balanced
-    # map written by `q3serve experts place` (read when a replica starts)
-    placement: str = "contiguous"
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: str = "auto"
-    max_num_seqs: int = Field(32, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    max_model_len: int | None = Field(None, ge=16)
-    kv_cache_memory_gb: float = Field(1.0, gt=0)  # per attention shard; on CUDA gpu_memory_utilization sizes it instead
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # CUDA only: the share of each device the engine may use
-    # FP8 checkpoints: routed experts kept in FP8 where the GPU has block-scaled FP8 matmuls ("auto"), always, or never
-    fp8_weights: Literal["auto", "keep", "dequantize"] = "auto"
-    block_size: int = Field(16, ge=1)
-    enable_prefix_caching: bool = True
-    # Pure-decode steps replayed as CUDA graphs per batch bucket up to max_graph_batch (default
-    # max_num_seqs); None: on for a single-GPU replica (CUDA, 1 x 1), off elsewhere
-    cuda_graphs: bool | None = None
-    max_graph_batch: int | None = Field(None, ge=1)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    dtype: str = "auto"  # the serving dtype of the weights; "auto": the checkpoint's
     default_max_tokens: int = Field(1024, ge=1)
     max_tokens_limit: int = Field(8192, ge=1)
     default_thinking_budget: int | None = Field(None, ge=0)
@@ -88,9 +98,6 @@ class PoolConfig(_Strict):
     # default of 5 would starve the batch, and a fixed 32 capped a 256-sequence replica at 32).
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
-    # Faults. A step of an expert-parallel instance (and each collective in it) that takes longer
-    # fails the whole instance: the watchdog that turns a stalled rank into a clean failure.
-    step_timeout_s: float = Field(15.0, gt=0)
     health_check_period_s: float = Field(2.0, gt=0)    # how soon Serve sees a failed replica
     health_check_timeout_s: float = Field(15.0, gt=0)
     # A leaving replica (scale-down, redeploy, shutdown) stops taking requests and gets this long
@@ -98,54 +105,44 @@ class PoolConfig(_Strict):
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
     sampling_defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    actor_resources: dict[str, float] | None = None        # each actor's bundle (default 1 GPU / 1 CPU)
-    attention_resources: dict[str, float] = Field(default_factory=dict)  # extra, e.g. a worker group's resource
-    expert_resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nested(cls, data: Any) -> Any:
+        return nest(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _device_memory(self) -> "PoolConfig":
-        if self.gpu_memory_utilization is not None and self.device != "cuda":
+        e = self.engine
+        if e.gpu_memory_utilization is not None and self.parallel.device != "cuda":
             raise ValueError("gpu_memory_utilization: sizes the KV cache on CUDA devices; on the CPU set kv_cache_memory_gb")
-        if self.gpu_memory_utilization is not None and "kv_cache_memory_gb" in self.model_fields_set:
+        if e.gpu_memory_utilization is not None and e.kv_cache_memory_gb != _KV_GB_DEFAULT:
             raise ValueError("kv_cache_memory_gb: not used when gpu_memory_utilization sizes the KV cache; give one of them")
         return self
 
     @model_validator(mode="after")
     def _graphs(self) -> "PoolConfig":
-        EngineConfig(cuda_graphs=self.cuda_graphs).graphs_on(ParallelConfig(
-            attention_shards=self.attention_shards, expert_groups=self.expert_groups, device=self.device))
+        self.engine.graphs_on(self.parallel)
         return self
 
     @model_validator(mode="after")
     def _placement(self) -> "PoolConfig":
-        if self.placement != "contiguous" and self.expert_groups < 2:
+        if self.parallel.placement != "contiguous" and self.parallel.expert_groups < 2:
             raise ValueError("placement: a placement map spreads experts over expert groups; this pool has one")
-        return self
-
-    @model_validator(mode="after")
-    def _layout(self) -> "PoolConfig":
-        """The instance's own checks (colocated needs A = E; no fractional GPUs across ranks),
-        at config time rather than when a replica starts."""
-        ParallelConfig(attention_shards=self.attention_shards, expert_groups=self.expert_groups, device=self.device,
-                       layout=self.layout, actor_resources=self.actor_resources,
-                       attention_resources=self.attention_resources, expert_resources=self.expert_resources)
         return self
 
     @property
     def ongoing_limit(self) -> int:
         """Requests one replica takes at once: `max_ongoing_requests`, else its instance's batch."""
-        return self.max_ongoing_requests or self.max_num_seqs * self.attention_shards
+        return self.max_ongoing_requests or self.engine.max_num_seqs * self.parallel.attention_shards
 
     @property
     def replica_cpus(self) -> int:
         """The replica's threads and Ray CPUs: `cpu_threads`, 1 where unset."""
         return self.cpu_threads or 1
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        keys = ("attention_shards", "expert_groups", "layout", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "kv_cache_memory_gb", "gpu_memory_utilization", "fp8_weights", "block_size", "enable_prefix_caching", "cuda_graphs", "max_graph_batch", "actor_resources",
-                "attention_resources", "expert_resources", "step_timeout_s", "placement")
-        return {k: getattr(self, k) for k in keys}
+
+_KV_GB_DEFAULT = EngineConfig.__dataclass_fields__["kv_cache_memory_gb"].default
 
 
 def _thinking_pool() -> PoolConfig:
@@ -153,15 +150,15 @@ def _thinking_pool() -> PoolConfig:
     # pool leaves (deployments/host.py), so it does not stretch a no-think request's latency.
     # stream_interval 16: a long reasoning stream goes out in chunks of 16 tokens, so its per-chunk
     # work in the replica, the ingress and the proxy is a sixteenth (the first token still goes at once).
-    return PoolConfig(max_num_seqs=64, max_num_batched_tokens=4096, default_max_tokens=4096, max_tokens_limit=32768,
-                      cpu_priority="low", stream_interval=16)
+    return PoolConfig(engine=EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096), default_max_tokens=4096,
+                      max_tokens_limit=32768, cpu_priority="low", stream_interval=16)
 
 
 def _fast_pool() -> PoolConfig:
     # 32 sequences: on a CPU a decode step of 32 costs well under twice one of 8 (the lm_head and
     # the experts' weights are read once for the batch), so the queue, not the batch, made TTFT.
-    return PoolConfig(max_num_seqs=32, max_num_batched_tokens=2048, default_max_tokens=512, max_tokens_limit=4096,
-                      max_thinking_budget=0,
+    return PoolConfig(engine=EngineConfig(max_num_seqs=32, max_num_batched_tokens=2048), default_max_tokens=512,
+                      max_tokens_limit=4096, max_thinking_budget=0,
                       sampling_defaults=SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20))  # Qwen3's non-thinking
 
 
@@ -210,7 +207,7 @@ class AppConfig(_Strict):
         data = dict(data)
         for name, preset in (("thinking", _thinking_pool), ("fast", _fast_pool)):
             if isinstance(data.get(name), dict):
-                data[name] = _merge(preset().model_dump(exclude_unset=True), data[name])
+                data[name] = _merge(preset().model_dump(exclude_defaults=True), nest(data[name]))
         return data
 
     @model_validator(mode="after")

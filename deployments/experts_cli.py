@@ -56,7 +56,7 @@ def collect(args: argparse.Namespace) -> int:
         for thinking in modes:
             llm.chat(conversations, params, enable_thinking=thinking, use_tqdm=True)
         usage = ExpertUsage.from_tensor(
-            llm.expert_usage(), llm.core.model_config, model_identity(model),
+            llm.expert_usage(), llm.model_config, model_identity(model),
             f"q3serve experts collect: {len(conversations)} conversations "
             f"({args.prompts or 'training-side tasks'}), mode {args.mode}, max_tokens {args.max_tokens}",
         )

@@ -31,7 +31,7 @@ def size_for_host(cfg: AppConfig, cpus: int | None = None) -> AppConfig:
     cpus = cpus or host_cpus()
     spare = cpus - (1 if cpus >= 4 else 0)
     pools = cfg.pools()
-    cpu_pools = sorted((n for n, p in pools.items() if p.device == "cpu"), key=lambda n: n != "fast")
+    cpu_pools = sorted((n for n, p in pools.items() if p.parallel.device == "cpu"), key=lambda n: n != "fast")
     shares = {n: spare // len(cpu_pools) + (1 if i < spare % len(cpu_pools) else 0) for i, n in enumerate(cpu_pools)}
     update = {}
     for name, pool in pools.items():

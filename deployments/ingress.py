@@ -1,5 +1,5 @@
 """The Serve ingress deployment: one class that takes both protocols over one Frontend. HTTP is
-the FastAPI app `build_openai_app` makes for this replica's Frontend (plus /v1/responses) (Serve asks for it through
+the FastAPI app `build_openai_app` makes for this replica's Frontend (Serve asks for it through
 `__serve_build_asgi_app__` once the replica is constructed); gRPC arrives as calls of the methods
 named after the RPCs, which hand over to `GrpcApi`."""
 
@@ -12,11 +12,10 @@ from fastapi import FastAPI
 from grpc_health.v1 import health_pb2
 from ray import serve
 
+from deployments.api.grpc_api import GrpcApi
+from deployments.api.openai_app import build_openai_app
 from deployments.config import AppConfig
 from deployments.frontend import Frontend
-from deployments.grpc_api import GrpcApi
-from deployments.openai_api import build_openai_app
-from deployments.responses_api import add_responses_routes
 from deployments.router import PoolRouter
 from protos.q3serve.v1 import q3serve_pb2 as pb
 
@@ -28,9 +27,7 @@ class Ingress:
         self.grpc = GrpcApi(self.frontend)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = build_openai_app(self.frontend)
-        add_responses_routes(app, self.frontend)
-        return app
+        return build_openai_app(self.frontend)
 
     async def drain(self, grace_s: float) -> int:
         """`q3serve up`'s shutdown: refuse new requests, let those in flight finish for up to

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from cluster import EngineDeadError, RequestError, SamplingParams
+from cluster import EngineDeadError, RequestError, RequestOutput, SamplingParams
 from deployments.config import AppConfig, PoolConfig
-from deployments.pool import PoolChunk, PoolRequest
+from deployments.pool import PoolRequest
 from deployments.replica_counts import ReplicaCounts
 
 # The pool could not take the request: its queue is full or it has no replica to give it to.
@@ -46,10 +46,10 @@ class _ReplicaGone(RuntimeError):
 
 
 class Routed(NamedTuple):
-    """A started request: the pool serving it, its chunks, and how many failed starts came first."""
+    """A started request: the pool serving it, its outputs, and how many failed starts came first."""
 
     pool: str
-    chunks: AsyncIterator[PoolChunk]
+    chunks: AsyncIterator[RequestOutput]
     retries: int = 0
 
 
@@ -137,12 +137,12 @@ class PoolRouter:
                     raise cause if isinstance(cause, RequestError) else RequestError(None, str(cause)) from None
                 finally:
                     self._open.discard(gen)
-                return Routed(name, self._chain(first, gen), retries)
+                return Routed(name, self._chain(name, first, gen), retries)
         if overloaded:
             raise Overloaded(f"all pools are at their queue limit ({'; '.join(refused)})")
         raise PoolsUnavailable(f"no pool could serve the request ({'; '.join(refused) or 'none enabled'})")
 
-    async def _first_chunk(self, name: str, gen: Any, watch: bool, poll_s: float = 1.0) -> PoolChunk:
+    async def _first_chunk(self, name: str, gen: Any, watch: bool, poll_s: float = 1.0) -> RequestOutput:
         """The stream's first chunk. With another pool to go to (`watch`), a pool left without a
         running replica (its only one died) is not waited on: Serve would hold the request until
         a new replica is built, which takes a while; raises _ReplicaGone instead."""
@@ -182,7 +182,7 @@ class PoolRouter:
             gen.cancel()
         return len(streams)
 
-    async def _chain(self, first: PoolChunk, rest: Any) -> AsyncIterator[PoolChunk]:
+    async def _chain(self, pool: str, first: RequestOutput, rest: Any) -> AsyncIterator[RequestOutput]:
         """The first chunk, then the rest; closing early (a client that went away) cancels the
         request on the pool, which aborts it in the engine and frees its KV blocks. A failure of
         the replica or its instance after the first chunk becomes InstanceLost."""
@@ -201,7 +201,7 @@ class PoolRouter:
                 raise InstanceLost(f"retry the request: {self._ending}") from None
             except (*_FAILURES, *_REFUSALS) as exc:
                 finished = True
-                raise InstanceLost(f"retry the request: the {first.pool} pool's replica serving it failed mid-stream "
+                raise InstanceLost(f"retry the request: the {pool} pool's replica serving it failed mid-stream "
                                    f"({_why(exc)})") from None
         finally:
             self._open.discard(rest)

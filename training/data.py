@@ -9,7 +9,7 @@ Modes, as the server and Qwen3's template produce them:
 - soft_no: thinking on in the template but the latest switch is `/no_think`; the model writes the
            empty block itself.
 Soft switches (`/think`, `/no_think`) appear in user or system messages and earlier turns; the
-latest one decides, as in deployments/chat.py.
+latest one decides, as in deployments/frontend/thinking.py.
 Tool use (deployments/tools/tool_use.py), thinking on or off:
 - tool_call:   a multiplication tool in `tools`, a large product asked; target the `<tool_call>`.
 - tool_answer: the call and the tool's `<tool_response>` in the history; target the returned number.

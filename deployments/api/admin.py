@@ -11,21 +11,16 @@ import dataclasses
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster import ExpertUsage, RequestError
+from deployments.api.http import error
 from deployments.frontend import Frontend
 
 
 class ReplanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     redundant: int = Field(0, ge=0)  # extra copies of the hottest experts per layer
-
-
-def _error(status: int, message: str, param: str | None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                   "code": status}}, status_code=status)
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -61,11 +56,11 @@ def add_admin_routes(app: FastAPI, frontend: Frontend, usage_timeout_s: float = 
         try:
             readings = await _on_every_replica(handle(pool), "expert_usage", usage_timeout_s)
         except LookupError as exc:
-            return _error(404, str(exc), "pool")
+            return error(404, str(exc), "pool")
         except (asyncio.TimeoutError, TimeoutError):
-            return _error(504, f"pool {pool} did not answer within {usage_timeout_s:g}s", "pool")
+            return error(504, f"pool {pool} did not answer within {usage_timeout_s:g}s", "pool")
         if not readings:
-            return _error(503, f"pool {pool} has no running replica", "pool")
+            return error(503, f"pool {pool} has no running replica", "pool")
         return dataclasses.asdict(pool_usage(readings, pool))
 
     @app.post("/admin/experts/{pool}/replan")
@@ -74,15 +69,15 @@ def add_admin_routes(app: FastAPI, frontend: Frontend, usage_timeout_s: float = 
             h = handle(pool)
             readings = await _on_every_replica(h, "expert_usage", usage_timeout_s)
             if not readings:
-                return _error(503, f"pool {pool} has no running replica", "pool")
+                return error(503, f"pool {pool} has no running replica", "pool")
             usage = pool_usage(readings, pool)
             moved = await _on_every_replica(h, "replan", replan_timeout_s, body.redundant, usage.tokens)
         except LookupError as exc:
-            return _error(404, str(exc), "pool")
+            return error(404, str(exc), "pool")
         except (asyncio.TimeoutError, TimeoutError):
-            return _error(504, f"pool {pool} did not finish the re-plan within {replan_timeout_s:g}s", "pool")
+            return error(504, f"pool {pool} did not finish the re-plan within {replan_timeout_s:g}s", "pool")
         except RequestError as exc:
-            return _error(400, str(_cause(exc)), getattr(_cause(exc), "param", None))
+            return error(400, str(_cause(exc)), getattr(_cause(exc), "param", None))
         first = moved[0]
         return {"pool": pool, "usage": usage.source, "groups": first["groups"], "before": first["before"],
                 "after": first["after"], "placement": first["placement"],

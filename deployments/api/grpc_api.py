@@ -16,11 +16,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from cluster.config import StructuredOutput
-from deployments.chat import StreamingReasoningParser
-from deployments.frontend import (Frontend, InstanceLost, ModelNotFound, Overloaded, PoolsUnavailable, RequestError,
-                                  Unauthenticated)
-from deployments.pool import PoolChunk
-from deployments.tool_calls import StreamingToolParser, check_tools, constrain_to_tools
+from deployments.frontend import (Delta, Frontend, FrontRequest, InstanceLost, ModelNotFound, Overloaded, PoolsUnavailable,
+                                  RequestError, SamplingFields, Unauthenticated, Usage)
 from protos.q3serve.v1 import q3serve_pb2 as pb
 
 SERVICER_FUNCTIONS = [
@@ -48,11 +45,11 @@ def _abort(ctx: Any, exc: Exception) -> GrpcAbort:
     return GrpcAbort(str(exc))
 
 
-async def _unavailable_on_loss(chunks: AsyncIterator[PoolChunk], ctx: Any) -> AsyncIterator[PoolChunk]:
-    """The chunks; a pool that fails mid-stream ends the RPC with UNAVAILABLE (retriable)."""
+async def _unavailable_on_loss(deltas: AsyncIterator[Delta], ctx: Any) -> AsyncIterator[Delta]:
+    """The deltas; a pool that fails mid-stream ends the RPC with UNAVAILABLE (retriable)."""
     try:
-        async for c in chunks:
-            yield c
+        async for d in deltas:
+            yield d
     except InstanceLost as exc:
         raise _abort(ctx, exc) from None
 
@@ -68,8 +65,7 @@ def _opt(msg: Any, field: str) -> Any:
     return getattr(msg, field) if msg.HasField(field) else None
 
 
-def _usage(frontend: Frontend, last: PoolChunk, thinking: bool) -> pb.Usage:
-    u = frontend.usage(last, thinking)
+def _usage(u: Usage) -> pb.Usage:
     return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                     reasoning_tokens=u.reasoning_tokens)
 
@@ -114,8 +110,8 @@ def _whole_calls(deltas: list[dict[str, Any]]) -> list[pb.ToolCall]:
     return list(calls.values())
 
 
-def _constraint(req: Any, thinking: bool) -> StructuredOutput | None:
-    """The request's OutputConstraint as the engine's StructuredOutput (after </think> in thinking mode)."""
+def _constraint(req: Any) -> StructuredOutput | None:
+    """The request's OutputConstraint as the engine's StructuredOutput."""
     if not req.HasField("constraint"):
         return None
     c = req.constraint
@@ -123,13 +119,22 @@ def _constraint(req: Any, thinking: bool) -> StructuredOutput | None:
     if kind is None:
         return None
     if kind == "json_object":
-        return StructuredOutput("json_object", param="constraint.json_object", after_think=thinking)
+        return StructuredOutput("json_object", param="constraint.json_object")
     if kind == "choice":  # the engine refuses an empty list
-        return StructuredOutput("choice", json.dumps(list(c.choice.values)), "constraint.choice", thinking)
+        return StructuredOutput("choice", json.dumps(list(c.choice.values)), "constraint.choice")
     value = getattr(c, kind)
     if not value:
         raise RequestError(f"constraint.{kind}", "must not be empty")
-    return StructuredOutput(kind, value, f"constraint.{kind}", thinking)
+    return StructuredOutput(kind, value, f"constraint.{kind}")
+
+
+def _fields(req: Any, **extra: Any) -> SamplingFields:
+    return SamplingFields(
+        max_tokens=_opt(req, "max_tokens"), temperature=_opt(req, "temperature"), top_p=_opt(req, "top_p"),
+        top_k=_opt(req, "top_k"), seed=_opt(req, "seed"), stop=list(req.stop), thinking_budget=_opt(req, "thinking_budget"),
+        presence_penalty=_opt(req, "presence_penalty"), frequency_penalty=_opt(req, "frequency_penalty"),
+        repetition_penalty=_opt(req, "repetition_penalty"), **extra,
+    )
 
 
 class GrpcApi:
@@ -143,15 +148,6 @@ class GrpcApi:
             self.frontend.check_capacity(route)
         self.frontend.check_model(model)
 
-    def _sampling(self, req: Any, thinking: bool, **extra: Any) -> Any:
-        return self.frontend.sampling(
-            thinking, max_tokens=_opt(req, "max_tokens"), temperature=_opt(req, "temperature"), top_p=_opt(req, "top_p"),
-            top_k=_opt(req, "top_k"), seed=_opt(req, "seed"), stop=list(req.stop),
-            thinking_budget=_opt(req, "thinking_budget"), presence_penalty=_opt(req, "presence_penalty"),
-            frequency_penalty=_opt(req, "frequency_penalty"), repetition_penalty=_opt(req, "repetition_penalty"),
-            structured_output=_constraint(req, thinking), **extra,
-        )
-
     # -- q3serve.v1.ChatService -----------------------------------------------------------------
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatChunk]:
         try:
@@ -161,55 +157,44 @@ class GrpcApi:
             for i, m in enumerate(request.messages):
                 if m.role not in ROLES:
                     raise RequestError(f"messages[{i}].role", f"'{m.role}' is not one of {', '.join(ROLES)}")
-            messages = [_message(m) for m in request.messages]
-            functions, forced, required = check_tools(_tools(request.tools), _tool_choice(request.tool_choice))
-            offered = [{"type": "function", "function": f} for f in functions]
-            thinking, ids = self.frontend.chat_prompt(messages, _opt(request, "enable_thinking"), offered)
-            params = self._sampling(request, thinking)
-            params = constrain_to_tools(params, functions, forced, required, thinking, request.parallel_tool_calls)
-            pool, chunks, retries = await self.frontend.start("grpc_chat", ids, params, thinking, "messages")
+            req = FrontRequest("grpc_chat", "messages", messages=[_message(m) for m in request.messages],
+                               tools=_tools(request.tools), tool_choice=_tool_choice(request.tool_choice),
+                               parallel_tool_calls=request.parallel_tool_calls, thinking=_opt(request, "enable_thinking"),
+                               sampling=_fields(request), constraint=_constraint(request))
+            opened = await self.frontend.open(req)
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
-        _retried(ctx, retries)
-        parser = StreamingReasoningParser()
-        tool_parser = StreamingToolParser() if functions else None
-        async for c in _unavailable_on_loss(chunks, ctx):
-            done = c.finished
-            reasoning, content = parser.feed(c.delta_text, final=done) if thinking else ("", c.delta_text)
-            calls = []
-            if tool_parser is not None:
-                content, deltas = tool_parser.feed(content, final=done)
-                calls = _whole_calls(deltas)
-            if not (reasoning or content or calls or done):
+        _retried(ctx, opened.retries)
+        async for d in _unavailable_on_loss(opened.deltas(), ctx):
+            calls = _whole_calls(d.tool_calls)
+            if not (d.reasoning or d.content or calls or d.finished):
                 continue
-            chunk = pb.ChatChunk(reasoning_content=reasoning, content=content, pool=pool, tool_calls=calls)
-            if done:
-                finish = c.finish_reason or ""
-                chunk.finish_reason = "tool_calls" if tool_parser is not None and tool_parser.calls and finish == "stop" else finish
-                chunk.usage.CopyFrom(_usage(self.frontend, c, thinking))
+            chunk = pb.ChatChunk(reasoning_content=d.reasoning, content=d.content, pool=opened.pool, tool_calls=calls)
+            if d.finished:
+                chunk.finish_reason = d.finish_reason or ""
+                chunk.usage.CopyFrom(_usage(d.usage))
             yield chunk
 
     async def generate(self, request: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateChunk]:
         try:
             self._begin(ctx, request.model, "grpc_generate")
             if request.token_ids:
-                ids, param = list(request.token_ids), "token_ids"
+                prompt, param = list(request.token_ids), "token_ids"
             elif request.prompt:
-                ids, param = self.frontend.encode(request.prompt), "prompt"
+                prompt, param = request.prompt, "prompt"
             else:
                 raise RequestError("prompt", "give prompt text or token_ids")
-            thinking = _opt(request, "thinking_budget") is not None
-            params = self._sampling(request, thinking, stop_token_ids=list(request.stop_token_ids),
-                                    ignore_eos=request.ignore_eos)
-            pool, chunks, retries = await self.frontend.start("grpc_generate", ids, params, thinking, param)
+            fields = _fields(request, stop_token_ids=list(request.stop_token_ids), ignore_eos=request.ignore_eos)
+            req = FrontRequest("grpc_generate", param, prompt=prompt, sampling=fields, constraint=_constraint(request))
+            opened = await self.frontend.open(req)
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
-        _retried(ctx, retries)
-        async for c in _unavailable_on_loss(chunks, ctx):
-            chunk = pb.GenerateChunk(token_ids=c.delta_token_ids, text=c.delta_text, pool=pool)
-            if c.finished:
-                chunk.finish_reason = c.finish_reason or ""
-                chunk.usage.CopyFrom(_usage(self.frontend, c, thinking))
+        _retried(ctx, opened.retries)
+        async for d in _unavailable_on_loss(opened.deltas(), ctx):
+            chunk = pb.GenerateChunk(token_ids=d.token_ids, text=d.content, pool=opened.pool)
+            if d.finished:
+                chunk.finish_reason = d.finish_reason or ""
+                chunk.usage.CopyFrom(_usage(d.usage))
             yield chunk
 
     # -- q3serve.v1.ModelService ----------------------------------------------------------------

@@ -19,11 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from cluster.config import StructuredOutput
-from deployments.chat import Parsed, StreamingReasoningParser, split_reasoning
-from deployments.frontend import Frontend, ModelNotFound, Overloaded, PoolsUnavailable, RequestError
-from deployments.openai_api import IGNORED_FIELDS, ending_in_error_event, error_response, routed_headers
-from deployments.pool import PoolChunk
-from deployments.tool_calls import StreamingToolParser, check_tools, constrain_to_tools, parse_tool_calls
+from deployments.api.http import IGNORED_FIELDS, ending_in_error_event, error_response, routed_headers
+from deployments.frontend import (REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, SamplingFields,
+                                  Usage)
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -105,16 +103,16 @@ class ResponsesRequest(BaseModel):
         effort = (self.reasoning or {}).get("effort")
         return None if effort is None else effort not in ("none", "minimal")
 
-    def structured(self, thinking: bool) -> StructuredOutput | None:
+    def constraint(self) -> StructuredOutput | None:
         fmt = (self.text or {}).get("format")
         if fmt is None or fmt.get("type") == "text":
             return None
         if fmt.get("type") == "json_object":
-            return StructuredOutput("json_object", param="text.format", after_think=thinking)
+            return StructuredOutput("json_object", param="text.format")
         if fmt.get("type") == "json_schema":
             if not isinstance(fmt.get("schema"), dict):
                 raise RequestError("text.format.schema", "a JSON schema object is required")
-            return StructuredOutput("json_schema", json.dumps(fmt["schema"]), "text.format", thinking)
+            return StructuredOutput("json_schema", json.dumps(fmt["schema"]), "text.format")
         raise RequestError("text.format.type", f"{fmt.get('type')!r} is not 'text', 'json_object' or 'json_schema'")
 
 
@@ -132,34 +130,31 @@ def _text(content: Any, param: str) -> str:
     return "\n".join(texts)
 
 
+def responses_request(body: ResponsesRequest) -> FrontRequest:
+    body.check_honoured()
+    tools, choice = body.chat_tools()
+    fields = SamplingFields(max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p)
+    return FrontRequest("responses", "input", messages=body.messages(), tools=tools, tool_choice=choice,
+                        parallel_tool_calls=body.parallel_tool_calls, thinking=body.thinking_switch(), sampling=fields,
+                        constraint=body.constraint())
+
+
 def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest) -> Any:
         try:
-            frontend.check_capacity("responses")
-            frontend.check_model(body.model)
-            body.check_honoured()
-            tools, choice = body.chat_tools()
-            functions, forced, required = check_tools(tools, choice)
-            offered = [{"type": "function", "function": f} for f in functions]
-            thinking, ids = frontend.chat_prompt(body.messages(), body.thinking_switch(), offered)
-            params = frontend.sampling(thinking, max_tokens=body.max_output_tokens, temperature=body.temperature,
-                                       top_p=body.top_p, structured_output=body.structured(thinking))
-            params = constrain_to_tools(params, functions, forced, required, thinking, body.parallel_tool_calls)
-            rid = f"resp_{uuid.uuid4().hex}"
-            routed = await frontend.start("responses", ids, params, thinking, "input", rid)
-            state = _State(rid, body, frontend.model_name, thinking, bool(functions))
-            headers = routed_headers(routed)
+            frontend.admit("responses", body.model)
+            opened = await frontend.open(responses_request(body), "resp_")
+            state = _State(opened.id, body, frontend.model_name)
+            headers = routed_headers(opened)
             if body.stream:
-                events = ending_in_error_event(_events(frontend, state, routed.chunks), _error_event)
+                events = ending_in_error_event(_events(state, opened), _error_event)
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-            async for c in routed.chunks:
-                state.text += c.delta_text
-                state.last = c
-            state.finish_whole()
-            return JSONResponse(state.response(frontend), headers=headers)
-        except (RequestError, ModelNotFound, Overloaded, PoolsUnavailable) as exc:
+            (choice,) = await opened.whole()
+        except REQUEST_ERRORS as exc:
             return error_response(exc)
+        state.finish_whole(choice)
+        return JSONResponse(state.response(), headers=headers)
 
 
 @dataclass
@@ -169,30 +164,27 @@ class _State:
     id: str
     body: ResponsesRequest
     model: str
-    thinking: bool
-    tools: bool
     created: int = field(default_factory=lambda: int(time.time()))
-    text: str = ""
     items: list[dict[str, Any]] = field(default_factory=list)
-    last: PoolChunk | None = None
+    usage: Usage | None = None
+    finish_reason: str | None = None
 
-    def finish_whole(self) -> None:
+    def finish_whole(self, c: Choice) -> None:
         """Items from a whole answer: reasoning, the message, the function calls."""
-        parsed = split_reasoning(self.text) if self.thinking else Parsed(None, self.text)
-        if parsed.reasoning is not None:
-            self.items.append(_reasoning_item(parsed.reasoning))
-        content, calls = parse_tool_calls(parsed.content) if self.tools else (parsed.content, [])
-        if content or not calls:
-            self.items.append(_message_item(content or ""))
-        for call in calls if self.body.parallel_tool_calls else calls[:1]:
+        self.usage = c.usage if c.outputs else None
+        self.finish_reason = c.finish_reason
+        if c.reasoning is not None:
+            self.items.append(_reasoning_item(c.reasoning))
+        if c.content or not c.tool_calls:
+            self.items.append(_message_item(c.content or ""))
+        for call in c.tool_calls:
             self.items.append(_call_item(call["id"], call["function"]["name"], call["function"]["arguments"]))
 
-    def response(self, frontend: Frontend, status: str | None = None) -> dict[str, Any]:
-        last = self.last
-        incomplete = last is not None and last.finish_reason == "length"
+    def response(self, status: str | None = None) -> dict[str, Any]:
+        incomplete = self.finish_reason == "length"
         usage = None
-        if last is not None:
-            u = frontend.usage(last, self.thinking)
+        if self.usage is not None:
+            u = self.usage
             usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
                      "output_tokens": u.completion_tokens,
                      "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens}, "total_tokens": u.total_tokens}
@@ -229,7 +221,7 @@ def _error_event(exc: Exception) -> str:
     return "event: error\ndata: " + json.dumps(body) + "\n\n"
 
 
-async def _events(frontend: Frontend, state: _State, chunks: AsyncIterator[PoolChunk]) -> AsyncIterator[str]:
+async def _events(state: _State, opened: Opened) -> AsyncIterator[str]:
     """The Responses stream: created, in_progress, each item added / its deltas / done, completed."""
     seq = 0
 
@@ -238,8 +230,6 @@ async def _events(frontend: Frontend, state: _State, chunks: AsyncIterator[PoolC
         seq += 1
         return f"event: {kind}\ndata: " + json.dumps({"type": kind, "sequence_number": seq, **data}) + "\n\n"
 
-    reasoning_parser = StreamingReasoningParser() if state.thinking else None
-    tool_parser = StreamingToolParser() if state.tools else None
     open_item: dict[str, Any] | None = None  # the reasoning or message item being streamed
     calls: dict[int, dict[str, Any]] = {}
 
@@ -272,15 +262,11 @@ async def _events(frontend: Frontend, state: _State, chunks: AsyncIterator[PoolC
                              part={"type": "output_text", "text": "", "annotations": []}))
         return out
 
-    yield event("response.created", response=state.response(frontend, "in_progress"))
-    yield event("response.in_progress", response=state.response(frontend, "in_progress"))
-    async for c in chunks:
-        state.last = c
-        done = c.finished
-        reasoning, content = reasoning_parser.feed(c.delta_text, final=done) if reasoning_parser else ("", c.delta_text)
-        deltas: list[dict[str, Any]] = []
-        if tool_parser is not None:
-            content, deltas = tool_parser.feed(content, final=done)
+    yield event("response.created", response=state.response("in_progress"))
+    yield event("response.in_progress", response=state.response("in_progress"))
+    async for d in opened.deltas():
+        state.usage, state.finish_reason = d.usage, d.finish_reason
+        reasoning, content, deltas = d.reasoning, d.content, d.tool_calls
         if reasoning:
             if open_item is None or open_item["type"] != "reasoning":
                 for e in open_new(_reasoning_item("")):
@@ -295,22 +281,20 @@ async def _events(frontend: Frontend, state: _State, chunks: AsyncIterator[PoolC
             open_item["content"][0]["text"] += content  # type: ignore[index]
             yield event("response.output_text.delta", item_id=open_item["id"],  # type: ignore[index]
                         output_index=len(state.items) - 1, content_index=0, delta=content)
-        for d in deltas:
-            if "id" in d:
-                if d["index"] > 0 and not state.body.parallel_tool_calls:
-                    continue
+        for call in deltas:
+            if "id" in call:
                 for e in close():
                     yield e
-                item = _call_item(d["id"], d["function"]["name"], "", "in_progress")
+                item = _call_item(call["id"], call["function"]["name"], "", "in_progress")
                 state.items.append(item)
-                calls[d["index"]] = item
+                calls[call["index"]] = item
                 yield event("response.output_item.added", output_index=len(state.items) - 1, item=item)
-            elif d["index"] in calls:
-                item = calls[d["index"]]
+            elif call["index"] in calls:
+                item = calls[call["index"]]
                 index = state.items.index(item)
-                item["arguments"] += d["function"]["arguments"]
+                item["arguments"] += call["function"]["arguments"]
                 yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=d["function"]["arguments"])
+                            delta=call["function"]["arguments"])
                 item["status"] = "completed"
                 yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                             arguments=item["arguments"])
@@ -319,5 +303,5 @@ async def _events(frontend: Frontend, state: _State, chunks: AsyncIterator[PoolC
         yield e
     if not state.items:
         state.items.append(_message_item(""))
-    final = state.response(frontend)
+    final = state.response()
     yield event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)

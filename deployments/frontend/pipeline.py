@@ -1,40 +1,33 @@
-"""The protocol-neutral front end that the OpenAI HTTP API and the gRPC API share: API keys, the
-model-name check, Qwen3's chat rendering and mode, the prompt limit, `SamplingParams` built and
-validated once, the pool call through the router, request metrics, and usage. The protocol
-adapters (openai_api.py, grpc_api.py) only translate their messages and map the errors below to
-their status codes."""
+"""The front end every protocol shares: API keys, the model-name check, capacity, then the one
+chat pipeline (tools, Qwen3's template and mode, the prompt limit, `SamplingParams` built once,
+the output constraint), the pool call through the router, n > 1 fan-out, request metrics, and
+drain. The adapters in deployments/api/ translate a request into a `FrontRequest`, call `open`,
+and render the `Opened` request's deltas (or whole choices); they map the errors to their codes."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster import ModelConfig, RequestError, SamplingParams, load_tokenizer, render_chat
+from cluster import ModelConfig, RequestError, RequestOutput, SamplingParams, load_tokenizer, render_chat
 from cluster.config import StructuredOutput
 from cluster.default_model import default_model_path
 from deployments.auth import ApiKeys, load_keys
-from deployments.chat import decide_thinking
-from deployments.config import AppConfig, PoolConfig
+from deployments.config import AppConfig
+from deployments.frontend.deltas import ChoiceParser, Choice, Delta, collect_choice
+from deployments.frontend.errors import ModelNotFound, Unauthenticated
+from deployments.frontend.fanout import merged, more_choices
+from deployments.frontend.request import FrontRequest
+from deployments.frontend.sampling import SamplingFields, build_params, sampling_defaults
+from deployments.frontend.thinking import decide_thinking
+from deployments.frontend.tool_calls import ToolUse, check_tools
 from deployments.metrics import RouterMetrics
-from deployments.pool import PoolChunk, PoolRequest
+from deployments.pool import PoolRequest
 from deployments.router import InstanceLost, Overloaded, PoolRouter, PoolsUnavailable, Routed
-
-__all__ = ["Frontend", "InstanceLost", "ModelNotFound", "Overloaded", "PoolsUnavailable", "RequestError", "Routed", "Unauthenticated",
-           "Usage"]
-
-
-API_SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
-
-
-def sampling_defaults(model: ModelConfig, pool: PoolConfig) -> dict[str, float]:
-    """What an unset sampling field becomes: the pool's default, else the model's
-    generation_config.json, else the OpenAI API's."""
-    pool_set = {k: v for k, v in pool.sampling_defaults.model_dump().items() if v is not None}
-    return {**API_SAMPLING_DEFAULTS, **dict(model.sampling_defaults), **pool_set}
 
 
 def admission_capacity(cfg: AppConfig) -> int | None:
@@ -46,23 +39,45 @@ def admission_capacity(cfg: AppConfig) -> int | None:
     return sum((p.ongoing_limit + p.max_queued_requests) * p.autoscaling.max_replicas for p in pools)
 
 
-class ModelNotFound(LookupError):
-    """The request names a model this server does not serve (404 / NOT_FOUND)."""
+@dataclass
+class Prepared:
+    """A request through the pipeline, before it goes to a pool."""
 
-
-class Unauthenticated(PermissionError):
-    """No or a wrong API key (401 / UNAUTHENTICATED)."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    thinking: bool
+    tools: ToolUse
 
 
 @dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
+class Opened:
+    """A started request: the pool serving it, the retries it took, and its choices' outputs,
+    read as typed deltas (`deltas`) or whole (`whole`)."""
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+    id: str
+    pool: str
+    retries: int
+    prompt_ids: list[int]
+    thinking: bool
+    raw: bool
+    tools: ToolUse
+    streams: list[AsyncIterator[RequestOutput]]
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Every choice's deltas as they come (closing this cancels every choice)."""
+        parsers = [ChoiceParser(i, self.thinking, self.raw, self.tools) for i in range(len(self.streams))]
+        async for i, out in merged(self.streams):
+            yield parsers[i].feed(out)
+
+    async def whole(self) -> list[Choice]:
+        """Every choice, whole; one failing cancels the others and its error is the request's."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(collect_choice(i, s, self.thinking, self.raw, self.tools))
+                         for i, s in enumerate(self.streams)]
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        return [t.result() for t in tasks]
 
 
 class Frontend:
@@ -73,7 +88,7 @@ class Frontend:
         model_path = cfg.model or str(default_model_path())
         self.tokenizer = load_tokenizer(model_path)
         mc = ModelConfig.from_pretrained(model_path)
-        context = min(min(p.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        context = min(min(p.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
                       for p in cfg.pools().values())
         self.max_model_len = context
         self.prompt_limit = min(context - 1, cfg.limits.max_prompt_tokens or context)
@@ -94,6 +109,11 @@ class Frontend:
         if not self.keys.check(authorization):
             raise Unauthenticated("authorization: missing or invalid API key (send 'Authorization: Bearer <key>')")
 
+    def admit(self, route: str, model: str | None) -> None:
+        """The checks before a request is even read: capacity, then the model's name."""
+        self.check_capacity(route)
+        self.check_model(model)
+
     def check_capacity(self, route: str) -> None:
         """Refuses a request at once (429) when the pools could not hold it anyway: checked
         before the chat template and the tokenizer run, so that under many times the capacity
@@ -107,7 +127,7 @@ class Frontend:
         if model and model != self.model_name:
             raise ModelNotFound(f"model: '{model}' does not exist; this server serves '{self.model_name}'")
 
-    # -- the request ----------------------------------------------------------------------------
+    # -- the pipeline ---------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict[str, Any]], explicit: bool | None,
                     tools: list[dict[str, Any]] | None = None) -> tuple[bool, list[int]]:
         """Thinking mode and the prompt ids, through Qwen3's own template (with its tools section
@@ -120,43 +140,52 @@ class Frontend:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def sampling(
-        self, thinking: bool, *, max_tokens: int | None = None, temperature: float | None = None,
-        top_p: float | None = None, top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
-        stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-        logprobs: bool = False, thinking_budget: int | None = None, top_logprobs: int = 0,
-        presence_penalty: float | None = None, frequency_penalty: float | None = None,
-        repetition_penalty: float | None = None, logit_bias: dict[Any, float] | None = None,
-        prompt_logprobs: int | None = None, structured_output: StructuredOutput | None = None,
-    ) -> SamplingParams:
-        """The one place a request's sampling fields are checked, whichever API they came by: the
-        mode's defaults for the fields left unset, OpenAI's temperature range here, the engine's
-        own rules in SamplingParams. Raises RequestError naming the field."""
-        given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
-        d = self.sampling_defaults[thinking]
-        temperature, top_p, top_k, min_p = (d[k] if v is None else v for k, v in given.items())
-        if not 0 <= temperature <= 2:
-            raise RequestError("temperature", f"must be in [0, 2], got {temperature!r}")
-        top_k = 0 if top_k == -1 else top_k  # -1 disables it, as in vLLM
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-            stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids),
-            ignore_eos=ignore_eos, logprobs=logprobs, thinking_budget=thinking_budget, top_logprobs=top_logprobs,
-            presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
-            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, logit_bias=logit_bias or {},
-            prompt_logprobs=prompt_logprobs, structured_output=structured_output,
-        )
+    def prepare(self, req: FrontRequest) -> Prepared:
+        """Tools, mode and prompt ids, then the sampling parameters with the output constraint
+        (a required tool call's grammar, or the client's, after </think> when thinking). A raw
+        prompt thinks when it asks for a thinking budget (it left <think> open). Raises
+        RequestError naming the field."""
+        if req.raw:
+            tools = ToolUse()
+            thinking = req.sampling.thinking_budget is not None
+            prompt = req.prompt
+            ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt or "")
+        else:
+            tools = check_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+            thinking, ids = self.chat_prompt(req.messages or [], req.thinking, tools.for_template())
+        own = replace(req.constraint, after_think=thinking) if req.constraint is not None else None
+        return Prepared(ids, self.sampling(thinking, req.sampling, tools.constraint(own, thinking)), thinking, tools)
+
+    def sampling(self, thinking: bool, fields: SamplingFields | None = None,
+                 constraint: StructuredOutput | None = None) -> SamplingParams:
+        """The sampling parameters, with the mode's defaults for the fields left unset."""
+        return build_params(fields or SamplingFields(), self.sampling_defaults[thinking], constraint)
+
+    async def open(self, req: FrontRequest, id_prefix: str = "req-") -> Opened:
+        """The request through the pipeline and started on a pool, with its n choices (a seeded
+        request's choice i uses seed + i, so the choices differ but the request reproduces)."""
+        p = self.prepare(req)
+        rid = req.request_id or f"{id_prefix}{uuid.uuid4().hex}"
+        routed = await self.start(req.route, p.prompt_ids, p.params, p.thinking, req.prompt_param, rid)
+        streams = [routed.chunks]
+        if req.n > 1:
+            async def start(i: int) -> AsyncIterator[RequestOutput]:
+                seed = None if p.params.seed is None else p.params.seed + i
+                params = replace(p.params, seed=seed)
+                return (await self.start(req.route, p.prompt_ids, params, p.thinking, req.prompt_param, f"{rid}-{i}")).chunks
+            streams = await more_choices(routed.chunks, req.n, start)
+        return Opened(rid, routed.pool, routed.retries, p.prompt_ids, p.thinking, req.raw, p.tools, streams)
 
     async def start(
         self, route: str, prompt_ids: list[int], params: SamplingParams, thinking: bool, prompt_param: str,
-        request_id: str | None = None,
+        request_id: str,
     ) -> Routed:
         """Checks the prompt against the limits and starts it on a pool; returns the pool's name,
-        its chunks (which end in InstanceLost if the pool fails mid-stream) and the retries it
+        its outputs (which end in InstanceLost if the pool fails mid-stream) and the retries it
         took. Raises RequestError (naming `prompt_param` for the prompt), Overloaded or
         PoolsUnavailable."""
         start = time.monotonic()
-        request = PoolRequest(request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params, thinking)
+        request = PoolRequest(request_id, prompt_ids, params, thinking)
         self.starting += 1
         try:
             if self.draining:
@@ -207,16 +236,12 @@ class Frontend:
             await asyncio.sleep(poll_s)
         return self.active
 
-    def usage(self, last: PoolChunk, thinking: bool) -> Usage:
-        """With thinking off the template closed <think> in the prompt, so nothing is reasoning."""
-        return Usage(last.num_prompt_tokens, last.num_output_tokens, last.num_reasoning_tokens if thinking else 0)
-
     # -- metrics --------------------------------------------------------------------------------
     def _count(self, route: str, status: str) -> None:
         self.metrics.requests.inc(1, tags={"pool": "none", "route": route, "status": status})
 
-    async def _measured(self, chunks: AsyncIterator[PoolChunk], tags: dict[str, str], start: float
-                        ) -> AsyncIterator[PoolChunk]:
+    async def _measured(self, chunks: AsyncIterator[RequestOutput], tags: dict[str, str], start: float
+                        ) -> AsyncIterator[RequestOutput]:
         """Passes chunks through, recording TTFT, inter-token latency, tokens and latency."""
         last_t, last = None, None
         status = "cancelled"

@@ -10,20 +10,51 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any
 
-from cluster import RequestError, SamplingParams
+from cluster import RequestError
 from cluster.config import StructuredOutput
-from deployments.chat import partial_suffix
+from deployments.frontend.thinking import partial_suffix
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
-def check_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[list[dict[str, Any]], str | None, bool]:
-    """Validates `tools` and `tool_choice`; returns the functions offered (empty when none are),
-    the function a named choice forces, and whether a call is required. Errors name the field."""
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a request offers, as `check_tools` validated them: the functions (empty when
+    none are offered, and answers are then not parsed for calls), the one a named choice forces,
+    whether a call is required, and whether several calls may come."""
+
+    functions: tuple[dict[str, Any], ...] = ()
+    forced: str | None = None
+    required: bool = False
+    parallel: bool = True
+
+    @property
+    def offered(self) -> bool:
+        return bool(self.functions)
+
+    def for_template(self) -> list[dict[str, Any]]:
+        """The functions in the shape Qwen3's chat template reads."""
+        return [{"type": "function", "function": f} for f in self.functions]
+
+    def constraint(self, other: StructuredOutput | None, thinking: bool) -> StructuredOutput | None:
+        """The output constraint: a required call's grammar (one or more blocks, one unless
+        `parallel`, a named function exactly once, as in vLLM), else `other`. A request whose
+        output is constrained otherwise as well is refused."""
+        if not self.required:
+            return other
+        if other is not None:
+            raise RequestError("tool_choice", f"a required tool call and {other.param} cannot both constrain the output")
+        spec = {"tools": [{"name": f["name"], "parameters": f.get("parameters")} for f in self.functions],
+                "choice": self.forced, "parallel": self.parallel and self.forced is None}
+        return StructuredOutput("tool_call", json.dumps(spec), "tool_choice", thinking)
+
+
+def check_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool = True) -> ToolUse:
+    """Validates `tools` and `tool_choice` (chat's shapes); errors name the field."""
     functions = []
     for i, tool in enumerate(tools or []):
         if not isinstance(tool, dict) or tool.get("type") != "function":
@@ -37,32 +68,17 @@ def check_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[l
         functions.append(fn)
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
-        return [], None, False
+        return ToolUse(parallel=parallel)
     if choice in ("auto", "required"):
         if choice == "required" and not functions:
             raise RequestError("tool_choice", "'required' needs tools")
-        return functions, None, choice == "required"
+        return ToolUse(tuple(functions), None, choice == "required", parallel)
     if isinstance(choice, dict) and choice.get("type") == "function":
         name = (choice.get("function") or {}).get("name")
         if name not in {f["name"] for f in functions}:
             raise RequestError("tool_choice.function.name", f"{name!r} is not one of the tools")
-        return functions, name, True
+        return ToolUse(tuple(functions), name, True, parallel)
     raise RequestError("tool_choice", "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
-
-
-def constrain_to_tools(params: SamplingParams, functions: list[dict[str, Any]], forced: str | None,
-                       required: bool, thinking: bool, parallel: bool = True) -> SamplingParams:
-    """`params` with the grammar a required call needs (as `check_tools` said): one or more
-    blocks (one unless `parallel`), a named function exactly once, as in vLLM; unchanged when the
-    model may answer freely. A request that also constrains its output otherwise is refused."""
-    if not required:
-        return params
-    if params.structured_output is not None:
-        raise RequestError("tool_choice", f"a required tool call and {params.structured_output.param} "
-                                          "cannot both constrain the output")
-    spec = {"tools": [{"name": f["name"], "parameters": f.get("parameters")} for f in functions], "choice": forced,
-            "parallel": parallel and forced is None}
-    return replace(params, structured_output=StructuredOutput("tool_call", json.dumps(spec), "tool_choice", thinking))
 
 
 def _call(body: str) -> dict[str, Any] | None:

@@ -18,8 +18,8 @@ import yaml
 
 from cluster.config import ParallelConfig
 from deployments.app import SERVE_ENV
-from deployments.config import AppConfig
-from deployments.grpc_api import SERVICER_FUNCTIONS
+from deployments.config import AppConfig, nest
+from deployments.api.grpc_api import SERVICER_FUNCTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "q3serve"
@@ -127,7 +127,7 @@ def test_presets_lint_and_validate(path: Path) -> None:
     docs = render(values)
     check_documents(docs)
     cfg = AppConfig.model_validate(serve_config(docs)["applications"][0]["args"])
-    assert cfg.thinking.expert_groups <= values["model"]["numExperts"]
+    assert cfg.thinking.parallel.expert_groups <= values["model"]["numExperts"]
 
 
 def _subset(have: object, want: object) -> bool:
@@ -145,6 +145,9 @@ def test_serve_config_loads_in_app_config_unchanged(values: dict) -> None:
     expected = _merge(yaml.safe_load((CHART / "values.yaml").read_text())["app"], values.get("app", {}))
     expected["model"] = _merge(yaml.safe_load((CHART / "values.yaml").read_text())["model"],
                                values.get("model", {}))["mountPath"]
+    for pool in ("thinking", "fast"):  # the chart writes the flat spelling; each key has its place in the config
+        if isinstance(expected.get(pool), dict):
+            expected[pool] = nest(expected[pool])
     assert _subset(cfg.model_dump(), expected)  # every value the chart wrote; pool presets fill the rest
     assert sc["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
     assert sc["grpc_options"]["port"] == 9000 and sc["http_options"]["port"] == 8000
@@ -276,11 +279,11 @@ def test_preset_arithmetic_fits_the_devices(path: Path) -> None:
     kv_per_token = 2 * layers * s["kv_heads"] * s["head_dim"] * 2
     device = gib * 2**30
     for name, pool in cfg.pools().items():
-        per_group = -(-s["experts"] // pool.expert_groups) * layers * expert
+        per_group = -(-s["experts"] // pool.parallel.expert_groups) * layers * expert
         assert per_group <= 0.85 * device, f"{name}: {per_group / 2**30:.1f} GiB of experts per GPU"
-        weights = rest + (per_group if pool.layout == "colocated" else 0)  # on an attention shard's GPU
-        kv = (pool.gpu_memory_utilization or 0) * device - weights - 8 * 2**30  # 8 GiB: activations, NCCL, context
-        assert kv / kv_per_token >= (pool.max_model_len or 40960), f"{name}: {kv / kv_per_token:.0f} KV tokens"
+        weights = rest + (per_group if pool.parallel.layout == "colocated" else 0)  # on an attention shard's GPU
+        kv = (pool.engine.gpu_memory_utilization or 0) * device - weights - 8 * 2**30  # 8 GiB: activations, NCCL, context
+        assert kv / kv_per_token >= (pool.engine.max_model_len or 40960), f"{name}: {kv / kv_per_token:.0f} KV tokens"
         assert _parallel(pool).num_actors <= node_gpus
         assert pool.ongoing_limit >= pool.autoscaling.target_ongoing_requests
     groups = {k: g for k, g in values["workerGroups"].items() if g.get("enabled", True)}
@@ -300,9 +303,7 @@ def test_preset_arithmetic_fits_the_devices(path: Path) -> None:
 
 
 def _parallel(pool: Any) -> ParallelConfig:
-    return ParallelConfig(attention_shards=pool.attention_shards, expert_groups=pool.expert_groups, device=pool.device,
-                          layout=pool.layout, actor_resources=pool.actor_resources,
-                          attention_resources=pool.attention_resources, expert_resources=pool.expert_resources)
+    return pool.parallel
 
 
 def test_colocated_preset_is_one_worker_group_of_whole_nodes() -> None:
@@ -314,7 +315,7 @@ def test_colocated_preset_is_one_worker_group_of_whole_nodes() -> None:
     assert [(g["groupName"], g["resources"]) for g in spec["workerGroupSpecs"]] == [("node", {"q3serve_node": "8"})]
     cfg = AppConfig.model_validate(serve_config(docs)["applications"][0]["args"])
     for pool in cfg.pools().values():
-        assert pool.layout == "colocated" and _parallel(pool).num_actors == 8
+        assert pool.parallel.layout == "colocated" and _parallel(pool).num_actors == 8
 
 
 def test_colocated_layout_needs_as_many_groups_as_shards() -> None:

@@ -14,7 +14,7 @@ def test_defaults_are_two_pools() -> None:
     cfg = AppConfig()
     assert set(cfg.pools()) == {"thinking", "fast"}
     assert cfg.thinking.max_tokens_limit > cfg.fast.max_tokens_limit
-    assert cfg.thinking.max_num_seqs > cfg.fast.max_num_seqs
+    assert cfg.thinking.engine.max_num_seqs > cfg.fast.engine.max_num_seqs
     assert cfg.router.default_thinking is True
     assert cfg.http_port == 8000 and cfg.grpc_port == 9000
 
@@ -27,7 +27,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         "router: {spill_over: false}\n"
     )
     cfg = AppConfig.from_yaml(f)
-    assert cfg.fast.max_num_seqs == 4 and cfg.fast.autoscaling.max_replicas == 3
+    assert cfg.fast.engine.max_num_seqs == 4 and cfg.fast.autoscaling.max_replicas == 3
     assert cfg.router.spill_over is False
     assert AppConfig.model_validate(cfg.model_dump()) == cfg
 
@@ -37,12 +37,12 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     [
         ({"fast": {"max_num_seq": 4}}, "fast.max_num_seq"),
         ({"thinking": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "thinking.autoscaling"),
-        ({"fast": {"max_num_seqs": 0}}, "fast.max_num_seqs"),
+        ({"fast": {"max_num_seqs": 0}}, "fast.engine.max_num_seqs"),
         ({"fast": {"autoscaling": {"look_back_period_s": 2}}}, "fast.autoscaling.look_back_period_s"),
         ({"http_port": 70000}, "http_port"),
         ({"unknown_key": 1}, "unknown_key"),
         ({"thinking": {"enabled": False}, "fast": {"enabled": False}}, "enabled"),
-        ({"fast": {"device": "tpu"}}, "fast.device"),
+        ({"fast": {"device": "tpu"}}, "fast.parallel.device"),
         ({"thinking": {"stream_interval": 0}}, "thinking.stream_interval"),
     ],
 )
@@ -67,7 +67,7 @@ def test_app_builder_takes_config_or_path(tmp_path: Path) -> None:
 
 def test_a_pool_block_sets_fields_over_its_preset() -> None:
     cfg = AppConfig.model_validate({"thinking": {"max_num_seqs": 16}, "fast": {"sampling_defaults": {"top_k": 5}}})
-    assert cfg.thinking.max_num_seqs == 16 and cfg.thinking.default_max_tokens == 4096
+    assert cfg.thinking.engine.max_num_seqs == 16 and cfg.thinking.default_max_tokens == 4096
     assert cfg.thinking.cpu_priority == "low" and cfg.thinking.stream_interval == 16
     assert cfg.fast.stream_interval == 1
     assert cfg.fast.sampling_defaults.model_dump() == {"temperature": 0.7, "top_p": 0.8, "top_k": 5, "min_p": None}
@@ -128,7 +128,7 @@ def test_cuda_graphs_default_on_for_a_single_gpu_replica_only() -> None:
     from cluster.config import EngineConfig, ParallelConfig
 
     cfg = AppConfig.model_validate({"thinking": {"device": "cuda", "max_graph_batch": 48}}).thinking
-    assert cfg.engine_kwargs()["cuda_graphs"] is None and cfg.engine_kwargs()["max_graph_batch"] == 48
+    assert cfg.engine.cuda_graphs is None and cfg.engine.max_graph_batch == 48
     assert EngineConfig().graphs_on(ParallelConfig(device="cuda"))
     assert not EngineConfig().graphs_on(ParallelConfig(device="cpu"))
     assert not EngineConfig().graphs_on(ParallelConfig(device="cuda", attention_shards=2, expert_groups=2))
@@ -140,7 +140,7 @@ def test_colocated_fractional_gpus_are_allowed() -> None:
     ranks sharing a device) is each communicator's one rank there: allowed."""
     pool = {"device": "cuda", "attention_shards": 2, "expert_groups": 2, "layout": "colocated",
             "actor_resources": {"CPU": 1, "GPU": 0.5}}
-    assert AppConfig.model_validate({"thinking": pool}).thinking.layout == "colocated"
+    assert AppConfig.model_validate({"thinking": pool}).thinking.parallel.layout == "colocated"
 
 
 def test_fault_settings_reach_serve_and_the_instance() -> None:
@@ -151,8 +151,8 @@ def test_fault_settings_reach_serve_and_the_instance() -> None:
     cfg = AppConfig.model_validate({"thinking": {"step_timeout_s": 7, "health_check_period_s": 3,
                                                  "graceful_shutdown_timeout_s": 12},
                                     "fast": {"graceful_shutdown_timeout_s": 45}})
-    assert cfg.thinking.engine_kwargs()["step_timeout_s"] == 7
-    assert AppConfig().fast.engine_kwargs()["step_timeout_s"] == 15.0
+    assert cfg.thinking.parallel.step_timeout_s == 7
+    assert AppConfig().fast.parallel.step_timeout_s == 15.0
     app = build_app(cfg)
     handles = app._bound_deployment.init_args[1]
     options = handles["thinking"]._bound_deployment._deployment_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.chat import StreamingReasoningParser, decide_thinking, soft_switch, split_reasoning
+from deployments.frontend.thinking import StreamingReasoningParser, decide_thinking, soft_switch, split_reasoning
 
 CASES = {
     "<think>\nplan: add\n</think>\n\nThe answer is 4.": ("\nplan: add\n", "The answer is 4."),

@@ -47,8 +47,8 @@ def test_utilization_is_refused_off_cuda_naming_it(moe_checkpoint: Path) -> None
         LLM(moe_checkpoint, dtype="float32", gpu_memory_utilization=0.5)
     with pytest.raises(ValidationError, match=r"fast\n.*gpu_memory_utilization: sizes the KV cache on CUDA"):
         AppConfig.model_validate({"fast": {"gpu_memory_utilization": 0.9}})
-    with pytest.raises(ValidationError, match="thinking.gpu_memory_utilization"):
+    with pytest.raises(ValidationError, match="thinking.engine.gpu_memory_utilization"):
         AppConfig.model_validate({"thinking": {"device": "cuda", "gpu_memory_utilization": 1.2}})
-    assert AppConfig.model_validate({"thinking": {"device": "cuda", "gpu_memory_utilization": 0.9}}).thinking.engine_kwargs()["gpu_memory_utilization"] == 0.9
+    assert AppConfig.model_validate({"thinking": {"device": "cuda", "gpu_memory_utilization": 0.9}}).thinking.engine.gpu_memory_utilization == 0.9
     with pytest.raises(ValueError, match="gpu_memory_utilization: give it or num_kv_blocks"):
         EngineConfig(gpu_memory_utilization=0.9, num_kv_blocks=8)

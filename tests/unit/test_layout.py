@@ -81,3 +81,37 @@ def test_nothing_outside_cluster_imports_the_engine_core() -> None:
         for f in _files(package):
             bad = {m for m in _imports(f, top_level_only=False) if m.startswith("cluster.engine.core")}
             assert not bad, (f, bad)
+
+
+def _attributes(path: Path) -> set[str]:
+    return {n.attr for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Attribute)}
+
+
+def test_deployments_never_reach_into_the_engine_core() -> None:
+    """`deployments` uses an Engine (or LLM) through its own methods and stats(), never `.core`."""
+    for f in _files("deployments"):
+        assert "core" not in _attributes(f), f
+
+
+ADAPTERS = ("openai_chat", "openai_completions", "responses", "grpc_api", "admin")
+
+
+def test_protocol_adapters_do_not_import_each_other() -> None:
+    """Each adapter translates in and renders out over the front end; what two of them share
+    lives in the front end or in api/http.py and api/openai_models.py, and only openai_app.py
+    (the HTTP app) puts the HTTP ones together."""
+    for name in ADAPTERS:
+        used = _imports(ROOT / f"deployments/api/{name}.py", top_level_only=False)
+        bad = {m for m in used if m.startswith("deployments.api.")
+               and m.split(".")[2] in (*ADAPTERS, "openai_app") and m.split(".")[2] != name}
+        assert not bad, (name, bad)
+
+
+def test_deployments_import_downward() -> None:
+    """api -> frontend -> router / pool: the front end knows no protocol, and the router and the
+    pools know neither the front end nor a protocol."""
+    for f in _files("deployments.frontend"):
+        assert not {m for m in _imports(f, top_level_only=False) if m.startswith("deployments.api")}, f
+    for name in ("router", "pool", "config", "metrics"):
+        used = _imports(ROOT / f"deployments/{name}.py", top_level_only=False)
+        assert not {m for m in used if m.startswith(("deployments.api", "deployments.frontend"))}, (name, used)

@@ -11,7 +11,7 @@ import pytest
 
 from cluster import RequestError, SamplingParams
 from deployments.config import AppConfig
-from deployments.frontend import Frontend
+from deployments.frontend import Frontend, SamplingFields
 from deployments.router import apply_limits, pool_order
 
 
@@ -48,7 +48,7 @@ def test_apply_limits_defaults_and_caps() -> None:
 def test_sampling_fields_are_checked_once_naming_the_field(plain: Frontend, fields: dict, param: str) -> None:
     for thinking in (True, False):
         with pytest.raises(RequestError) as exc:
-            plain.sampling(thinking, **fields)
+            plain.sampling(thinking, SamplingFields(**fields))
         assert exc.value.param == param and str(exc.value).startswith(f"{param}: ")
 
 
@@ -60,7 +60,7 @@ def plain(moe_checkpoint: Path) -> Frontend:
 
 
 def test_sampling_defaults_and_the_error_crosses_processes_intact(plain: Frontend) -> None:
-    p = plain.sampling(False, top_k=-1, stop="END")
+    p = plain.sampling(False, SamplingFields(top_k=-1, stop="END"))
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.stop) == (None, 1.0, 1.0, 0, 0.0, ["END"])
     err = pickle.loads(pickle.dumps(RequestError("prompt", "too long")))
     assert (err.param, err.message, str(err)) == ("prompt", "too long", "prompt: too long")
@@ -74,7 +74,7 @@ def test_unset_sampling_fields_take_the_modes_defaults() -> None:
     t, n = fe.sampling(True), fe.sampling(False)
     assert (t.temperature, t.top_p, t.top_k, t.min_p) == (0.6, 0.95, 20, 0.0)
     assert (n.temperature, n.top_p, n.top_k, n.min_p) == (0.7, 0.8, 20, 0.0)
-    own = fe.sampling(False, temperature=0.0, top_p=1.0, top_k=-1, min_p=0.05)
+    own = fe.sampling(False, SamplingFields(temperature=0.0, top_p=1.0, top_k=-1, min_p=0.05))
     assert (own.temperature, own.top_p, own.top_k, own.min_p) == (0.0, 1.0, 0, 0.05)
     custom = Frontend(AppConfig.model_validate({"thinking": {"sampling_defaults": {"temperature": 1.0}}}), router=None)
     c = custom.sampling(True)
@@ -86,7 +86,8 @@ def test_unset_sampling_fields_take_the_modes_defaults() -> None:
 def test_requests_beyond_what_the_pools_hold_are_refused_before_any_work() -> None:
     """The ingress's admission gate: running + queued over every replica of every pool; beyond
     it a request is refused (429 / RESOURCE_EXHAUSTED) before its template and tokens are made."""
-    from deployments.frontend import Overloaded, admission_capacity
+    from deployments.frontend import Overloaded
+    from deployments.frontend.pipeline import admission_capacity
 
     cfg = AppConfig.model_validate({
         "thinking": {"max_num_seqs": 2, "max_queued_requests": 3},

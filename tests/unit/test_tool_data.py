@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from cluster.engine.tokenizer import IM_END, THINK_END, THINK_START, load_tokenizer, render_chat
-from deployments.openai_api import Message
-from deployments.tool_calls import parse_tool_calls
+from deployments.api.openai_models import Message
+from deployments.frontend.tool_calls import parse_tool_calls
 from deployments.tools import tool_use
 from training.data import TOOL_THINKING_SHARE, make_tool_example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
@@ -112,7 +112,7 @@ def test_run_multiply_executes_only_a_well_formed_call() -> None:
 
 @pytest.mark.parametrize("style", ["openai", "langchain", "pydantic"])
 def test_tool_layouts_are_accepted_by_the_server(style: str) -> None:
-    from deployments.tool_calls import check_tools
+    from deployments.frontend.tool_calls import check_tools
 
     check_tools([tool_use.multiply_tool(style=style)], "auto")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cluster import RequestError
-from deployments.tool_calls import StreamingToolParser, check_tools, parse_tool_calls
+from deployments.frontend.tool_calls import StreamingToolParser, ToolUse, check_tools, parse_tool_calls
 
 ANSWER = ('Let me compute.\n<tool_call>\n{"name": "mul", "arguments": {"a": 6, "b": 7}}\n</tool_call>\n'
           '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
@@ -71,7 +71,7 @@ def test_bad_tools_name_the_field(tools, choice, param) -> None:  # noqa: ANN001
 
 
 def test_tool_choice_modes() -> None:
-    assert check_tools([FN], "none") == ([], None, False)
-    assert check_tools([FN], None) == ([FN["function"]], None, False)
-    assert check_tools([FN], "required") == ([FN["function"]], None, True)
-    assert check_tools([FN], {"type": "function", "function": {"name": "mul"}}) == ([FN["function"]], "mul", True)
+    assert check_tools([FN], "none") == ToolUse((), None, False)
+    assert check_tools([FN], None) == ToolUse((FN["function"],), None, False)
+    assert check_tools([FN], "required") == ToolUse((FN["function"],), None, True)
+    assert check_tools([FN], {"type": "function", "function": {"name": "mul"}}) == ToolUse((FN["function"],), "mul", True)

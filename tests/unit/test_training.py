@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.engine.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_START, load_tokenizer
-from deployments.chat import decide_thinking, soft_switch
+from deployments.frontend.thinking import decide_thinking, soft_switch
 from training.data import _switch_messages, make_example
 from deployments.tools.tasks import sample
 from training.train import batch, parser, save, train

@@ -46,64 +46,47 @@ class BenchConfig:
 
 
 def _decoder() -> Any:
-    from cluster import load_tokenizer
+    """Qwen3's tokenizer through `tokenizers` alone: the bench client needs no torch."""
+    from tokenizers import Tokenizer
 
-    tok = load_tokenizer(None)
+    from cluster import tokenizer_dir
+
+    tok = Tokenizer.from_file(str(tokenizer_dir(None) / "tokenizer.json"))
     return lambda ids: tok.decode(ids)
 
 
-async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = True) -> dict[str, Any]:
-    """One run at cfg.request_rate; returns {"config", "summary", "records"}."""
-    from tqdm import tqdm
+@dataclass
+class _Sender:
+    """What every request of a run shares: the clients, the model's name, the concurrency limit,
+    the progress bar, and the end times."""
 
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"backend: '{cfg.backend}' is not one of {', '.join(BACKENDS)}")
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    offsets = arrival_offsets(len(specs), cfg.request_rate, cfg.workload.seed)
-    records = [Record(s.index, s.mode, s.budget) for s in specs]
-    limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    bar = tqdm(total=sum(cfg.only_mode in (None, s.mode) for s in specs), desc=f"{cfg.label} @ {cfg.request_rate} req/s", disable=not progress, unit="req")
-    # Several clients, each with its own connection pool: httpcore scans every connection of its
-    # pool each time a request ends, so one pool over hundreds of open streams cost the client
-    # most of a core (py-spy, 600 at once) and delayed what it measured.
-    pools = [httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=cfg.timeout_s,
-                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
-             for _ in range(max(1, math.ceil(len(specs) / REQUESTS_PER_POOL)))]
-    http = pools[0]
-    channel = stub = None
-    if cfg.backend.startswith("grpc"):
-        import grpc
+    cfg: BenchConfig
+    model: str
+    t0: float
+    bar: Any
+    pools: list[httpx.AsyncClient]
+    stub: Any = None
+    limit: asyncio.Semaphore | None = None
+    ends: list[float] = field(default_factory=list)
 
-        from protos.q3serve.v1 import q3serve_pb2_grpc as pb_grpc
-
-        channel = grpc.aio.insecure_channel(cfg.grpc_target)
-        stub = pb_grpc.ChatServiceStub(channel)
-    model = cfg.model or ""
-    if not model and (cfg.fault is not None or cfg.replan is not None or not cfg.backend.startswith("grpc")):
-        r = await http.get("/v1/models", timeout=30)
-        r.raise_for_status()
-        model = r.json()["data"][0]["id"]
-    metadata = [("authorization", f"Bearer {cfg.api_key}")] if cfg.api_key else []
-    t0 = time.perf_counter()
-    ends: list[float] = []
-
-    chosen = [(s, o, r) for s, o, r in zip(specs, offsets, records) if cfg.only_mode in (None, s.mode)]
-
-    async def one(spec: RequestSpec, offset: float, record: Record) -> None:
-        await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
-        if time.perf_counter() - t0 > cfg.duration_s:
+    async def one(self, spec: RequestSpec, offset: float, record: Record) -> None:
+        """Sends one request at its arrival time (none after the run's duration) and times it."""
+        cfg = self.cfg
+        await asyncio.sleep(max(0.0, self.t0 + offset - time.perf_counter()))
+        if time.perf_counter() - self.t0 > cfg.duration_s:
             record.error = NOT_SENT
-            bar.update()
+            self.bar.update()
             return
-        if limit:
-            await limit.acquire()
+        if self.limit:
+            await self.limit.acquire()
         try:
-            record.start_s = time.perf_counter() - t0
-            if stub is not None:
-                send = send_grpc(stub, cfg.backend, model, spec, cfg.sampling, record, cfg.timeout_s, metadata)
+            record.start_s = time.perf_counter() - self.t0
+            if self.stub is not None:
+                metadata = [("authorization", f"Bearer {cfg.api_key}")] if cfg.api_key else []
+                send = send_grpc(self.stub, cfg.backend, self.model, spec, cfg.sampling, record, cfg.timeout_s, metadata)
             else:
-                send = send_http(pools[spec.index % len(pools)], cfg.backend, model, spec, cfg.sampling, record,
-                                 cfg.timeout_s)
+                send = send_http(self.pools[spec.index % len(self.pools)], cfg.backend, self.model, spec, cfg.sampling,
+                                 record, cfg.timeout_s)
             await asyncio.wait_for(send, cfg.timeout_s)
         except (asyncio.TimeoutError, httpx.TimeoutException):
             record.status = "timeout"
@@ -112,18 +95,77 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
             record.status = record.status or "connection"
             record.error = f"{type(exc).__name__}: {exc}"[:200]
         finally:
-            if limit:
-                limit.release()
-            ends.append(time.perf_counter())
-            record.end_s = ends[-1] - t0
-            bar.update()
+            if self.limit:
+                self.limit.release()
+            self.ends.append(time.perf_counter())
+            record.end_s = self.ends[-1] - self.t0
+            self.bar.update()
 
-    fault = asyncio.create_task(run_fault(cfg.fault, http, model, t0)) if cfg.fault is not None else None
-    replan = asyncio.create_task(run_replan(cfg.replan, http, t0)) if cfg.replan is not None else None
+
+def _http_clients(cfg: BenchConfig, requests: int) -> list[httpx.AsyncClient]:
+    """Several clients, each with its own connection pool: httpcore scans every connection of its
+    pool each time a request ends, so one pool over hundreds of open streams cost the client
+    most of a core (py-spy, 600 at once) and delayed what it measured."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    return [httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=cfg.timeout_s,
+                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+            for _ in range(max(1, math.ceil(requests / REQUESTS_PER_POOL)))]
+
+
+async def _model_name(cfg: BenchConfig, http: httpx.AsyncClient) -> str:
+    """The served model's name: the configured one, else the server's first (gRPC alone needs none)."""
+    if cfg.model or not (cfg.fault is not None or cfg.replan is not None or not cfg.backend.startswith("grpc")):
+        return cfg.model or ""
+    r = await http.get("/v1/models", timeout=30)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+def _result(cfg: BenchConfig, records: list[Record], ends: list[float], t0: float, injected: Injected | None,
+            replanned: dict[str, Any] | None) -> dict[str, Any]:
+    sent = [r for r in records if r.error != NOT_SENT]
+    duration = (max(ends) - t0) if ends else 0.0
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("api_key",)}
+    config["request_rate"] = cfg.request_rate if cfg.request_rate != float("inf") else "inf"
+    out = {"config": config, "not_sent": len(records) - len(sent),
+           "summary": summarize_by_mode(sent, duration, cfg.slos or None),
+           "records": [asdict(r) for r in sent]}
+    if injected is not None:
+        out["fault"] = outcomes(sent, injected)
+    if replanned is not None:
+        out["replan"] = {**replanned, "requests": around(sent, replanned) if "took_s" in replanned else None}
+    return out
+
+
+async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = True) -> dict[str, Any]:
+    """One run at cfg.request_rate; returns {"config", "summary", "records"}."""
+    from tqdm import tqdm
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend: '{cfg.backend}' is not one of {', '.join(BACKENDS)}")
+    offsets = arrival_offsets(len(specs), cfg.request_rate, cfg.workload.seed)
+    records = [Record(s.index, s.mode, s.budget) for s in specs]
+    chosen = [(s, o, r) for s, o, r in zip(specs, offsets, records) if cfg.only_mode in (None, s.mode)]
+    bar = tqdm(total=len(chosen), desc=f"{cfg.label} @ {cfg.request_rate} req/s", disable=not progress, unit="req")
+    pools = _http_clients(cfg, len(specs))
+    channel = stub = None
+    if cfg.backend.startswith("grpc"):
+        import grpc
+
+        from protos.q3serve.v1 import q3serve_pb2_grpc as pb_grpc
+
+        channel = grpc.aio.insecure_channel(cfg.grpc_target)
+        stub = pb_grpc.ChatServiceStub(channel)
+    model = await _model_name(cfg, pools[0])
+    t0 = time.perf_counter()
+    limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    sender = _Sender(cfg, model, t0, bar, pools, stub, limit)
+    fault = asyncio.create_task(run_fault(cfg.fault, pools[0], model, t0)) if cfg.fault is not None else None
+    replan = asyncio.create_task(run_replan(cfg.replan, pools[0], t0)) if cfg.replan is not None else None
     injected: Injected | None = None
     replanned: dict[str, Any] | None = None
     try:
-        await asyncio.gather(*(one(s, o, r) for s, o, r in chosen))
+        await asyncio.gather(*(sender.one(s, o, r) for s, o, r in chosen))
         if fault is not None:
             injected = await fault  # bounded: the probes stop at the fault's recover_timeout_s
         if replan is not None:
@@ -138,19 +180,7 @@ async def run_once(cfg: BenchConfig, specs: list[RequestSpec], progress: bool = 
         if channel is not None:
             await channel.close()
         release(injected)
-    records = [r for _, _, r in chosen]
-    sent = [r for r in records if r.error != NOT_SENT]
-    duration = (max(ends) - t0) if ends else 0.0
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("api_key",)}
-    config["request_rate"] = cfg.request_rate if cfg.request_rate != float("inf") else "inf"
-    out = {"config": config, "not_sent": len(records) - len(sent),
-           "summary": summarize_by_mode(sent, duration, cfg.slos or None),
-           "records": [asdict(r) for r in sent]}
-    if injected is not None:
-        out["fault"] = outcomes(sent, injected)
-    if replanned is not None:
-        out["replan"] = {**replanned, "requests": around(sent, replanned) if "took_s" in replanned else None}
-    return out
+    return _result(cfg, [r for _, _, r in chosen], sender.ends, t0, injected, replanned)
 
 
 def bench(cfg: BenchConfig, rates: list[float], progress: bool = True) -> list[dict[str, Any]]:

@@ -1,0 +1,68 @@
+"""What the HTTP adapters share of OpenAI's wire conventions: the error shape
+{"error": {"message", "type", "param", "code"}}, the headers that say which pool served a
+request, a stream's error ending, the usage object, and the fields accepted and ignored."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from deployments.frontend import (InstanceLost, ModelNotFound, Opened, Overloaded, PoolsUnavailable, RequestError,
+                                  Unauthenticated, Usage)
+
+# OpenAI fields with no effect on the output, accepted and ignored as OpenAI-compatible servers do.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
+                            "safety_identifier"})
+
+
+def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """The front end's errors in OpenAI's shape."""
+    if isinstance(exc, RequestError):
+        return error(400, str(exc), exc.param)
+    if isinstance(exc, ModelNotFound):
+        return error(404, str(exc), "model", "not_found_error")
+    if isinstance(exc, Unauthenticated):
+        return error(401, str(exc), "authorization", "authentication_error")
+    if isinstance(exc, Overloaded):
+        return error(429, str(exc), kind="rate_limit_error")
+    if isinstance(exc, PoolsUnavailable):
+        return error(503, str(exc), kind="service_unavailable")
+    raise exc
+
+
+def routed_headers(opened: Opened) -> dict[str, str]:
+    """Which pool served the request, and how many failed starts were retried before it."""
+    headers = {"x-q3serve-pool": opened.pool}
+    if opened.retries:
+        headers["x-q3serve-retries"] = str(opened.retries)
+    return headers
+
+
+def error_event(exc: InstanceLost) -> str:
+    """A stream that cannot go on ends with an error event in OpenAI's error shape (what the
+    openai SDK raises as APIError), then [DONE]."""
+    body = {"error": {"message": str(exc), "type": "service_unavailable", "param": None, "code": 503}}
+    return "data: " + json.dumps(body) + "\n\ndata: [DONE]\n\n"
+
+
+async def ending_in_error_event(events: AsyncIterator[str], event: Callable[[InstanceLost], str] = error_event
+                                ) -> AsyncIterator[str]:
+    """The events, then, if the pool failed mid-stream, `event(exc)` instead of a cut connection."""
+    try:
+        async for e in events:
+            yield e
+    except InstanceLost as exc:
+        yield event(exc)
+
+
+def usage_object(u: Usage) -> dict[str, Any]:
+    """Chat's and completions' usage."""
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}

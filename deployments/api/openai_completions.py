@@ -1,0 +1,127 @@
+"""OpenAI's (legacy) completions (`POST /v1/completions`): a raw prompt (text or token ids), its
+choices rendered as one text_completion or as streamed ones, with `echo` (the prompt first, and
+its logprobs when `logprobs` is set) and the legacy logprobs shape."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deployments.api.http import ending_in_error_event, error_response, routed_headers, usage_object
+from deployments.api.openai_models import CompletionRequest
+from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, Usage
+
+TopRows = list[list[tuple[int, float]] | None] | None
+
+
+def completion_request(body: CompletionRequest) -> FrontRequest:
+    body.check_honoured()
+    asked = body.logprobs is not None
+    fields = body.fields(body.max_tokens, asked, body.thinking_budget, body.logprobs or 0,
+                         prompt_logprobs=body.logprobs if body.echo and asked else None)
+    return FrontRequest("completions", "prompt", prompt=body.prompt, sampling=fields, constraint=body.constraint(),
+                        n=body.n)
+
+
+@dataclass
+class Echo:
+    """/v1/completions with echo: the prompt as given, and its ids (whose logprobs come back)."""
+
+    text: str
+    ids: list[int]
+
+
+def add_completions_route(app: FastAPI, frontend: Frontend) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        try:
+            frontend.admit("completions", body.model)
+            opened = await frontend.open(completion_request(body), "cmpl-")
+            echo = None
+            if body.echo:
+                echo = Echo(body.prompt if isinstance(body.prompt, str) else frontend.tokenizer.decode(body.prompt),
+                            opened.prompt_ids)
+            headers = routed_headers(opened)
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                events = completion_events(frontend, opened, include_usage, echo)
+                return StreamingResponse(ending_in_error_event(events), media_type="text/event-stream", headers=headers)
+            choices = await opened.whole()
+        except REQUEST_ERRORS as exc:
+            return error_response(exc)
+        return JSONResponse({
+            "id": opened.id, "created": int(time.time()), "model": frontend.model_name,
+            "usage": usage_object(Usage.total([c.usage for c in choices])), "q3serve_pool": opened.pool,
+            "object": "text_completion", "choices": [_choice(frontend, c, echo) for c in choices],
+        }, headers=headers)
+
+
+def completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float | None], tops: TopRows,
+                        offset: int) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists of tokens, their logprobs, a {token: logprob}
+    map of alternatives per position (when asked), and each token's offset in the text. An
+    echoed prompt's first token has None for both, as in OpenAI's API."""
+    tokens = [frontend.tokenizer.decode([t]) for t in ids]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    top = [None if row is None else {frontend.tokenizer.decode([a]): alp for a, alp in row} for row in tops] if tops else None
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+
+def _echoed(echo: Echo | None, prompt_logprobs: list[float | None] | None, prompt_tops: TopRows, ids: list[int],
+            lps: list[float | None], tops: TopRows) -> tuple[str, list[int], list[float | None], TopRows]:
+    """The prompt's text, ids, logprobs and alternatives put before a choice's first tokens."""
+    if echo is None:
+        return "", ids, lps, tops
+    if prompt_logprobs is None:  # echo without logprobs
+        return echo.text, ids, lps, tops
+    both_tops = [*prompt_tops, *(tops or [])] if prompt_tops is not None else None
+    return echo.text, [*echo.ids, *ids], [*prompt_logprobs, *lps], both_tops
+
+
+def _choice(frontend: Frontend, c: Choice, echo: Echo | None) -> dict[str, Any]:
+    ids, lps, tops, text = c.token_ids, c.logprobs, c.top_logprobs, c.text
+    asked = bool(lps) or (c.outputs > 0 and c.prompt_logprobs is not None)
+    if c.outputs:
+        prefix, ids, lps, tops = _echoed(echo, c.prompt_logprobs, c.prompt_top_logprobs, ids, lps, tops)
+        text = prefix + text
+    return {"index": c.index, "text": text, "finish_reason": c.finish_reason,
+            "logprobs": completion_logprobs(frontend, ids, lps, tops, 0) if asked else None}
+
+
+async def completion_events(frontend: Frontend, opened: Opened, include_usage: bool, echo: Echo | None
+                            ) -> AsyncIterator[str]:
+    created = int(time.time())
+    n = len(opened.streams)
+    usages: list[Usage | None] = [None] * n
+    offsets = [0] * n  # where each choice's next text starts
+    echoed = [False] * n
+
+    def event(choice: dict[str, Any] | None, **extra: Any) -> str:
+        return "data: " + json.dumps({"id": opened.id, "object": "text_completion", "created": created,
+                                      "model": frontend.model_name, "choices": [choice] if choice else [], **extra}) + "\n\n"
+
+    async for d in opened.deltas():
+        i = d.index
+        usages[i] = d.usage
+        text, ids, lps, tops = d.content, d.token_ids, list(d.logprobs), d.top_logprobs
+        asked = bool(lps) or d.prompt_logprobs is not None
+        if echo is not None and not echoed[i]:
+            echoed[i] = True
+            prefix, ids, lps, tops = _echoed(echo, d.prompt_logprobs, d.prompt_top_logprobs, ids, lps, tops)
+            text = prefix + text
+        if text or d.finished or asked:
+            lp = completion_logprobs(frontend, ids, lps, tops, offsets[i]) if asked else None
+            offsets[i] += len(text)
+            yield event({"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason})
+    if include_usage and all(u is not None for u in usages):
+        yield event(None, usage=usage_object(Usage.total(usages)))  # type: ignore[arg-type]
+    yield "data: [DONE]\n\n"
