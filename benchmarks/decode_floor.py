@@ -126,6 +126,20 @@ def eager(runner: ModelRunner) -> Iterator[None]:
         runner.static, runner.sync_free = saved
 
 
+def tap_logits(runner: ModelRunner) -> dict[str, torch.Tensor]:
+    """The logits the runner's last step sampled from (under "logits": the tensor its sampler got),
+    by wrapping this runner's sampling call; the runner itself keeps no step's logits."""
+    seen: dict[str, torch.Tensor] = {}
+    sample = runner._sample
+
+    def tapped(plan: StepPlan, logits: torch.Tensor) -> Any:  # noqa: ANN401
+        seen["logits"] = logits
+        return sample(plan, logits)
+
+    runner._sample = tapped  # type: ignore[method-assign]
+    return seen
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -214,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_blocks = max(sizes) * (context // block + 1)
     runner = ModelRunner(model, cfg, num_blocks, block, args.max_model_len, dtype, device,
                          static_decode=True, cuda_graphs=False, max_batch=max(sizes))
+    sampled = tap_logits(runner)
     with torch.no_grad():
         for layer in model.layers:
             layer.self_attn.kv_cache.normal_()
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plan = step_plans[n]
         run = lambda: runner.execute(plan)  # noqa: E731
         ms = step_ms(run, device, steps, warmup=3 if cuda else 1)
-        logits = runner.last_logits.float().clone()  # type: ignore[union-attr]
+        logits = sampled["logits"].float().clone()
         if variant == "eager":
             reference[n] = logits
         floor = step_read_bytes(spec, args.layers, n, context, weight_bytes=dtype.itemsize,

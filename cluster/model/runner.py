@@ -37,7 +37,6 @@ class ModelRunner:
         self.cos = cos.to(device=device, dtype=dtype).unsqueeze(1)
         self.sin = sin.to(device=device, dtype=dtype).unsqueeze(1)
         self.generators: dict[str, torch.Generator] = {}  # per-request, for seeded sampling
-        self.last_logits: torch.Tensor | None = None  # logits of the last step's sampled rows
         self.cuda_graphs = cuda_graphs
         self.sync_free = static_decode or cuda_graphs
         self.static: StaticDecode | None = None
@@ -97,11 +96,7 @@ class ModelRunner:
             return list(self._sample(plan, logits).values())
         input_ids, meta, rows = self.prepare(plan)
         hidden = self.model(input_ids, meta)
-        results: dict[str, Sampled] = {}
-        if rows:
-            results = self._sample(plan, self.model.compute_logits(hidden[rows]))
-        else:
-            self.last_logits = None
+        results: dict[str, Sampled] = self._sample(plan, self.model.compute_logits(hidden[rows])) if rows else {}
         row = 0
         for e in plan.entries:
             if e.prompt_targets:
@@ -112,8 +107,8 @@ class ModelRunner:
         return list(results.values())
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> dict[str, Sampled]:
-        """Samples a token for each entry that samples, from its row of `logits`."""
-        self.last_logits = logits
+        """Samples a token for each entry that samples, from its row of `logits` (the step's
+        logits, whichever path made them: every sampled token comes through here)."""
         entries = [e for e in plan.entries if e.params is not None]
         params = [e.params for e in entries]
         gens = [self._generator(e.request_id, p.seed) if p.seed is not None else None

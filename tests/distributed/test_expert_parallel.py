@@ -15,18 +15,12 @@ from cluster.config import ModelConfig
 from cluster.engine.core import EngineCore, RequestOutput
 from cluster.parallel.placement import load_balanced
 from cluster.model.weights import attention_tensors
-from tests.conftest import hf_greedy, hf_model
+from tests.helpers.expert_parallel import GREEDY, PROMPTS, expert_bytes
+from tests.helpers.models import fp8_pair, hf_greedy, hf_model
 
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-PROMPTS = [[1, 2, 3, 4, 5], list(range(20, 61)), [7] * 9, [300, 12], list(range(100, 118))]
 ENGINE = dict(dtype="float32", num_kv_blocks=16, block_size=4, max_num_batched_tokens=16, max_model_len=64)
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def _expert_bytes(cfg: ModelConfig) -> int:
-    """float32 bytes of one expert across every MoE layer."""
-    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * len(cfg.moe_layers)
 
 
 def _staggered(core: EngineCore) -> list[list[int]]:
@@ -79,7 +73,7 @@ def test_load_balanced_placement_with_redundant_experts(moe_checkpoint: Path, re
     try:
         assert _staggered(llm.core) == reference
         held = llm.core.executor.call_all("param_bytes", actors=llm.core.executor.groups)
-        assert held == [5 * _expert_bytes(cfg)] * 2  # 8 experts + 2 copies over 2 groups
+        assert held == [5 * expert_bytes(cfg)] * 2  # 8 experts + 2 copies over 2 groups
     finally:
         llm.shutdown()
 
@@ -96,7 +90,7 @@ def test_actors_hold_only_their_share(moe_checkpoint: Path) -> None:
         heads = cfg.num_attention_heads + cfg.num_key_value_heads
         attn += cfg.num_hidden_layers * (heads - 2) * cfg.head_dim * 4
         assert shard_bytes == [attn, attn]
-        assert group_bytes == [3 * _expert_bytes(cfg), 2 * _expert_bytes(cfg), 3 * _expert_bytes(cfg)]  # 8 experts as 3 + 2 + 3
+        assert group_bytes == [3 * expert_bytes(cfg), 2 * expert_bytes(cfg), 3 * expert_bytes(cfg)]  # 8 experts as 3 + 2 + 3
     finally:
         llm.shutdown()
 
@@ -112,7 +106,7 @@ def test_colocated_ranks_hold_attention_and_their_experts_and_serve_each_other(m
         attn = sum(torch.Size(s).numel() * 4 for s in attention_tensors(cfg).values())
         heads = cfg.num_attention_heads + cfg.num_key_value_heads
         attn += cfg.num_hidden_layers * (heads - 2) * cfg.head_dim * 4
-        assert ex.call_all("param_bytes") == [attn + 4 * _expert_bytes(cfg)] * 2
+        assert ex.call_all("param_bytes") == [attn + 4 * expert_bytes(cfg)] * 2
         ex.call_all("exchange_stats", True)
         prompt = list(range(30, 43))  # one request: it lands on one shard, whose rows go to both ranks
         llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
@@ -131,8 +125,6 @@ def test_fp8_experts_kept_across_colocated_ranks(tmp_path: Path) -> None:
     its experts as e4m3 values and block scales (a quarter of float32's bytes plus the scales),
     serves them through the exchange, and the instance generates what the dequantized twin does
     in one process."""
-    from tests.unit.test_fp8 import fp8_pair
-
     block = (16, 16)
     fp8, twin = fp8_pair(tmp_path, block)
     cfg = ModelConfig.from_pretrained(fp8)
@@ -176,7 +168,7 @@ def test_bytes_per_layer_match_routing(moe_checkpoint: Path) -> None:
 
 
 def test_dense_model_cannot_be_expert_parallel(tmp_path: Path) -> None:
-    from tests.conftest import make_checkpoint
+    from tests.helpers.models import make_checkpoint
 
     path = make_checkpoint(tmp_path / "dense", dense=True, num_hidden_layers=1)
     with pytest.raises(ValueError, match="expert_groups"):

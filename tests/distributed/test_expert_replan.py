@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.config import ModelConfig
+from cluster.config import EngineConfig, ModelConfig, ParallelConfig
 from cluster.engine.engine import Engine
 from cluster.parallel.placement import ExpertPlacement, contiguous, load_balanced, load_report
-from tests.conftest import hf_greedy, hf_model
-from tests.distributed.test_expert_parallel import GREEDY, PROMPTS, _expert_bytes
+from tests.helpers.expert_parallel import GREEDY, PROMPTS, expert_bytes
+from tests.helpers.models import hf_greedy, hf_model
 
 # a KV pool large enough for all five prompts at once (the expert-parallel tests' one preempts)
 ENGINE = dict(dtype="float32", num_kv_blocks=32, block_size=4, max_num_batched_tokens=16, max_model_len=64)
@@ -65,7 +65,8 @@ def test_replan_under_streaming_load_keeps_every_token(moe_checkpoint: Path) -> 
     cfg = ModelConfig.from_pretrained(moe_checkpoint)
     ref = hf_model(moe_checkpoint)
     reference = [hf_greedy(ref, p, GREEDY.max_tokens) for p in PROMPTS]
-    engine = Engine(moe_checkpoint, attention_shards=2, expert_groups=2, **ENGINE)
+    limits = EngineConfig(num_kv_blocks=32, block_size=4, max_num_batched_tokens=16, max_model_len=64)  # ENGINE's
+    engine = Engine(moe_checkpoint, dtype="float32", engine=limits, parallel=ParallelConfig(attention_shards=2, expert_groups=2))
 
     async def stream(i: int, started: asyncio.Event) -> list[int]:
         tokens: list[int] = []
@@ -92,7 +93,7 @@ def test_replan_under_streaming_load_keeps_every_token(moe_checkpoint: Path) -> 
         assert sum(moved["layers_reloaded"]) > 0
         assert during == reference and after == reference
         ex = engine.core.executor
-        assert ex.call_all("param_bytes", actors=ex.groups) == [5 * _expert_bytes(cfg)] * 2  # 8 + 2 copies
+        assert ex.call_all("param_bytes", actors=ex.groups) == [5 * expert_bytes(cfg)] * 2  # 8 + 2 copies
     finally:
         engine.shutdown()
 

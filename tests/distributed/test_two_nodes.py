@@ -10,7 +10,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster import LLM, SamplingParams
-from tests.conftest import hf_greedy, hf_model
+from tests.helpers.models import hf_greedy, hf_model
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from ray import serve
 
-from deployments.config import AppConfig
-from tests.serving.conftest import start_app, stop_app
+from tests.helpers.serving import ServeApp
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "autoscaling": {
-            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
-            "downscale_delay_s": 4, "look_back_period_s": 10.5}},
-        "fast": {"enabled": False},
-    })
-    yield start_app(cfg)
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(thinking={"autoscaling": {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+        "downscale_delay_s": 4, "look_back_period_s": 10.5}}, fast={"enabled": False})
 
 
 def _replicas() -> int:

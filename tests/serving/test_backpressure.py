@@ -4,24 +4,18 @@ thinking pool serves it; when both refuse, HTTP says 429 and gRPC RESOURCE_EXHAU
 from __future__ import annotations
 
 import concurrent.futures as cf
-from pathlib import Path
 
 import httpx
 import pytest
 
-from deployments.config import AppConfig
-from tests.serving.conftest import start_app, stop_app
+from tests.helpers.serving import GRPC_PORT, ServeApp
+
+ONE_AT_A_TIME = {"max_ongoing_requests": 1, "max_queued_requests": 1}
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "max_ongoing_requests": 1, "max_queued_requests": 1},
-        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "max_ongoing_requests": 1, "max_queued_requests": 1},
-    })
-    yield start_app(cfg)
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(thinking=ONE_AT_A_TIME, fast=ONE_AT_A_TIME)
 
 
 def test_full_fast_queue_spills_to_thinking(server: str) -> None:
@@ -43,7 +37,6 @@ def test_grpc_resource_exhausted(server: str) -> None:
     import grpc
 
     from deployments.grpc_client import Q3ServeClient
-    from tests.serving.conftest import GRPC_PORT
 
     def one() -> grpc.StatusCode:
         client = Q3ServeClient(f"127.0.0.1:{GRPC_PORT['port']}")

@@ -15,22 +15,15 @@ import pytest
 from deployments.tools.bench.run import BenchConfig, bench
 from deployments.tools.bench.summary import METRICS, PERCENTILES
 from deployments.tools.bench.workload import WorkloadConfig
-from deployments.config import AppConfig
-from tests.serving.conftest import GRPC_PORT, start_app, stop_app
+from tests.helpers.serving import GRPC_PORT, ServeApp
 
 FIELDS = ["num_requests", "completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens",
           "request_throughput", "output_throughput", "total_token_throughput", "request_goodput", "pools"]
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
-        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
-    })
-    yield start_app(cfg)
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app()
 
 
 def _check_run(run: dict, n: int, max_output: int, chat: bool) -> None:

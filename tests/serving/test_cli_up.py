@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.serving.conftest import free_port, stream_completion
+from tests.helpers.serving import free_port, stream_completion
 
 
 def test_up_serves_the_embedded_model_and_drains_on_sigterm(tmp_path: Path) -> None:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
 from deployments.config import AppConfig
-from tests.serving.conftest import METRICS_PORT, start_app, stop_app
 from deployments.tools.tool_use import multiply_tool, operands, tool_eval_set
+from tests.helpers.serving import METRICS_PORT, ServeApp
 
 # Held-out items (never trained on) from `q3serve eval`'s set that the committed model answers
 # correctly in thinking mode; how often it does so over the whole set is in benchmarks/results/eval.json.
@@ -35,10 +34,8 @@ TOOL_TASKS = [tool_eval_set(30)[i] for i in (0, 7, 19)]
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    base = start_app(AppConfig())
-    yield base
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(config=AppConfig())  # as `q3serve up` serves it, not the test default
 
 
 @pytest.fixture(scope="module")

@@ -18,22 +18,16 @@ from deployments.tools.bench.run import BenchConfig, bench
 from deployments.tools.bench.workload import WorkloadConfig
 from cluster.model.expert_usage import ExpertUsage
 from cluster.parallel.placement import ExpertPlacement
-from deployments.config import AppConfig
-from tests.serving.conftest import start_app, stop_app, stream_completion
+from tests.helpers.serving import ServeApp, stream_completion
 
 KEY = "admin-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
-EP = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "expert_groups": 2,
-      "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
-FAST = {"dtype": "float32", "kv_cache_memory_gb": 0.05}
+EP = {"expert_groups": 2, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({"model": str(qwen_vocab_checkpoint), "served_model_name": "m", "api_keys": [KEY],
-                                    "thinking": EP, "fast": FAST})
-    yield start_app(cfg)
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(api_keys=[KEY], thinking=EP)
 
 
 def _greedy(i: int) -> dict:

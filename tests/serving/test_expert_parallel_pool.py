@@ -3,26 +3,17 @@ instance's attention shard and expert groups; requests are served through them."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import openai
 import pytest
 import ray
 from ray import serve
 
-from deployments.config import AppConfig
-from tests.serving.conftest import start_app, stop_app
+from tests.helpers.serving import ServeApp
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "attention_shards": 1, "expert_groups": 2},
-        "fast": {"enabled": False},
-    })
-    yield start_app(cfg)
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(thinking={"attention_shards": 1, "expert_groups": 2}, fast={"enabled": False})
 
 
 def test_instance_lives_in_the_replica_placement_group(server: str) -> None:

@@ -22,26 +22,20 @@ from deployments.tools.bench.faults import FaultConfig
 from deployments.tools.bench.run import BenchConfig, bench
 from deployments.tools.bench.workload import WorkloadConfig
 from deployments.app import build_app
-from deployments.config import AppConfig
-from tests.serving.conftest import APP, GRPC_PORT, start_app, stop_app, stream_completion
+from tests.helpers.serving import APP, GRPC_PORT, ServeApp, app_config, stream_completion
 
-EP = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "attention_shards": 2, "expert_groups": 2,
-      "step_timeout_s": 5, "health_check_period_s": 1}
+EP = {"attention_shards": 2, "expert_groups": 2, "step_timeout_s": 5, "health_check_period_s": 1}
 
 
-FAST = {"dtype": "float32", "kv_cache_memory_gb": 0.05, "graceful_shutdown_timeout_s": 1,
-        "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
-
-
-def _config(ckpt: Path, fast_replicas: int = 2) -> AppConfig:
-    fast = {**FAST, "autoscaling": {"min_replicas": fast_replicas, "max_replicas": fast_replicas}}
-    return AppConfig.model_validate({"model": str(ckpt), "served_model_name": "m", "thinking": EP, "fast": fast})
+def _overrides(fast_replicas: int = 2) -> dict:
+    """The thinking pool EP; the fast pool with `fast_replicas` replicas and a 1 s grace period."""
+    replicas = {"min_replicas": fast_replicas, "max_replicas": fast_replicas}
+    return {"thinking": EP, "fast": {"graceful_shutdown_timeout_s": 1, "autoscaling": replicas}}
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    yield start_app(_config(qwen_vocab_checkpoint))
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(**_overrides())
 
 
 def _run(server: str, kind: str, backend: str = "openai-chat") -> dict:
@@ -124,7 +118,8 @@ def test_redeploy_drains_the_leaving_replicas(server: str, qwen_vocab_checkpoint
         threads.append(threading.Thread(target=stream_completion, args=(server, body, out, started), daemon=True))
         threads[-1].start()
         assert started.wait(60)
-    serve.run(build_app(_config(qwen_vocab_checkpoint, fast_replicas=1)), name=APP, route_prefix="/", blocking=False)
+    redeployed = app_config(qwen_vocab_checkpoint, **_overrides(fast_replicas=1))
+    serve.run(build_app(redeployed), name=APP, route_prefix="/", blocking=False)
     r = httpx.post(f"{server}/v1/completions", timeout=60, json={"model": "m", "prompt": "new", "max_tokens": 4})
     assert r.status_code == 200, r.text
     for t in threads:

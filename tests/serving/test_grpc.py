@@ -12,23 +12,15 @@ import grpc
 import pytest
 
 from cluster import LLM, SamplingParams
-from deployments.config import AppConfig
 from deployments.grpc_client import Q3ServeClient
-from tests.serving.conftest import GRPC_PORT, pool_idle_stats, start_app, stop_app
+from tests.helpers.serving import GRPC_PORT, ServeApp, pool_idle_stats
 
 KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(qwen_vocab_checkpoint), "served_model_name": "m", "api_keys": [KEY],
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
-        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
-    })
-    base = start_app(cfg)
-    yield base
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(api_keys=[KEY])
 
 
 @pytest.fixture()

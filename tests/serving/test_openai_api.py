@@ -6,29 +6,20 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from cluster.engine.tokenizer import STOP_THINKING
-from deployments.config import AppConfig
-from tests.serving.conftest import pool_idle_stats, start_app, stop_app
+from tests.helpers.serving import METRICS_PORT, ServeApp, pool_idle_stats
 
 MODEL = "qwen3-test"
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(qwen_vocab_checkpoint), "served_model_name": MODEL,
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "max_thinking_budget": 64},
-        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "cpu_threads": 2},
-    })
-    base = start_app(cfg)
-    yield base
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(served_model_name=MODEL, thinking={"max_thinking_budget": 64}, fast={"cpu_threads": 2})
 
 
 @pytest.fixture()
@@ -185,8 +176,6 @@ def test_client_cancel_frees_kv_blocks(server: str, n: int) -> None:
 
 def _scrape(names: list[str]) -> dict[str, dict[str, float]]:
     """Each metric's series (pools, routes, replicas: the label set) and values in the Prometheus export."""
-    from tests.serving.conftest import METRICS_PORT
-
     text = httpx.get(f"http://127.0.0.1:{METRICS_PORT['port']}/metrics", timeout=10).text
     series: dict[str, dict[str, float]] = {}
     for line in text.splitlines():

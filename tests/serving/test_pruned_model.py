@@ -8,7 +8,6 @@ benchmarks/results/pruning.json); a thinking budget cuts the reasoning and an an
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -20,7 +19,7 @@ from cluster.default_model import default_model_path
 from cluster.engine.tokenizer import load_tokenizer, render_chat
 from deployments.cli import main as cli
 from deployments.config import AppConfig
-from tests.serving.conftest import start_app, stop_app
+from tests.helpers.serving import ServeApp
 
 QUESTION = "Add 4524 and 13."
 BUDGET_NOTE = "Considering the limited time by the user"
@@ -39,12 +38,12 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(pruned: Path) -> Iterator[openai.OpenAI]:
-    # float32 in both pools, as the transformers reference runs
-    base = start_app(AppConfig.model_validate({"model": str(pruned), "thinking": {"dtype": "float32"},
-                                               "fast": {"dtype": "float32"}}))
-    yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
-    stop_app()
+def client(serve_app: ServeApp, pruned: Path) -> openai.OpenAI:
+    # as `q3serve up --model DIR` serves it, not the test default; float32 in both pools, as the
+    # transformers reference runs
+    base = serve_app(config=AppConfig.model_validate({"model": str(pruned), "thinking": {"dtype": "float32"},
+                                                      "fast": {"dtype": "float32"}}))
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
 
 
 def _reference(model: Path, thinking: bool) -> tuple[str, str]:

@@ -3,24 +3,15 @@ thinking pool, and the response says so."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import openai
 import pytest
 
-from deployments.config import AppConfig
-from tests.serving.conftest import start_app, stop_app
+from tests.helpers.serving import APP, GRPC_PORT, ServeApp
 
 
 @pytest.fixture(scope="module")
-def server(qwen_vocab_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(qwen_vocab_checkpoint), "served_model_name": "m",
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
-        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "autoscaling": {"min_replicas": 0, "max_replicas": 1}},
-    })
-    yield start_app(cfg, ready_pools=("thinking",))
-    stop_app()
+def server(serve_app: ServeApp) -> str:
+    return serve_app(fast={"autoscaling": {"min_replicas": 0, "max_replicas": 1}}, ready_pools=("thinking",))
 
 
 def test_no_think_spills_to_thinking_pool(server: str) -> None:
@@ -38,7 +29,6 @@ def test_no_think_spills_to_thinking_pool(server: str) -> None:
 
 def test_grpc_health_not_serving_until_every_pool_is_ready(server: str) -> None:
     from deployments.grpc_client import Q3ServeClient
-    from tests.serving.conftest import GRPC_PORT
 
     client = Q3ServeClient(f"127.0.0.1:{GRPC_PORT['port']}")
     try:
@@ -55,7 +45,6 @@ def test_replica_counts_say_what_serve_status_says(server: str) -> None:
     from ray import serve
 
     from deployments.replica_counts import ReplicaCounts, _running
-    from tests.serving.conftest import APP
 
     want = {name: d.replica_states.get("RUNNING", 0) for name, d in serve.status().applications[APP].deployments.items()}
     assert _running(APP) == want and want["thinking-pool"] == 1 and want["fast-pool"] == 0

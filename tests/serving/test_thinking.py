@@ -9,22 +9,15 @@ from pathlib import Path
 import openai
 import pytest
 
-from deployments.config import AppConfig
-from tests.serving.conftest import start_app, stop_app
+from tests.helpers.serving import ServeApp
 
 STOP_MARK = "Considering the limited time by the user"
 
 
 @pytest.fixture(scope="module")
-def client(thinker_checkpoint: Path):
-    cfg = AppConfig.model_validate({
-        "model": str(thinker_checkpoint), "served_model_name": "m",
-        "thinking": {"dtype": "float32", "kv_cache_memory_gb": 0.05, "max_thinking_budget": 16},
-        "fast": {"dtype": "float32", "kv_cache_memory_gb": 0.05},
-    })
-    base = start_app(cfg)
-    yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
-    stop_app()
+def client(serve_app: ServeApp, thinker_checkpoint: Path) -> openai.OpenAI:
+    base = serve_app(model=thinker_checkpoint, thinking={"max_thinking_budget": 16})
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def _stream(client: openai.OpenAI, **kw) -> tuple[str, str, str | None]:

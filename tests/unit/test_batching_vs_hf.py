@@ -10,7 +10,7 @@ import torch
 
 from cluster.config import EngineConfig, SamplingParams
 from cluster.engine.core import EngineCore, RequestOutput
-from tests.conftest import hf_greedy, hf_model
+from tests.helpers.models import hf_greedy, hf_model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 

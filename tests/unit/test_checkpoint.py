@@ -13,7 +13,7 @@ from cluster import LLM, SamplingParams
 from cluster.model.checkpoint import load_tensors
 from cluster.config import ModelConfig
 from cluster.model.weights import attention_tensors, expert_tensors
-from tests.conftest import hf_greedy, hf_model, make_checkpoint
+from tests.helpers.models import hf_greedy, hf_model, make_checkpoint
 
 
 def _shard(path: Path, parts: int = 3) -> None:

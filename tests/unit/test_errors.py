@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from cluster import LLM, SamplingParams
 from cluster.model.checkpoint import CheckpointError
 from cluster.config import ConfigError, ModelConfig
-from tests.conftest import make_checkpoint
+from tests.helpers.models import make_checkpoint
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:

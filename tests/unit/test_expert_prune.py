@@ -16,7 +16,7 @@ from cluster.config import ModelConfig
 from cluster.model.checkpoint import tensor_index
 from cluster.model.expert_usage import ExpertUsage, model_identity, most_used
 from cluster.model.prune import prune_checkpoint
-from tests.conftest import hf_greedy, hf_model, make_checkpoint
+from tests.helpers.models import hf_greedy, hf_model, make_checkpoint
 
 PROMPTS = [list(range(3, 40)), [7, 8, 9, 10, 11, 12], list(range(100, 160, 3))]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

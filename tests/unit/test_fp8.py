@@ -5,7 +5,6 @@ float64 loop over the blocks; the reference for the model is transformers on the
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -15,71 +14,13 @@ from safetensors.torch import load_file, save_file
 from cluster import LLM, SamplingParams
 from cluster.config import ConfigError, ModelConfig
 from cluster.model.checkpoint import CheckpointError, dequantize_fp8
-from tests.conftest import hf_greedy, hf_model, make_checkpoint
-
-E4M3_MAX = 448.0
-
-
-def _quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block amax scaling, as Qwen's FP8 checkpoints are made: q = w / s in e4m3, s stored."""
-    rows, cols = w.shape
-    br, bc = block
-    scale = torch.empty(math.ceil(rows / br), math.ceil(cols / bc), dtype=torch.float32)
-    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc].double()
-            s = float(blk.abs().max()) / E4M3_MAX or 1.0
-            scale[i, j] = s
-            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (blk / scale[i, j].double()).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def _dequantize_loop(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    out = torch.empty(q.shape, dtype=torch.float64)
-    br, bc = block
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            out[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = q[i * br:(i + 1) * br, j * bc:(j + 1) * bc].double() * float(scale[i, j])
-    return out
-
-
-def _quantized(name: str) -> bool:
-    """What Qwen's FP8 checkpoints quantize: every projection of attention, experts and dense
-    MLPs; not embeddings, head, norms or the router gate."""
-    return name.endswith("proj.weight")
-
-
-def fp8_pair(root: Path, block: tuple[int, int], **overrides) -> tuple[Path, Path]:  # noqa: ANN003
-    """A random model written as an FP8 checkpoint in Qwen's layout, and its dequantized float32 twin."""
-    src = make_checkpoint(root / "src", **overrides)
-    tensors = load_file(src / "model.safetensors")
-    fp8, twin = {}, {}
-    for name, t in tensors.items():
-        if _quantized(name):
-            q, s = _quantize(t, block)
-            fp8[name], fp8[name + "_scale_inv"] = q, s
-            twin[name] = _dequantize_loop(q, s, block).float()
-        else:
-            fp8[name] = twin[name] = t
-    cfg = json.loads((src / "config.json").read_text())
-    paths = []
-    for kind, tensors_out, extra in (("fp8", fp8, {"quantization_config": {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}}),
-            ("twin", twin, {})):
-        d = root / kind
-        d.mkdir()
-        save_file(tensors_out, d / "model.safetensors")
-        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
-        paths.append(d)
-    return paths[0], paths[1]
-
+from tests.helpers.models import dequantize_loop, fp8_pair, hf_greedy, hf_model, make_checkpoint, quantize_blocks
 
 def test_dequantize_matches_a_float64_loop_on_ragged_blocks() -> None:
     torch.manual_seed(0)
     for shape, block in (((300, 200), (128, 128)), ((96, 160), (16, 32)), ((5, 7), (128, 128))):
-        q, s = _quantize(torch.randn(shape) * 0.3, block)
-        ref = _dequantize_loop(q, s, block)
+        q, s = quantize_blocks(torch.randn(shape) * 0.3, block)
+        ref = dequantize_loop(q, s, block)
         for dtype in (torch.float32, torch.bfloat16):
             assert torch.equal(dequantize_fp8(q, s, block, dtype), ref.to(dtype)), (shape, block, dtype)
 
@@ -184,7 +125,7 @@ def test_block_scaled_matmul_reference_is_the_dense_product_within_fp8_error() -
         x = torch.randn(m, k)
         x[0] = 0
         w = torch.randn(n, k) * 0.05
-        q, s = _quantize(w, (128, 128))
+        q, s = quantize_blocks(w, (128, 128))
         xq, xs = quantize_rows(x)
         assert xq.dtype == torch.float8_e4m3fn and xs.shape == (m, -(-k // 128))
         got = blockwise_reference(xq, xs, Fp8Tensor(q, s), (128, 128), torch.float32)

@@ -13,7 +13,7 @@ from cluster import LLM, SamplingParams
 from cluster.config import RequestError
 from cluster.model.logits import process_logits
 from cluster.model.sampler import sample
-from tests.conftest import hf_model
+from tests.helpers.models import hf_model
 
 
 def test_penalties_and_bias_follow_their_definitions() -> None:

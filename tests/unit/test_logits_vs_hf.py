@@ -9,7 +9,8 @@ import torch
 
 from cluster.config import EngineConfig, SamplingParams
 from cluster.engine.core import EngineCore
-from tests.conftest import hf_model, make_checkpoint, to_legacy_config
+from tests.helpers.models import hf_model, make_checkpoint, to_legacy_config
+from tests.helpers.runner import LogitsTap
 
 CONFIGS = {
     "gqa2-e8-top2-norm": dict(),
@@ -53,11 +54,12 @@ def test_logits_match_transformers(tmp_path: Path, name: str, legacy: bool) -> N
         prompt = [3, 17, 99, 250, 11, 7, 401, 5, 88]
     steps = 12
     core.add_request(prompt, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
+    tap = LogitsTap(core.runner)
     ours: list[torch.Tensor] = []
     tokens: list[int] = []
     while core.has_work():
         outs = core.step()
-        ours.append(core.runner.last_logits[0].clone())
+        ours.append(tap.last[0].clone())
         tokens.extend(outs[0].delta_token_ids)
     assert len(ours) == steps
     with torch.no_grad():

@@ -20,6 +20,7 @@ from cluster.model.graphs import batch_buckets
 from cluster.model.qwen3_moe import SparseMoe
 from cluster.model.runner import ModelRunner
 from cluster.model.weights import load_model
+from tests.helpers.runner import LogitsTap
 
 BLOCK = 4
 BLOCKS = 64
@@ -92,6 +93,7 @@ def _addresses(runner: ModelRunner) -> dict[str, int]:
 def _compare_steps(moe_checkpoint: Path, steps: int, seed: int, kernels: bool = False) -> None:
     """Eager runs the PyTorch paths (the twins); static runs with the Triton kernels if asked."""
     eager, static = _runner(moe_checkpoint, False), _runner(moe_checkpoint, True)
+    eager_logits, static_logits = LogitsTap(eager), LogitsTap(static)
     vocab = eager.cfg.vocab_size
     rng = random.Random(seed)
     seqs, prefill = _setup(rng, vocab, 10)
@@ -108,8 +110,8 @@ def _compare_steps(moe_checkpoint: Path, steps: int, seed: int, kernels: bool = 
         want = {x.request_id: x for x in eager.execute(plan)}
         with triton_kernels.use(kernels, on_cpu=kernels):
             got = {x.request_id: x for x in static.execute(plan)}
-        assert static.last_logits is not None and eager.last_logits is not None
-        torch.testing.assert_close(static.last_logits, eager.last_logits, rtol=1e-5, atol=1e-5)
+        assert static_logits.last is not None and eager_logits.last is not None
+        torch.testing.assert_close(static_logits.last, eager_logits.last, rtol=1e-5, atol=1e-5)
         for s in batch:
             w, g = want[s.rid], got[s.rid]
             assert g.token == w.token, (step, s.params)

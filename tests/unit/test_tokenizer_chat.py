@@ -50,7 +50,7 @@ def test_chat_template_thinking_off_gives_empty_think_block(tok) -> None:
 
 def test_llm_chat_uses_template(tmp_path) -> None:
     from cluster import LLM, SamplingParams
-    from tests.conftest import make_checkpoint
+    from tests.helpers.models import make_checkpoint
 
     # A model with Qwen3's full vocabulary, so the template's special tokens are valid ids.
     path = make_checkpoint(tmp_path / "m", vocab_size=151936, hidden_size=32, head_dim=8, num_hidden_layers=1, std=0.02)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 
-
 def test_generate_on_default_model() -> None:
     cmd = [sys.executable, "-m", "deployments.cli", "generate", "15 * 8 = ?", "--chat", "--max-tokens", "120"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
