@@ -5,13 +5,14 @@ request, a stream's error ending, the usage object, and the fields accepted and 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.frontend import (InstanceLost, ModelNotFound, Opened, Overloaded, PoolsUnavailable, RequestError,
-                                  Unauthenticated, Usage)
+from deployments.frontend import (Choice, InstanceLost, ModelNotFound, Opened, Overloaded, PoolsUnavailable,
+                                  RequestError, Unauthenticated, Usage)
 
 # OpenAI fields with no effect on the output, accepted and ignored as OpenAI-compatible servers do.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
@@ -66,3 +67,18 @@ def usage_object(u: Usage) -> dict[str, Any]:
     """Chat's and completions' usage."""
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+
+
+def event_stream(opened: Opened, events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events that end in an error event if the pool fails mid-stream."""
+    return StreamingResponse(ending_in_error_event(events), media_type="text/event-stream", headers=routed_headers(opened))
+
+
+def whole_response(opened: Opened, model: str, kind: str, choices: list[Choice], rendered: list[dict[str, Any]]
+                   ) -> JSONResponse:
+    """A chat.completion or text_completion: the rendered choices and the usage of all of them."""
+    return JSONResponse({
+        "id": opened.id, "created": int(time.time()), "model": model,
+        "usage": usage_object(Usage.total([c.usage for c in choices])), "q3serve_pool": opened.pool,
+        "object": kind, "choices": rendered,
+    }, headers=routed_headers(opened))

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.api.http import ending_in_error_event, error_response, routed_headers, usage_object
+from deployments.api.http import error_response, event_stream, usage_object, whole_response
 from deployments.api.openai_models import ChatRequest
 from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, Usage
 
@@ -34,19 +33,13 @@ def add_chat_route(app: FastAPI, frontend: Frontend) -> None:
         try:
             frontend.admit("chat", body.model)
             opened = await frontend.open(chat_request(body), "chatcmpl-")
-            headers = routed_headers(opened)
             if body.stream:
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = chat_events(frontend, opened, include_usage)
-                return StreamingResponse(ending_in_error_event(events), media_type="text/event-stream", headers=headers)
+                return event_stream(opened, chat_events(frontend, opened, body.include_usage))
             choices = await opened.whole()
         except REQUEST_ERRORS as exc:
             return error_response(exc)
-        return JSONResponse({
-            "id": opened.id, "created": int(time.time()), "model": frontend.model_name,
-            "usage": usage_object(Usage.total([c.usage for c in choices])), "q3serve_pool": opened.pool,
-            "object": "chat.completion", "choices": [_choice(frontend, c) for c in choices],
-        }, headers=headers)
+        return whole_response(opened, frontend.model_name, "chat.completion", choices,
+                              [_choice(frontend, c) for c in choices])
 
 
 def chat_logprobs(frontend: Frontend, ids: list[int], lps: list[float],

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.api.http import ending_in_error_event, error_response, routed_headers, usage_object
+from deployments.api.http import error_response, event_stream, usage_object, whole_response
 from deployments.api.openai_models import CompletionRequest
 from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, Usage
 
@@ -47,19 +46,13 @@ def add_completions_route(app: FastAPI, frontend: Frontend) -> None:
             if body.echo:
                 echo = Echo(body.prompt if isinstance(body.prompt, str) else frontend.tokenizer.decode(body.prompt),
                             opened.prompt_ids)
-            headers = routed_headers(opened)
             if body.stream:
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = completion_events(frontend, opened, include_usage, echo)
-                return StreamingResponse(ending_in_error_event(events), media_type="text/event-stream", headers=headers)
+                return event_stream(opened, completion_events(frontend, opened, body.include_usage, echo))
             choices = await opened.whole()
         except REQUEST_ERRORS as exc:
             return error_response(exc)
-        return JSONResponse({
-            "id": opened.id, "created": int(time.time()), "model": frontend.model_name,
-            "usage": usage_object(Usage.total([c.usage for c in choices])), "q3serve_pool": opened.pool,
-            "object": "text_completion", "choices": [_choice(frontend, c, echo) for c in choices],
-        }, headers=headers)
+        return whole_response(opened, frontend.model_name, "text_completion", choices,
+                              [_choice(frontend, c, echo) for c in choices])
 
 
 def completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float | None], tops: TopRows,

@@ -162,6 +162,11 @@ class SamplingRequest(BaseModel):
             raise RequestError(found[1].param, f"only one output constraint per request (also {found[0].param})")
         return found[0] if found else None
 
+    @property
+    def include_usage(self) -> bool:
+        """A stream's last event carries the usage (`stream_options.include_usage`)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def check_honoured(self) -> None:
         """A field this server would not apply is an error naming it, never silently dropped:
         OpenAI fields not built yet (unless at their "not used" value) and unknown fields;

@@ -221,87 +221,100 @@ def _error_event(exc: Exception) -> str:
     return "event: error\ndata: " + json.dumps(body) + "\n\n"
 
 
-async def _events(state: _State, opened: Opened) -> AsyncIterator[str]:
-    """The Responses stream: created, in_progress, each item added / its deltas / done, completed."""
-    seq = 0
+class _EventStream:
+    """The Responses stream's events for one response: each item added, its deltas, done."""
 
-    def event(kind: str, **data: Any) -> str:
-        nonlocal seq
-        seq += 1
-        return f"event: {kind}\ndata: " + json.dumps({"type": kind, "sequence_number": seq, **data}) + "\n\n"
+    def __init__(self, state: _State) -> None:
+        self.state = state
+        self.seq = 0
+        self.open_item: dict[str, Any] | None = None  # the reasoning or message item being streamed
+        self.calls: dict[int, dict[str, Any]] = {}    # function-call items by their call index
 
-    open_item: dict[str, Any] | None = None  # the reasoning or message item being streamed
-    calls: dict[int, dict[str, Any]] = {}
+    def event(self, kind: str, **data: Any) -> str:
+        self.seq += 1
+        return f"event: {kind}\ndata: " + json.dumps({"type": kind, "sequence_number": self.seq, **data}) + "\n\n"
 
-    def close() -> list[str]:
-        nonlocal open_item
-        if open_item is None:
+    def close(self) -> list[str]:
+        """Ends the open reasoning or message item."""
+        if self.open_item is None:
             return []
-        item, open_item = open_item, None
-        index = state.items.index(item)
+        item, self.open_item = self.open_item, None
+        index = self.state.items.index(item)
         item["status"] = "completed"
         part = item["content"][0]
         if item["type"] == "reasoning":
-            out = [event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
-                         text=part["text"])]
+            out = [self.event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                              text=part["text"])]
         else:
-            out = [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                         text=part["text"]),
-                   event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part)]
-        return [*out, event("response.output_item.done", output_index=index, item=item)]
+            out = [self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                              text=part["text"]),
+                   self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                              part=part)]
+        return [*out, self.event("response.output_item.done", output_index=index, item=item)]
 
-    def open_new(item: dict[str, Any]) -> list[str]:
-        nonlocal open_item
-        out = close()
-        state.items.append(item)
-        open_item = item
-        index = len(state.items) - 1
-        out.append(event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"}))
+    def open_new(self, item: dict[str, Any]) -> list[str]:
+        out = self.close()
+        self.state.items.append(item)
+        self.open_item = item
+        index = len(self.state.items) - 1
+        out.append(self.event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"}))
         if item["type"] == "message":
-            out.append(event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
-                             part={"type": "output_text", "text": "", "annotations": []}))
+            out.append(self.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                                  part={"type": "output_text", "text": "", "annotations": []}))
         return out
 
-    yield event("response.created", response=state.response("in_progress"))
-    yield event("response.in_progress", response=state.response("in_progress"))
+    def text(self, kind: str, delta: str) -> list[str]:
+        """A reasoning or message text delta, into the open item of that kind (opened if need be)."""
+        out = []
+        if self.open_item is None or self.open_item["type"] != kind:
+            out = self.open_new(_reasoning_item("") if kind == "reasoning" else _message_item("", "in_progress"))
+        item = self.open_item
+        item["content"][0]["text"] += delta  # type: ignore[index]
+        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        return [*out, self.event(name, item_id=item["id"], output_index=len(self.state.items) - 1,  # type: ignore[index]
+                                 content_index=0, delta=delta)]
+
+    def call(self, d: dict[str, Any]) -> list[str]:
+        """A tool-call delta: a new function_call item (id and name), or its whole arguments."""
+        if "id" in d:
+            out = self.close()
+            item = _call_item(d["id"], d["function"]["name"], "", "in_progress")
+            self.state.items.append(item)
+            self.calls[d["index"]] = item
+            return [*out, self.event("response.output_item.added", output_index=len(self.state.items) - 1, item=item)]
+        if d["index"] not in self.calls:
+            return []
+        item = self.calls[d["index"]]
+        index = self.state.items.index(item)
+        item["arguments"] += d["function"]["arguments"]
+        item["status"] = "completed"
+        return [self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                           delta=d["function"]["arguments"]),
+                self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                           arguments=item["arguments"]),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
+
+async def _events(state: _State, opened: Opened) -> AsyncIterator[str]:
+    """The Responses stream: created, in_progress, each item added / its deltas / done, completed."""
+    stream = _EventStream(state)
+    yield stream.event("response.created", response=state.response("in_progress"))
+    yield stream.event("response.in_progress", response=state.response("in_progress"))
     async for d in opened.deltas():
         state.usage, state.finish_reason = d.usage, d.finish_reason
-        reasoning, content, deltas = d.reasoning, d.content, d.tool_calls
-        if reasoning:
-            if open_item is None or open_item["type"] != "reasoning":
-                for e in open_new(_reasoning_item("")):
-                    yield e
-            open_item["content"][0]["text"] += reasoning  # type: ignore[index]
-            yield event("response.reasoning_text.delta", item_id=open_item["id"],  # type: ignore[index]
-                        output_index=len(state.items) - 1, content_index=0, delta=reasoning)
-        if content.strip() or (content and open_item is not None and open_item["type"] == "message"):
-            if open_item is None or open_item["type"] != "message":
-                for e in open_new(_message_item("", "in_progress")):
-                    yield e
-            open_item["content"][0]["text"] += content  # type: ignore[index]
-            yield event("response.output_text.delta", item_id=open_item["id"],  # type: ignore[index]
-                        output_index=len(state.items) - 1, content_index=0, delta=content)
-        for call in deltas:
-            if "id" in call:
-                for e in close():
-                    yield e
-                item = _call_item(call["id"], call["function"]["name"], "", "in_progress")
-                state.items.append(item)
-                calls[call["index"]] = item
-                yield event("response.output_item.added", output_index=len(state.items) - 1, item=item)
-            elif call["index"] in calls:
-                item = calls[call["index"]]
-                index = state.items.index(item)
-                item["arguments"] += call["function"]["arguments"]
-                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=call["function"]["arguments"])
-                item["status"] = "completed"
-                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            arguments=item["arguments"])
-                yield event("response.output_item.done", output_index=index, item=item)
-    for e in close():
+        out: list[str] = []
+        if d.reasoning:
+            out += stream.text("reasoning", d.reasoning)
+        opened_message = stream.open_item is not None and stream.open_item["type"] == "message"
+        if d.content.strip() or (d.content and opened_message):
+            out += stream.text("message", d.content)
+        for call in d.tool_calls:
+            out += stream.call(call)
+        for e in out:
+            yield e
+    for e in stream.close():
         yield e
     if not state.items:
         state.items.append(_message_item(""))
     final = state.response()
-    yield event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
+    yield stream.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
