@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     ev.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics",
                     help="Prometheus export to read per-expert counts from ('' to skip)")
-    ev.add_argument("--out", default="benchmarks/results/eval.json")
-    ev.add_argument("--plot", default="benchmarks/results/eval_budget.png", help="PNG path ('' to skip)")
+    ev.add_argument("--out", default="q3serve-eval.json")
+    ev.add_argument("--plot", default=None, help="PNG of accuracy by thinking budget (default: --out with _budget.png; '' to skip)")
     ev.set_defaults(func=_eval)
     bench = sub.add_parser("bench", help="load a running server (OpenAI HTTP or gRPC) and report latencies as vLLM does")
     add_bench_arguments(bench)

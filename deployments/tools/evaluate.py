@@ -243,8 +243,10 @@ def main(args: Any) -> int:  # noqa: ANN401 - the argparse namespace of `q3serve
     print(table(result["summary"]))
     if result["tool_use"]:
         print(tool_table(result["tool_use"]))
-    if args.plot:
-        plot(result["summary"], result["settings"]["budgets"], Path(args.plot),
+    png = out.with_name(out.stem + "_budget.png") if args.plot is None else (Path(args.plot) if args.plot else None)
+    if png is not None:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plot(result["summary"], result["settings"]["budgets"], png,
              f"{result['model']}: accuracy vs thinking budget ({args.per_task} held-out items per task)")
-    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
     return 0

@@ -6,6 +6,7 @@ and each request went to its mode's pool."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,16 @@ def test_bench_command_sweep_writes_json_and_plots(server: str, tmp_path: Path) 
         assert all(rec["output_tokens"] == 6 for rec in r["records"])  # ignore_eos: every request runs to its length
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "bench-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_command_writes_where_a_user_runs_it(server: str, tmp_path: Path) -> None:
+    """Run from a directory of the user's (an installed q3serve has no benchmarks/ folder): the
+    JSON goes to ./q3serve-bench.json and its plot beside it, unless --out / --plot say otherwise."""
+    cmd = [sys.executable, "-m", "deployments.cli", "bench", "--url", server, "--backend", "openai",
+           "--num-prompts", "2", "--input-len", "8", "--output-len", "4", "--no-progress", "--duration", "60",
+           "--timeout", "120"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "q3serve-bench.json").read_text())["runs"]
+    assert (tmp_path / "q3serve-bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

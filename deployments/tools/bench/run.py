@@ -220,8 +220,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--goodput", nargs="*", default=None, help="SLOs in ms, e.g. ttft:500 tpot:50")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="q3serve", help="the series name in the JSON and plots")
-    p.add_argument("--out", default="benchmarks/results/bench.json")
-    p.add_argument("--plot", default="benchmarks/results/bench.png", help="PNG of the CDFs ('' to skip); a sweep adds -sweep.png")
+    p.add_argument("--out", default="q3serve-bench.json", help="the JSON of every request and the summaries")
+    p.add_argument("--plot", default=None, help="PNG of the CDFs (default: --out with .png; '' to skip); a sweep adds -sweep.png")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fault", choices=FAULTS, default=None,
                    help="inject one fault while the workload runs (the server must run on this machine's Ray cluster)")
@@ -261,6 +261,7 @@ def write(runs: list[dict[str, Any]], out: Path, plot: str | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": describe_machine(), "runs": runs}, indent=1) + "\n")
     if plot:
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
         plot_cdfs(runs[-1], Path(plot))
         if sum(1 for r in runs if r["config"]["request_rate"] != "inf") > 1:
             plot_sweep(runs, Path(plot).with_name(Path(plot).stem + "-sweep.png"))
@@ -269,7 +270,8 @@ def write(runs: list[dict[str, Any]], out: Path, plot: str | None) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg, rates = config_from_args(args)
     runs = bench(cfg, rates, progress=not args.no_progress)
-    write(runs, Path(args.out), args.plot or None)
+    plot = str(Path(args.out).with_suffix(".png")) if args.plot is None else args.plot or None
+    write(runs, Path(args.out), plot)
     for run in runs:
         s = run["summary"]["overall"]
         print(f"{cfg.label} @ {run['config']['request_rate']} req/s: {s['completed']}/{s['num_requests']} ok, "
