@@ -176,6 +176,7 @@ class LimitsConfig(_Strict):
 
     max_prompt_tokens: int | None = Field(None, ge=1)     # None: the pool's context length
     max_request_bytes: int = Field(1 << 20, ge=1024)     # HTTP body size
+    max_batch_prompts: int = Field(64, ge=1)             # prompts in one /v1/completions request
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -64,8 +64,10 @@ async def ending_in_error_event(events: AsyncIterator[str], event: Callable[[Ins
 
 
 def usage_object(u: Usage) -> dict[str, Any]:
-    """Chat's and completions' usage."""
+    """Chat's and completions' usage; `cached_tokens` are the prompt's tokens served from the
+    prefix cache, as OpenAI and vLLM report them."""
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
@@ -74,11 +76,12 @@ def event_stream(opened: Opened, events: AsyncIterator[str]) -> StreamingRespons
     return StreamingResponse(ending_in_error_event(events), media_type="text/event-stream", headers=routed_headers(opened))
 
 
-def whole_response(opened: Opened, model: str, kind: str, choices: list[Choice], rendered: list[dict[str, Any]]
-                   ) -> JSONResponse:
-    """A chat.completion or text_completion: the rendered choices and the usage of all of them."""
+def whole_response(opened: Opened, model: str, kind: str, choices: list[Choice], rendered: list[dict[str, Any]],
+                   usage: Usage | None = None) -> JSONResponse:
+    """A chat.completion or text_completion: the rendered choices and the usage of all of them
+    (one prompt's unless `usage` says otherwise)."""
     return JSONResponse({
         "id": opened.id, "created": int(time.time()), "model": model,
-        "usage": usage_object(Usage.total([c.usage for c in choices])), "q3serve_pool": opened.pool,
+        "usage": usage_object(usage or Usage.total([c.usage for c in choices])), "q3serve_pool": opened.pool,
         "object": kind, "choices": rendered,
     }, headers=routed_headers(opened))

@@ -56,7 +56,8 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
 
 
 def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
-    """What serves no request of its own: /health, /v1/models, /tokenize, /detokenize."""
+    """What serves no request of its own: /health, /v1/models (with vLLM's `root` and
+    `max_model_len`), /tokenize, /detokenize."""
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -67,7 +68,8 @@ def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
-            {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "q3serve"}
+            {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "q3serve",
+             "root": frontend.model_path, "parent": None, "max_model_len": frontend.max_model_len}
         ]}
 
     @app.post("/tokenize")
@@ -79,7 +81,7 @@ def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
                 raise RequestError("prompt", "give exactly one of prompt and messages")
             if body.messages is not None:
                 messages = [m.model_dump(exclude_none=True) for m in body.messages]
-                _, ids = frontend.chat_prompt(messages, body.explicit_thinking())
+                _, ids = frontend.chat_prompt(messages, body.explicit_thinking(), param="messages")
             else:
                 ids = frontend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
             return {"count": len(ids), "max_model_len": frontend.max_model_len, "tokens": ids,

@@ -7,24 +7,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI
 
 from deployments.api.http import error_response, event_stream, usage_object, whole_response
 from deployments.api.openai_models import CompletionRequest
-from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, Usage
+from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, Usage
 
 TopRows = list[list[tuple[int, float]] | None] | None
 
 
-def completion_request(body: CompletionRequest) -> FrontRequest:
-    body.check_honoured()
+def completion_request(body: CompletionRequest, prompt: str | list[int]) -> FrontRequest:
     asked = body.logprobs is not None
     fields = body.fields(body.max_tokens, asked, body.thinking_budget, body.logprobs or 0,
                          prompt_logprobs=body.logprobs if body.echo and asked else None)
-    return FrontRequest("completions", "prompt", prompt=body.prompt, sampling=fields, constraint=body.constraint(),
+    return FrontRequest("completions", "prompt", prompt=prompt, sampling=fields, constraint=body.constraint(),
                         n=body.n)
 
 
@@ -41,18 +40,58 @@ def add_completions_route(app: FastAPI, frontend: Frontend) -> None:
     async def completions(body: CompletionRequest) -> Any:
         try:
             frontend.admit("completions", body.model)
-            opened = await frontend.open(completion_request(body), "cmpl-")
+            body.check_honoured()
+            prompts = body.prompts()
+            limit = frontend.cfg.limits.max_batch_prompts
+            if len(prompts) > limit:
+                raise RequestError("prompt", f"a batch of {len(prompts)} prompts is over this server's limit of {limit}")
+            opened = await open_batch(frontend, body, prompts)
             echo = None
             if body.echo:
-                echo = Echo(body.prompt if isinstance(body.prompt, str) else frontend.tokenizer.decode(body.prompt),
-                            opened.prompt_ids)
+                echo = [Echo(p if isinstance(p, str) else frontend.tokenizer.decode(p), ids)
+                        for p, ids in zip(prompts, opened.prompt_ids_of) for _ in range(body.n)]
             if body.stream:
-                return event_stream(opened, completion_events(frontend, opened, body.include_usage, echo))
-            choices = await opened.whole()
+                return event_stream(opened.first, completion_events(frontend, opened, body.include_usage, echo))
+            choices = await opened.first.whole()
         except REQUEST_ERRORS as exc:
             return error_response(exc)
-        return whole_response(opened, frontend.model_name, "text_completion", choices,
-                              [_choice(frontend, c, echo) for c in choices])
+        return whole_response(opened.first, frontend.model_name, "text_completion", choices,
+                              [_choice(frontend, c, echo[c.index] if echo else None) for c in choices],
+                              usage=opened.usage([c.usage for c in choices]))
+
+
+@dataclass
+class Batch:
+    """A batch of prompts started as one request: `first` holds every prompt's choices in order
+    (choice index = prompt x n + choice, as OpenAI and vLLM number them)."""
+
+    first: Opened
+    n: int
+    prompt_ids_of: list[list[int]]
+
+    def usage(self, choices: list[Usage]) -> Usage:
+        """Each prompt once, every choice's completion: the prompts' usages summed."""
+        groups = [Usage.total(choices[i:i + self.n]) for i in range(0, len(choices), self.n)]
+        return Usage(sum(u.prompt_tokens for u in groups), sum(u.completion_tokens for u in groups),
+                     sum(u.reasoning_tokens for u in groups), sum(u.cached_tokens for u in groups))
+
+
+async def open_batch(frontend: Frontend, body: CompletionRequest, prompts: list[str | list[int]]) -> Batch:
+    """Starts each prompt's choices, in order; if one cannot start, the started ones are cancelled
+    and its error (naming `prompt`) is the request's."""
+    opened: list[Opened] = []
+    try:
+        for prompt in prompts:
+            opened.append(await frontend.open(completion_request(body, prompt), "cmpl-"))
+    except BaseException:
+        for o in opened:
+            for stream in o.streams:
+                await stream.aclose()  # type: ignore[attr-defined]
+        raise
+    first = opened[0]
+    if len(opened) > 1:
+        first = replace(first, retries=sum(o.retries for o in opened), streams=[s for o in opened for s in o.streams])
+    return Batch(first, body.n, [o.prompt_ids for o in opened])
 
 
 def completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float | None], tops: TopRows,
@@ -90,8 +129,9 @@ def _choice(frontend: Frontend, c: Choice, echo: Echo | None) -> dict[str, Any]:
             "logprobs": completion_logprobs(frontend, ids, lps, tops, 0) if asked else None}
 
 
-async def completion_events(frontend: Frontend, opened: Opened, include_usage: bool, echo: Echo | None
+async def completion_events(frontend: Frontend, batch: Batch, include_usage: bool, echo: list[Echo] | None
                             ) -> AsyncIterator[str]:
+    opened = batch.first
     created = int(time.time())
     n = len(opened.streams)
     usages: list[Usage | None] = [None] * n
@@ -109,12 +149,12 @@ async def completion_events(frontend: Frontend, opened: Opened, include_usage: b
         asked = bool(lps) or d.prompt_logprobs is not None
         if echo is not None and not echoed[i]:
             echoed[i] = True
-            prefix, ids, lps, tops = _echoed(echo, d.prompt_logprobs, d.prompt_top_logprobs, ids, lps, tops)
+            prefix, ids, lps, tops = _echoed(echo[i], d.prompt_logprobs, d.prompt_top_logprobs, ids, lps, tops)
             text = prefix + text
         if text or d.finished or asked:
             lp = completion_logprobs(frontend, ids, lps, tops, offsets[i]) if asked else None
             offsets[i] += len(text)
             yield event({"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason})
     if include_usage and all(u is not None for u in usages):
-        yield event(None, usage=usage_object(Usage.total(usages)))  # type: ignore[arg-type]
+        yield event(None, usage=usage_object(batch.usage(usages)))  # type: ignore[arg-type]
     yield "data: [DONE]\n\n"

@@ -222,10 +222,28 @@ class ChatRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] = Field(min_length=1)
+    # one prompt (text or token ids) or a batch of them, as OpenAI's API allows (lm-eval sends
+    # batches of token-id lists); each prompt gets its own choices
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)  # the chosen token's logprob and this many alternatives
     echo: bool = False  # the prompt before the completion, with its logprobs when logprobs is set
     thinking_budget: int | None = None  # applies when the raw prompt leaves <think> open
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, (str, list)) and len(value) == 0:
+            raise ValueError("must not be empty")
+        if isinstance(value, list) and any(isinstance(p, (str, list)) and len(p) == 0 for p in value):
+            raise ValueError("a prompt in the batch is empty")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: a single prompt (text or ids) is a batch of one."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class TokenizeRequest(BaseModel):

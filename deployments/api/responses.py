@@ -43,11 +43,14 @@ class ResponsesRequest(BaseModel):
     store: bool | None = None
     previous_response_id: str | None = None
     enable_thinking: bool | None = None  # as in chat: Qwen3's switch, over `reasoning`
+    include: list[str] | None = None  # extra output data; none is offered yet (the Agents SDK sends [])
 
     def check_honoured(self) -> None:
         for name in self.model_extra or {}:
             if name not in IGNORED_FIELDS:
                 raise RequestError(name, f"unknown field {name!r}")
+        if self.include:
+            raise RequestError("include", f"{self.include[0]!r} is not supported by this server yet; send [] or leave it out")
         if self.store:
             raise RequestError("store", "this server stores no responses; send store: false")
         if self.previous_response_id is not None:
@@ -185,7 +188,7 @@ class _State:
         usage = None
         if self.usage is not None:
             u = self.usage
-            usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
                      "output_tokens": u.completion_tokens,
                      "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens}, "total_tokens": u.total_tokens}
         b = self.body

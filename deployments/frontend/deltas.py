@@ -21,6 +21,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -29,13 +30,15 @@ class Usage:
     @classmethod
     def of(cls, out: RequestOutput, thinking: bool) -> "Usage":
         """With thinking off the template closed <think> in the prompt, so nothing is reasoning."""
-        return cls(out.num_prompt_tokens, out.num_output_tokens, out.num_reasoning_tokens if thinking else 0)
+        return cls(out.num_prompt_tokens, out.num_output_tokens, out.num_reasoning_tokens if thinking else 0,
+                   out.num_cached_tokens)
 
     @classmethod
     def total(cls, choices: list["Usage"]) -> "Usage":
-        """The prompt once, the completions (and their reasoning) of every choice summed."""
+        """The prompt once (as the first choice computed it), the completions (and their
+        reasoning) of every choice summed."""
         return cls(choices[0].prompt_tokens, sum(u.completion_tokens for u in choices),
-                   sum(u.reasoning_tokens for u in choices))
+                   sum(u.reasoning_tokens for u in choices), choices[0].cached_tokens)
 
 
 @dataclass

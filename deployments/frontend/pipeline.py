@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from jinja2 import TemplateError
+
 from cluster import ModelConfig, RequestError, RequestOutput, SamplingParams, load_tokenizer, render_chat
 from cluster.config import StructuredOutput
 from cluster.default_model import default_model_path
@@ -86,6 +88,7 @@ class Frontend:
         self.router = router
         self.keys = ApiKeys(load_keys(cfg.api_keys))
         model_path = cfg.model or str(default_model_path())
+        self.model_path = model_path  # what /v1/models reports as `root`
         self.tokenizer = load_tokenizer(model_path)
         mc = ModelConfig.from_pretrained(model_path)
         context = min(min(p.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -129,12 +132,18 @@ class Frontend:
 
     # -- the pipeline ---------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict[str, Any]], explicit: bool | None,
-                    tools: list[dict[str, Any]] | None = None) -> tuple[bool, list[int]]:
+                    tools: list[dict[str, Any]] | None = None, param: str = "messages") -> tuple[bool, list[int]]:
         """Thinking mode and the prompt ids, through Qwen3's own template (with its tools section
-        when `tools` are offered)."""
+        when `tools` are offered). Messages the template cannot render are a RequestError naming
+        `param` (the field that carried them), not a server error."""
+        if not messages:
+            raise RequestError(param, "at least one message is required")
         thinking = decide_thinking(explicit, messages, self.cfg.router.default_thinking)
         extra = {"tools": tools} if tools else {}
-        prompt = render_chat(self.tokenizer, messages, enable_thinking=thinking, **extra)
+        try:
+            prompt = render_chat(self.tokenizer, messages, enable_thinking=thinking, **extra)
+        except (TemplateError, ValueError, TypeError) as exc:
+            raise RequestError(param, f"the chat template cannot render these messages: {exc}") from None
         return thinking, self.encode(prompt)
 
     def encode(self, text: str) -> list[int]:
@@ -152,7 +161,7 @@ class Frontend:
             ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt or "")
         else:
             tools = check_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
-            thinking, ids = self.chat_prompt(req.messages or [], req.thinking, tools.for_template())
+            thinking, ids = self.chat_prompt(req.messages or [], req.thinking, tools.for_template(), req.prompt_param)
         own = replace(req.constraint, after_think=thinking) if req.constraint is not None else None
         return Prepared(ids, self.sampling(thinking, req.sampling, tools.constraint(own, thinking)), thinking, tools)
 

@@ -573,6 +573,7 @@ def test_responses_function_tools_and_structured_text(client: openai.OpenAI) -> 
     ({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"frobnicate": 1}, "frobnicate"), ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0.type"),
+    ({"input": []}, "input"), ({"include": ["message.output_text.logprobs"]}, "include"),
 ])
 def test_responses_refusals_name_the_field(server: str, extra: dict, param: str) -> None:
     r = httpx.post(f"{server}/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2, **extra}, timeout=60)
@@ -653,3 +654,72 @@ def test_vllm_bench_serve_request_bodies_replayed(server: str) -> None:
     for ok, text, tokens in results:
         assert ok, text
         assert tokens == 12
+
+
+def test_empty_conversations_are_400s_naming_the_field(server: str, client: openai.OpenAI) -> None:
+    """What a fuzzer found (schemathesis on /openapi.json): messages the template cannot render
+    answered 500; they are a 400 naming the field that carried them, and the server keeps serving."""
+    r = httpx.post(f"{server}/tokenize", json={"model": MODEL, "messages": []}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = httpx.post(f"{server}/v1/responses", json={"model": MODEL, "input": [{"type": "reasoning", "summary": []}]},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+    assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices
+
+
+def test_responses_take_an_empty_include(client: openai.OpenAI) -> None:
+    """The OpenAI Agents SDK's Responses model always sends `include: []`."""
+    r = client.responses.create(model=MODEL, input="hi", max_output_tokens=4, include=[])
+    assert r.status in ("completed", "incomplete") and r.usage.input_tokens > 0
+
+
+def test_models_say_the_context_and_the_checkpoint(server: str) -> None:
+    """vLLM's /v1/models fields: `max_model_len` (what lm-eval and clients size prompts by), `root`."""
+    (m,) = httpx.get(f"{server}/v1/models", timeout=60).json()["data"]
+    lengths = httpx.post(f"{server}/tokenize", json={"prompt": "x"}, timeout=60).json()["max_model_len"]
+    assert m["id"] == MODEL and m["owned_by"] == "q3serve" and m["max_model_len"] == lengths > 0
+    assert m["root"] and m["parent"] is None
+
+
+def test_cached_prompt_tokens_are_reported(client: openai.OpenAI) -> None:
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI and vLLM report prefix-cache hits: the
+    same long prompt again is served from the cache (whole KV blocks of its prefix)."""
+    words = " ".join(f"w{i}" for i in range(60))
+    ask = [{"role": "user", "content": f"Cache check {words}"}]
+    first = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=2, temperature=0,
+                                           extra_body={"enable_thinking": False})
+    second = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=2, temperature=0,
+                                            extra_body={"enable_thinking": False})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    assert second.usage.prompt_tokens == first.usage.prompt_tokens
+
+
+def test_completions_take_a_batch_of_prompts(server: str, client: openai.OpenAI) -> None:
+    """`prompt` as a list of strings or of token-id lists (what lm-eval's local-completions sends):
+    each prompt its own choices, numbered prompt x n + choice; echo and logprobs per prompt; the
+    usage counts every prompt once; a batch over `limits.max_batch_prompts` is a 400 naming it."""
+    texts = ["Add 12 and 30.", "Sort 5 2 9."]
+    ids = [httpx.post(f"{server}/tokenize", json={"prompt": t}, timeout=60).json()["tokens"] for t in texts]
+    r = client.completions.create(model=MODEL, prompt=texts, n=2, max_tokens=3, temperature=0, echo=True)
+    assert [c.index for c in sorted(r.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+    for c in r.choices:
+        assert c.text.startswith(texts[c.index // 2]), (c.index, c.text)
+    assert r.usage.prompt_tokens == sum(map(len, ids)) and r.usage.completion_tokens == 4 * 3
+    scored = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    by_index = sorted(scored.choices, key=lambda c: c.index)
+    for c, p in zip(by_index, ids):
+        assert len(c.logprobs.token_logprobs) == len(p) and c.logprobs.token_logprobs[0] is None
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs[1:])
+    one = client.completions.create(model=MODEL, prompt=ids[1], max_tokens=0, echo=True, logprobs=1, temperature=0)
+    assert one.choices[0].logprobs.token_logprobs == by_index[1].logprobs.token_logprobs  # as if sent alone
+    stream = client.completions.create(model=MODEL, prompt=texts, max_tokens=3, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert {c.index for ch in chunks for c in ch.choices} == {0, 1}
+    assert chunks[-1].usage.prompt_tokens == sum(map(len, ids)) and chunks[-1].usage.completion_tokens == 6
+    r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": ["x"] * 65, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "65" in r.json()["error"]["message"], r.text
+    for bad in ([], [[]], ["a", ""]):
+        r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": bad, "max_tokens": 1}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), r.text
