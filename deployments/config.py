@@ -57,6 +57,7 @@ def _field_names(config: type) -> frozenset[str]:
 
 
 ENGINE_FIELDS, PARALLEL_FIELDS = _field_names(EngineConfig), _field_names(ParallelConfig)
+_KV_GB_DEFAULT = EngineConfig.__dataclass_fields__["kv_cache_memory_gb"].default  # "not set", for one check
 
 
 def nest(pool: dict[str, Any]) -> dict[str, Any]:
@@ -141,8 +142,6 @@ class PoolConfig(_Strict):
         """The replica's threads and Ray CPUs: `cpu_threads`, 1 where unset."""
         return self.cpu_threads or 1
 
-
-_KV_GB_DEFAULT = EngineConfig.__dataclass_fields__["kv_cache_memory_gb"].default
 
 
 def _thinking_pool() -> PoolConfig:

@@ -71,9 +71,11 @@ def usage_object(u: Usage) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
-def event_stream(opened: Opened, events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events that end in an error event if the pool fails mid-stream."""
-    return StreamingResponse(ending_in_error_event(events), media_type="text/event-stream", headers=routed_headers(opened))
+def event_stream(opened: Opened, events: AsyncIterator[str],
+                 on_loss: Callable[[InstanceLost], str] = error_event) -> StreamingResponse:
+    """Server-sent events that end in `on_loss`'s error event if the pool fails mid-stream."""
+    return StreamingResponse(ending_in_error_event(events, on_loss), media_type="text/event-stream",
+                             headers=routed_headers(opened))
 
 
 def whole_response(opened: Opened, model: str, kind: str, choices: list[Choice], rendered: list[dict[str, Any]],

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from deployments.api.http import error_response, event_stream, usage_object, whole_response
 from deployments.api.openai_models import CompletionRequest
 from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, Usage
+from deployments.frontend.fanout import close_all
 
 TopRows = list[list[tuple[int, float]] | None] | None
 
@@ -45,27 +46,27 @@ def add_completions_route(app: FastAPI, frontend: Frontend) -> None:
             limit = frontend.cfg.limits.max_batch_prompts
             if len(prompts) > limit:
                 raise RequestError("prompt", f"a batch of {len(prompts)} prompts is over this server's limit of {limit}")
-            opened = await open_batch(frontend, body, prompts)
+            batch = await open_batch(frontend, body, prompts)
             echo = None
             if body.echo:
                 echo = [Echo(p if isinstance(p, str) else frontend.tokenizer.decode(p), ids)
-                        for p, ids in zip(prompts, opened.prompt_ids_of) for _ in range(body.n)]
+                        for p, ids in zip(prompts, batch.prompt_ids_of) for _ in range(body.n)]
             if body.stream:
-                return event_stream(opened.first, completion_events(frontend, opened, body.include_usage, echo))
-            choices = await opened.first.whole()
+                return event_stream(batch.opened, completion_events(frontend, batch, body.include_usage, echo))
+            choices = await batch.opened.whole()
         except REQUEST_ERRORS as exc:
             return error_response(exc)
-        return whole_response(opened.first, frontend.model_name, "text_completion", choices,
+        return whole_response(batch.opened, frontend.model_name, "text_completion", choices,
                               [_choice(frontend, c, echo[c.index] if echo else None) for c in choices],
-                              usage=opened.usage([c.usage for c in choices]))
+                              usage=batch.usage([c.usage for c in choices]))
 
 
 @dataclass
 class Batch:
-    """A batch of prompts started as one request: `first` holds every prompt's choices in order
+    """A batch of prompts started as one request: `opened` holds every prompt's choices in order
     (choice index = prompt x n + choice, as OpenAI and vLLM number them)."""
 
-    first: Opened
+    opened: Opened
     n: int
     prompt_ids_of: list[list[int]]
 
@@ -84,14 +85,12 @@ async def open_batch(frontend: Frontend, body: CompletionRequest, prompts: list[
         for prompt in prompts:
             opened.append(await frontend.open(completion_request(body, prompt), "cmpl-"))
     except BaseException:
-        for o in opened:
-            for stream in o.streams:
-                await stream.aclose()  # type: ignore[attr-defined]
+        await close_all([s for o in opened for s in o.streams])
         raise
-    first = opened[0]
+    one = opened[0]
     if len(opened) > 1:
-        first = replace(first, retries=sum(o.retries for o in opened), streams=[s for o in opened for s in o.streams])
-    return Batch(first, body.n, [o.prompt_ids for o in opened])
+        one = replace(one, retries=sum(o.retries for o in opened), streams=[s for o in opened for s in o.streams])
+    return Batch(one, body.n, [o.prompt_ids for o in opened])
 
 
 def completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float | None], tops: TopRows,
@@ -131,7 +130,7 @@ def _choice(frontend: Frontend, c: Choice, echo: Echo | None) -> dict[str, Any]:
 
 async def completion_events(frontend: Frontend, batch: Batch, include_usage: bool, echo: list[Echo] | None
                             ) -> AsyncIterator[str]:
-    opened = batch.first
+    opened = batch.opened
     created = int(time.time())
     n = len(opened.streams)
     usages: list[Usage | None] = [None] * n

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from cluster.config import StructuredOutput
-from deployments.api.http import IGNORED_FIELDS, ending_in_error_event, error_response, routed_headers
+from deployments.api.http import IGNORED_FIELDS, error_response, event_stream, routed_headers
 from deployments.frontend import (REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, SamplingFields,
                                   Usage)
 
@@ -149,15 +149,13 @@ def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
             frontend.admit("responses", body.model)
             opened = await frontend.open(responses_request(body), "resp_")
             state = _State(opened.id, body, frontend.model_name)
-            headers = routed_headers(opened)
             if body.stream:
-                events = ending_in_error_event(_events(state, opened), _error_event)
-                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+                return event_stream(opened, _events(state, opened), _error_event)
             (choice,) = await opened.whole()
         except REQUEST_ERRORS as exc:
             return error_response(exc)
         state.finish_whole(choice)
-        return JSONResponse(state.response(), headers=headers)
+        return JSONResponse(state.response(), headers=routed_headers(opened))
 
 
 @dataclass

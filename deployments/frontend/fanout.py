@@ -22,10 +22,15 @@ async def more_choices(first: AsyncIterator[T], n: int, start: Callable[[int], A
         for i in range(1, n):
             streams.append(await start(i))
     except BaseException:
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+        await close_all(streams)
         raise
     return streams
+
+
+async def close_all(streams: list[AsyncIterator[T]]) -> None:
+    """Cancels started requests (each stream's close cancels its request on the pool)."""
+    for stream in streams:
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 async def _prepend(head: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:

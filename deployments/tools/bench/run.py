@@ -114,7 +114,8 @@ def _http_clients(cfg: BenchConfig, requests: int) -> list[httpx.AsyncClient]:
 
 async def _model_name(cfg: BenchConfig, http: httpx.AsyncClient) -> str:
     """The served model's name: the configured one, else the server's first (gRPC alone needs none)."""
-    if cfg.model or not (cfg.fault is not None or cfg.replan is not None or not cfg.backend.startswith("grpc")):
+    needs_name = cfg.fault is not None or cfg.replan is not None or not cfg.backend.startswith("grpc")
+    if cfg.model or not needs_name:
         return cfg.model or ""
     r = await http.get("/v1/models", timeout=30)
     r.raise_for_status()
