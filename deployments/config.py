@@ -95,6 +95,9 @@ class PoolConfig(_Strict):
     cpu_threads: int | None = Field(None, ge=1)  # intra-op threads per replica (and its Ray CPUs); None: 1, or sized by `q3serve up`
     cpu_priority: Literal["normal", "low"] = "normal"  # "low": on a shared CPU host, runs on what the other pool leaves
     stream_interval: int = Field(1, ge=1)  # vLLM's: after the first chunk, at least this many tokens a chunk
+    # ...or fewer, once the chunk's oldest token has waited this long: smooth streams while steps are
+    # quick (a reader never sees 16 tokens land at once after a pause), few messages when they are slow.
+    stream_max_delay_ms: float | None = Field(50.0, ge=0)
     # None: max_num_seqs x attention_shards, what one replica's instance runs at once (Serve's own
     # default of 5 would starve the batch, and a fixed 32 capped a 256-sequence replica at 32).
     max_ongoing_requests: int | None = Field(None, ge=1)
@@ -147,8 +150,9 @@ class PoolConfig(_Strict):
 def _thinking_pool() -> PoolConfig:
     # low priority: where both pools share a CPU host, long reasoning runs on the cycles the fast
     # pool leaves (deployments/host.py), so it does not stretch a no-think request's latency.
-    # stream_interval 16: a long reasoning stream goes out in chunks of 16 tokens, so its per-chunk
-    # work in the replica, the ingress and the proxy is a sixteenth (the first token still goes at once).
+    # stream_interval 16: a long reasoning stream goes out in chunks of up to 16 tokens, so its per-chunk
+    # work in the replica, the ingress and the proxy is a fraction (the first token still goes at once);
+    # stream_max_delay_ms (50) sends a shorter chunk when its tokens would otherwise wait longer.
     return PoolConfig(engine=EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096), default_max_tokens=4096,
                       max_tokens_limit=32768, cpu_priority="low", stream_interval=16)
 

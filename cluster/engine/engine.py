@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from pathlib import Path
@@ -104,16 +105,21 @@ class Engine:
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-        coalesce: bool = False, stream_interval: int = 1,
+        coalesce: bool = False, stream_interval: int = 1, stream_max_delay_ms: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Streams one RequestOutput per engine step that gave the request tokens; the last has
         finished=True. With `coalesce`, the steps that finished while the caller was busy come
         as one output (a server that must not send a message per token). With `stream_interval`
         N > 1 (vLLM's option of that name), after the first output every output holds at least
         N tokens, or is the last: fewer messages per stream where throughput matters more than
-        smoothness. Leaving the loop early (or cancelling) aborts the request and frees its KV blocks."""
+        smoothness. `stream_max_delay_ms` bounds that in time: a held output goes out once its oldest
+        token has waited this long, so a reader sees a smooth stream when steps are quick and the
+        message count still falls when they are slow. Leaving the loop early (or cancelling) aborts
+        the request and frees its KV blocks."""
         if stream_interval < 1:
             raise RequestError("stream_interval", f"must be at least 1, got {stream_interval}")
+        if stream_max_delay_ms is not None and stream_max_delay_ms < 0:
+            raise RequestError("stream_max_delay_ms", f"must be at least 0, got {stream_max_delay_ms}")
         if not self.healthy:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         rid = request_id or uuid.uuid4().hex
@@ -126,19 +132,28 @@ class Engine:
         self._inbox.put(("add", req))
         finished = False
         held: RequestOutput | None = None  # what waits for stream_interval tokens
+        held_until = 0.0  # when the held output goes out anyway (stream_max_delay_ms)
         sent_first = False
         try:
             while True:
+                wait = self.request_timeout_s
+                if held is not None and stream_max_delay_ms is not None:
+                    wait = max(0.0, held_until - time.monotonic())
                 try:
-                    item = await asyncio.wait_for(out_q.get(), timeout=self.request_timeout_s)
+                    item = await asyncio.wait_for(out_q.get(), timeout=wait)
                 except asyncio.TimeoutError:
-                    raise TimeoutError(f"request {rid}: no output within {self.request_timeout_s}s") from None
+                    if held is None or stream_max_delay_ms is None:
+                        raise TimeoutError(f"request {rid}: no output within {self.request_timeout_s}s") from None
+                    item, held = held, None  # its oldest token waited long enough
+                    yield item
+                    continue
                 if isinstance(item, BaseException):
                     finished = True
                     if held is not None:
                         yield held
                     raise item
                 failure = None
+                fresh = held is None  # this output starts a new held chunk (if it is held)
                 if held is not None:
                     held.absorb(item)
                     item, held = held, None
@@ -150,6 +165,8 @@ class Engine:
                     item.absorb(later)
                 finished = item.finished or failure is not None
                 if not finished and sent_first and len(item.delta_token_ids) < stream_interval:
+                    if fresh and stream_max_delay_ms is not None:
+                        held_until = time.monotonic() + stream_max_delay_ms / 1000
                     held = item
                     continue
                 sent_first = True

@@ -44,6 +44,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         ({"thinking": {"enabled": False}, "fast": {"enabled": False}}, "enabled"),
         ({"fast": {"device": "tpu"}}, "fast.parallel.device"),
         ({"thinking": {"stream_interval": 0}}, "thinking.stream_interval"),
+        ({"thinking": {"stream_max_delay_ms": -1}}, "thinking.stream_max_delay_ms"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, where: str) -> None:
@@ -70,6 +71,7 @@ def test_a_pool_block_sets_fields_over_its_preset() -> None:
     assert cfg.thinking.engine.max_num_seqs == 16 and cfg.thinking.default_max_tokens == 4096
     assert cfg.thinking.cpu_priority == "low" and cfg.thinking.stream_interval == 16
     assert cfg.fast.stream_interval == 1
+    assert cfg.thinking.stream_max_delay_ms == cfg.fast.stream_max_delay_ms == 50
     assert cfg.fast.sampling_defaults.model_dump() == {"temperature": 0.7, "top_p": 0.8, "top_k": 5, "min_p": None}
     assert cfg.fast.max_thinking_budget == 0
     with pytest.raises(ValueError, match="thinking.max_num_sequences"):

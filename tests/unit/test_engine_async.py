@@ -199,6 +199,27 @@ def test_stream_interval_holds_tokens_after_the_first(engine: Engine) -> None:
     assert held[-1].finished and held[-1].num_output_tokens == 23
 
 
+def test_stream_max_delay_sends_a_held_chunk_early(engine: Engine) -> None:
+    """stream_max_delay_ms bounds a chunk in time: with an interval larger than the whole output, no
+    bound gives the first token and then everything at the end; a bound of 0 sends each held output
+    at the next chance, so the stream keeps moving. The tokens and text are the same either way."""
+    params = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True)
+
+    async def run(delay_ms: float | None):
+        return [o async for o in engine.generate([3, 1, 4, 1, 5], params, stream_interval=1000,
+                                                 stream_max_delay_ms=delay_ms)]
+
+    unbounded = asyncio.run(asyncio.wait_for(run(None), 60))
+    bounded = asyncio.run(asyncio.wait_for(run(0), 60))
+    assert [len(o.delta_token_ids) for o in unbounded] == [1, 22]
+    assert len(bounded) > 2 and sum(len(o.delta_token_ids) for o in bounded) == 23
+    assert [t for o in bounded for t in o.delta_token_ids] == unbounded[-1].token_ids == bounded[-1].token_ids
+    assert "".join(o.delta_text for o in bounded) == unbounded[-1].text
+    assert bounded[-1].finished and not any(o.finished for o in bounded[:-1])
+    with pytest.raises(RequestError, match="stream_max_delay_ms"):
+        asyncio.run(asyncio.wait_for(run(-1), 60))
+
+
 def test_stream_interval_below_one_is_refused(engine: Engine) -> None:
     async def run():
         return [o async for o in engine.generate([1, 2], GREEDY, stream_interval=0)]
