@@ -11,6 +11,11 @@ _ITL = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
 
 
 class RouterMetrics:
+    """Per request, by pool and route. requests_total's `status` is the HTTP code the request got
+    (gRPC's maps to it: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED, 503
+    UNAVAILABLE), 500 for an unexpected failure mid-stream, or `cancelled` when the client left;
+    requests refused before a pool was chosen have pool `none`."""
+
     def __init__(self) -> None:
         tags = ("pool", "route")
         self.requests = Counter("q3serve_requests_total", "Requests by pool, route and status.", tag_keys=(*tags, "status"))
@@ -19,6 +24,9 @@ class RouterMetrics:
         self.itl = Histogram("q3serve_inter_token_latency_seconds", "Time between streamed chunks.", _ITL, tag_keys=tags)
         self.tokens_in = Counter("q3serve_prompt_tokens_total", "Prompt tokens.", tag_keys=tags)
         self.tokens_out = Counter("q3serve_generation_tokens_total", "Generated tokens.", tag_keys=tags)
+        # over q3serve_prompt_tokens_total: the prefix-cache hit rate (as vLLM's hits over queries)
+        self.tokens_cached = Counter("q3serve_prompt_cached_tokens_total",
+                                     "Prompt tokens served from the prefix cache.", tag_keys=tags)
         self.retries = Counter("q3serve_request_retries_total",
                                "Starts retried after a replica failed before the first token.", tag_keys=tags)
 

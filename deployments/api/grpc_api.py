@@ -146,7 +146,7 @@ class GrpcApi:
         self.frontend.authorize(metadata.get("authorization"))
         if route is not None:
             self.frontend.check_capacity(route)
-        self.frontend.check_model(model)
+        self.frontend.check_model(model, route)
 
     # -- q3serve.v1.ChatService -----------------------------------------------------------------
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatChunk]:

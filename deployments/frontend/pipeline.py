@@ -115,7 +115,7 @@ class Frontend:
     def admit(self, route: str, model: str | None) -> None:
         """The checks before a request is even read: capacity, then the model's name."""
         self.check_capacity(route)
-        self.check_model(model)
+        self.check_model(model, route)
 
     def check_capacity(self, route: str) -> None:
         """Refuses a request at once (429) when the pools could not hold it anyway: checked
@@ -126,8 +126,11 @@ class Frontend:
             raise Overloaded(f"the server holds {self.capacity} requests (running and queued over all pools); "
                              "retry later")
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None, route: str | None = None) -> None:
+        """A wrong name is a 404 (counted under `route` when a request route asks)."""
         if model and model != self.model_name:
+            if route is not None:
+                self._count(route, "404")
             raise ModelNotFound(f"model: '{model}' does not exist; this server serves '{self.model_name}'")
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -173,7 +176,11 @@ class Frontend:
     async def open(self, req: FrontRequest, id_prefix: str = "req-") -> Opened:
         """The request through the pipeline and started on a pool, with its n choices (a seeded
         request's choice i uses seed + i, so the choices differ but the request reproduces)."""
-        p = self.prepare(req)
+        try:
+            p = self.prepare(req)
+        except RequestError:
+            self._count(req.route, "400")
+            raise
         rid = req.request_id or f"{id_prefix}{uuid.uuid4().hex}"
         routed = await self.start(req.route, p.prompt_ids, p.params, p.thinking, req.prompt_param, rid)
         streams = [routed.chunks]
@@ -268,6 +275,9 @@ class Frontend:
         except InstanceLost:
             status = "503"
             raise
+        except Exception:  # a client that left raises GeneratorExit / CancelledError: `cancelled`
+            status = "500"
+            raise
         finally:
             self.in_flight -= 1
             self.metrics.requests.inc(1, tags={**tags, "status": status})
@@ -275,5 +285,7 @@ class Frontend:
             await chunks.aclose()  # a client that left: the pool's stream is cancelled now, not at GC
             if last is not None:
                 self.metrics.tokens_in.inc(last.num_prompt_tokens, tags=tags)
+                if last.num_cached_tokens:
+                    self.metrics.tokens_cached.inc(last.num_cached_tokens, tags=tags)
                 if last.num_output_tokens:  # max_tokens 0 (the prompt only); Ray's counters refuse 0
                     self.metrics.tokens_out.inc(last.num_output_tokens, tags=tags)

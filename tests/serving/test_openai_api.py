@@ -195,27 +195,37 @@ def _grew(before: dict[str, float], after: dict[str, float]) -> bool:
 
 def test_prometheus_metrics(client: openai.OpenAI) -> None:
     """Every metric is exported, and the counters grow with this test's own requests (the Ray
-    cluster is shared with the other serving modules, whose requests counted before)."""
+    cluster is shared with the other serving modules, whose requests counted before): the
+    prefix-cache hits of a repeated prompt, and a wrong model name counted under status 404."""
     import time
 
     wanted = ["ray_q3serve_requests_total", "ray_q3serve_request_latency_seconds_count",
               "ray_q3serve_time_to_first_token_seconds_count", "ray_q3serve_inter_token_latency_seconds_count",
               "ray_q3serve_prompt_tokens_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_queue_depth",
-              "ray_q3serve_kv_cache_usage_ratio", "ray_q3serve_expert_tokens"]
-    growing = {"ray_q3serve_requests_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_expert_tokens"}
+              "ray_q3serve_kv_cache_usage_ratio", "ray_q3serve_expert_tokens", "ray_q3serve_prompt_cached_tokens_total"]
+    growing = {"ray_q3serve_requests_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_expert_tokens",
+               "ray_q3serve_prompt_cached_tokens_total"}
     before = _scrape(wanted)
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "m"}], max_tokens=5,
                                    extra_body={"enable_thinking": False}, stream=True).close()
-    client.completions.create(model=MODEL, prompt="metrics", max_tokens=5)
+    repeated = list(range(1000, 1040))  # 40 tokens: the second time, its first full KV blocks are cached
+    cached = [client.completions.create(model=MODEL, prompt=repeated, max_tokens=5).usage for _ in range(2)]
+    assert cached[1].prompt_tokens_details.cached_tokens > 0
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="metrics", max_tokens=5)
+    def not_found(seen: dict[str, dict[str, float]]) -> bool:
+        return any('status="404"' in k for k in seen.get("ray_q3serve_requests_total", {}))
+
     deadline = time.monotonic() + 60
     seen: dict[str, dict[str, float]] = {}
     while time.monotonic() < deadline:
         seen = _scrape(wanted)
-        if set(wanted) <= set(seen) and all(_grew(before.get(n, {}), seen[n]) for n in growing):
+        if set(wanted) <= set(seen) and all(_grew(before.get(n, {}), seen[n]) for n in growing) and not_found(seen):
             break
         time.sleep(1)
     assert set(wanted) <= set(seen), sorted(set(wanted) - set(seen))
     assert all(_grew(before.get(n, {}), seen[n]) for n in growing), [n for n in growing if not _grew(before.get(n, {}), seen[n])]
+    assert not_found(seen), sorted(seen["ray_q3serve_requests_total"])
 
 
 def test_chat_cli_streams_a_conversation(server: str) -> None:
