@@ -57,7 +57,26 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
 
 def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
     """What serves no request of its own: /health, /v1/models (with vLLM's `root` and
-    `max_model_len`), /tokenize, /detokenize."""
+    `max_model_len`), /tokenize, /detokenize, /tokenizer_info."""
+
+    def plain(value: Any) -> Any:
+        """JSON-ready: AddedTokens as their text (as vLLM does), containers element by element."""
+        if hasattr(value, "content"):
+            return value.content
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+    def tokenizer_config(tokenizer: Any) -> dict[str, Any]:
+        paths = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
+        config = {k: plain(v) for k, v in tokenizer.init_kwargs.items() if k not in paths}
+        for name in ("eos_token", "bos_token", "pad_token", "unk_token"):
+            config[name] = getattr(tokenizer, name)
+        config["chat_template"] = tokenizer.chat_template
+        config["tokenizer_class"] = type(tokenizer).__name__
+        return config
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -101,3 +120,10 @@ def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
             return {"prompt": frontend.tokenizer.decode(body.tokens)}
         except (RequestError, ModelNotFound) as exc:
             return error_response(exc)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """vLLM's: the tokenizer's configuration (tokenizer_config.json as loaded: special tokens,
+        chat_template, model_max_length, added tokens...) without its file paths, plus
+        `tokenizer_class`; lm-eval's remote tokenizer reads eos/bos/pad_token and chat_template."""
+        return tokenizer_config(frontend.tokenizer)
