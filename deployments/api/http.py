@@ -14,6 +14,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from deployments.frontend import (Choice, InstanceLost, ModelNotFound, Opened, Overloaded, PoolsUnavailable,
                                   RequestError, Unauthenticated, Usage)
 
+def logprob_entries(tokenizer: Any, ids: list[int], lps: list[float | None],
+                    tops: list[list[tuple[int, float]] | None] | None) -> list[dict[str, Any]]:
+    """OpenAI's per-token logprob objects (chat's `logprobs.content`, Responses' output_text
+    `logprobs`): the token's text, logprob, bytes and its top alternatives."""
+    def entry(t: int, lp: float | None) -> dict[str, Any]:
+        text = tokenizer.decode([t])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in ((tops[i] or []) if tops else [])]}
+            for i, (t, lp) in enumerate(zip(ids, lps))]
+
+
 # OpenAI fields with no effect on the output, accepted and ignored as OpenAI-compatible servers do.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
                             "safety_identifier"})

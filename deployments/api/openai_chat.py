@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from deployments.api.http import error_response, event_stream, usage_object, whole_response
+from deployments.api.http import error_response, event_stream, logprob_entries, usage_object, whole_response
 from deployments.api.openai_models import ChatRequest
 from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, Usage
 
@@ -45,11 +45,7 @@ def add_chat_route(app: FastAPI, frontend: Frontend) -> None:
 def chat_logprobs(frontend: Frontend, ids: list[int], lps: list[float],
                   tops: list[list[tuple[int, float]]] | None) -> dict[str, Any]:
     """OpenAI's chat shape: per token its text, logprob, bytes and top alternatives."""
-    def entry(t: int, lp: float) -> dict[str, Any]:
-        text = frontend.tokenizer.decode([t])
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (tops[i] if tops else [])]}
-                        for i, (t, lp) in enumerate(zip(ids, lps))]}
+    return {"content": logprob_entries(frontend.tokenizer, ids, lps, tops)}  # type: ignore[arg-type]
 
 
 def _choice(frontend: Frontend, c: Choice) -> dict[str, Any]:

@@ -16,14 +16,18 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.config import StructuredOutput
-from deployments.api.http import IGNORED_FIELDS, error_response, event_stream, routed_headers
+from deployments.api.http import IGNORED_FIELDS, error_response, event_stream, logprob_entries, routed_headers
 from deployments.frontend import (REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, SamplingFields,
                                   Usage)
+from deployments.frontend.answer_tokens import AnswerTokens
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
+LOGPROBS = "message.output_text.logprobs"
+INCLUDABLE = (LOGPROBS,)  # what `include` can ask for here; the rest is about OpenAI's hosted tools
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
 class ResponsesRequest(BaseModel):
@@ -43,18 +47,40 @@ class ResponsesRequest(BaseModel):
     store: bool | None = None
     previous_response_id: str | None = None
     enable_thinking: bool | None = None  # as in chat: Qwen3's switch, over `reasoning`
-    include: list[str] | None = None  # extra output data; none is offered yet (the Agents SDK sends [])
+    include: list[str] | None = None  # extra output data: the answer's logprobs (the Agents SDK sends [])
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    truncation: str | None = None
+    metadata: dict[str, str] | None = None
 
     def check_honoured(self) -> None:
         for name in self.model_extra or {}:
             if name not in IGNORED_FIELDS:
                 raise RequestError(name, f"unknown field {name!r}")
-        if self.include:
-            raise RequestError("include", f"{self.include[0]!r} is not supported by this server yet; send [] or leave it out")
+        for i, value in enumerate(self.include or []):
+            if value not in INCLUDABLE:
+                raise RequestError(f"include.{i}", f"{value!r} cannot be included by this server; it offers {LOGPROBS!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs", f"needs include: [{LOGPROBS!r}]")
+        if self.truncation not in (None, "disabled"):
+            raise RequestError("truncation", "only 'disabled': this server never drops input; "
+                                             "a prompt over the context length is refused")
+        for key in (self.text or {}):
+            if key != "format":
+                raise RequestError(f"text.{key}", f"{key!r} is not supported; text takes 'format'")
+        for key, value in (self.reasoning or {}).items():
+            if key == "effort" and value not in REASONING_EFFORTS:
+                raise RequestError("reasoning.effort", f"{value!r} is not one of {', '.join(REASONING_EFFORTS)}")
+            if key not in ("effort", "summary") or (key == "summary" and value is not None):
+                raise RequestError(f"reasoning.{key}", "not supported: the reasoning items carry Qwen3's thinking "
+                                                       "text itself (reasoning.effort switches it on or off)")
         if self.store:
             raise RequestError("store", "this server stores no responses; send store: false")
         if self.previous_response_id is not None:
             raise RequestError("previous_response_id", "this server stores no responses; send the whole input")
+
+    @property
+    def logprobs(self) -> bool:
+        return LOGPROBS in (self.include or [])
 
     def messages(self) -> list[dict[str, Any]]:
         """The input as chat messages for Qwen3's template."""
@@ -136,7 +162,8 @@ def _text(content: Any, param: str) -> str:
 def responses_request(body: ResponsesRequest) -> FrontRequest:
     body.check_honoured()
     tools, choice = body.chat_tools()
-    fields = SamplingFields(max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p)
+    fields = SamplingFields(max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p,
+                            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
     return FrontRequest("responses", "input", messages=body.messages(), tools=tools, tool_choice=choice,
                         parallel_tool_calls=body.parallel_tool_calls, thinking=body.thinking_switch(), sampling=fields,
                         constraint=body.constraint())
@@ -148,7 +175,8 @@ def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
         try:
             frontend.admit("responses", body.model)
             opened = await frontend.open(responses_request(body), "resp_")
-            state = _State(opened.id, body, frontend.model_name)
+            state = _State(opened.id, body, frontend.model_name,
+                           AnswerTokens(frontend.tokenizer, opened.thinking) if body.logprobs else None)
             if body.stream:
                 return event_stream(opened, _events(state, opened), _error_event)
             (choice,) = await opened.whole()
@@ -165,6 +193,7 @@ class _State:
     id: str
     body: ResponsesRequest
     model: str
+    answer: AnswerTokens | None = None  # with include logprobs: picks the answer's tokens
     created: int = field(default_factory=lambda: int(time.time()))
     items: list[dict[str, Any]] = field(default_factory=list)
     usage: Usage | None = None
@@ -178,8 +207,19 @@ class _State:
             self.items.append(_reasoning_item(c.reasoning))
         if c.content or not c.tool_calls:
             self.items.append(_message_item(c.content or ""))
+            if self.answer is not None:
+                self.items[-1]["content"][0]["logprobs"] = self.logprobs(c.token_ids, c.logprobs, c.top_logprobs)
         for call in c.tool_calls:
             self.items.append(_call_item(call["id"], call["function"]["name"], call["function"]["arguments"]))
+
+    def logprobs(self, ids: list[int], lps: list[float | None],
+                 tops: list[list[tuple[int, float]] | None] | None) -> list[dict[str, Any]]:
+        """The logprob objects of the answer's tokens among these (the state follows the stream)."""
+        assert self.answer is not None
+        mask = self.answer.feed(ids)
+        keep = [i for i, m in enumerate(mask) if m]
+        return logprob_entries(self.answer.tokenizer, [ids[i] for i in keep], [lps[i] for i in keep],
+                               [tops[i] for i in keep] if tops else None)
 
     def response(self, status: str | None = None) -> dict[str, Any]:
         incomplete = self.finish_reason == "length"
@@ -197,7 +237,8 @@ class _State:
             "error": None, "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "temperature": b.temperature, "top_p": b.top_p, "tools": b.tools or [], "tool_choice": b.tool_choice or "auto",
             "parallel_tool_calls": b.parallel_tool_calls, "reasoning": b.reasoning, "text": b.text or {"format": {"type": "text"}},
-            "store": False, "metadata": {}, "output": self.items, "usage": usage,
+            "store": False, "metadata": b.metadata or {}, "truncation": "disabled", "top_logprobs": b.top_logprobs,
+            "output": self.items, "usage": usage,
         }
 
 
@@ -247,8 +288,9 @@ class _EventStream:
             out = [self.event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
                               text=part["text"])]
         else:
+            logprobs = {"logprobs": part["logprobs"]} if "logprobs" in part else {}
             out = [self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                              text=part["text"]),
+                              text=part["text"], **logprobs),
                    self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                               part=part)]
         return [*out, self.event("response.output_item.done", output_index=index, item=item)]
@@ -264,16 +306,22 @@ class _EventStream:
                                   part={"type": "output_text", "text": "", "annotations": []}))
         return out
 
-    def text(self, kind: str, delta: str) -> list[str]:
-        """A reasoning or message text delta, into the open item of that kind (opened if need be)."""
+    def text(self, kind: str, delta: str, logprobs: list[dict[str, Any]] | None = None) -> list[str]:
+        """A reasoning or message text delta, into the open item of that kind (opened if need be);
+        a message delta carries the logprobs of its tokens when they were asked for."""
         out = []
         if self.open_item is None or self.open_item["type"] != kind:
             out = self.open_new(_reasoning_item("") if kind == "reasoning" else _message_item("", "in_progress"))
         item = self.open_item
-        item["content"][0]["text"] += delta  # type: ignore[index]
+        part = item["content"][0]  # type: ignore[index]
+        part["text"] += delta
         name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        extra: dict[str, Any] = {}
+        if logprobs is not None and kind == "message":
+            part["logprobs"] = part.get("logprobs", []) + logprobs
+            extra["logprobs"] = logprobs
         return [*out, self.event(name, item_id=item["id"], output_index=len(self.state.items) - 1,  # type: ignore[index]
-                                 content_index=0, delta=delta)]
+                                 content_index=0, delta=delta, **extra)]
 
     def call(self, d: dict[str, Any]) -> list[str]:
         """A tool-call delta: a new function_call item (id and name), or its whole arguments."""
@@ -299,20 +347,28 @@ class _EventStream:
 async def _events(state: _State, opened: Opened) -> AsyncIterator[str]:
     """The Responses stream: created, in_progress, each item added / its deltas / done, completed."""
     stream = _EventStream(state)
+    pending: list[dict[str, Any]] = []  # answer logprobs not yet sent with a message delta
     yield stream.event("response.created", response=state.response("in_progress"))
     yield stream.event("response.in_progress", response=state.response("in_progress"))
     async for d in opened.deltas():
         state.usage, state.finish_reason = d.usage, d.finish_reason
         out: list[str] = []
+        if state.answer is not None:  # the text may lag the ids: logprobs wait for the next message delta
+            pending += state.logprobs(d.token_ids, d.logprobs, d.top_logprobs)
         if d.reasoning:
             out += stream.text("reasoning", d.reasoning)
         opened_message = stream.open_item is not None and stream.open_item["type"] == "message"
         if d.content.strip() or (d.content and opened_message):
-            out += stream.text("message", d.content)
+            out += stream.text("message", d.content, pending if state.answer is not None else None)
+            pending = []
         for call in d.tool_calls:
             out += stream.call(call)
         for e in out:
             yield e
+    message = stream.open_item if stream.open_item is not None and stream.open_item["type"] == "message" else None
+    if message is not None and state.answer is not None:
+        part = message["content"][0]
+        part["logprobs"] = part.get("logprobs", []) + pending  # the done events carry all of them
     for e in stream.close():
         yield e
     if not state.items:

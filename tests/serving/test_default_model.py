@@ -130,6 +130,87 @@ def test_agent_loop_with_langchain(server: str) -> None:
             assert not final.tool_calls and final.content.strip() == task.answer
 
 
+def test_agent_loop_with_the_openai_agents_sdk(server: str) -> None:
+    """The OpenAI Agents SDK with its default model class (the Responses API; it always sends
+    include: []) runs a @function_tool loop to the right product, streamed and not, with every
+    ModelSettings field this server honours set; one it cannot (truncation auto) is a 400 naming it."""
+    import asyncio
+
+    from agents import (Agent, ModelSettings, Runner, function_tool, set_default_openai_api,
+                        set_default_openai_client, set_tracing_disabled)
+    from openai import AsyncOpenAI, BadRequestError
+    from openai.types.shared import Reasoning
+
+    set_tracing_disabled(True)  # its traces go to OpenAI's servers
+
+    @function_tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    settings = ModelSettings(temperature=0, top_p=1, max_tokens=300, parallel_tool_calls=False, truncation="disabled",
+                             store=False, metadata={"suite": "q3serve"}, top_logprobs=1, reasoning=Reasoning(effort="low"))
+
+    async def run() -> None:
+        set_default_openai_client(AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120),
+                                  use_for_tracing=False)
+        set_default_openai_api("responses")
+        for model_settings in (ModelSettings(), settings):
+            agent = Agent(name="calculator", model="qwen3-moe", tools=[multiply], model_settings=model_settings)
+            for task in TOOL_TASKS:
+                result = await Runner.run(agent, task.question, max_turns=4)
+                calls = [item.raw_item for item in result.new_items if item.type == "tool_call_item"]
+                assert [(c.name, json.loads(c.arguments)) for c in calls] == [("multiply", dict(zip("ab", operands(task))))]
+                assert result.final_output.strip() == task.answer
+        streamed = Runner.run_streamed(Agent(name="calculator", model="qwen3-moe", tools=[multiply]),
+                                       TOOL_TASKS[0].question, max_turns=4)
+        async for _ in streamed.stream_events():
+            pass
+        assert streamed.final_output.strip() == TOOL_TASKS[0].answer
+        refused = Agent(name="calculator", model="qwen3-moe", model_settings=ModelSettings(truncation="auto"))
+        with pytest.raises(BadRequestError) as info:
+            await Runner.run(refused, "hi", max_turns=1)
+        assert info.value.body["param"] == "truncation"
+
+    asyncio.run(asyncio.wait_for(run(), 600))
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_agent_loop_with_pydantic_ai(server: str, api: str) -> None:
+    """pydantic-ai's Agent with a plain tool, on its chat and its Responses model classes."""
+    from openai import AsyncOpenAI
+    from pydantic_ai import Agent
+    from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model_class = OpenAIChatModel if api == "chat" else OpenAIResponsesModel
+    seen: list[tuple[int, int]] = []
+
+    async def run(question: str) -> str:
+        client = AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+        agent = Agent(model_class("qwen3-moe", provider=OpenAIProvider(openai_client=client)),
+                      model_settings={"temperature": 0, "max_tokens": 300})
+
+        @agent.tool_plain
+        def multiply(a: int, b: int) -> int:
+            """Multiply two integers."""
+            seen.append((a, b))
+            return a * b
+
+        return (await agent.run(question)).output
+
+    for task in TOOL_TASKS:
+        seen.clear()
+        assert asyncio_run(run(task.question)).strip() == task.answer
+        assert seen == [operands(task)]
+
+
+def asyncio_run(coro):  # noqa: ANN001, ANN201
+    import asyncio
+
+    return asyncio.run(asyncio.wait_for(coro, 600))
+
+
 def test_eval_command(server: str, tmp_path: Path) -> None:
     out, png = tmp_path / "eval.json", tmp_path / "eval.png"
     cmd = [sys.executable, "-m", "deployments.cli", "eval", "--url", server, "--per-task", "1", "--budgets", "0,32",

@@ -583,7 +583,12 @@ def test_responses_function_tools_and_structured_text(client: openai.OpenAI) -> 
     ({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"frobnicate": 1}, "frobnicate"), ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0.type"),
-    ({"input": []}, "input"), ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"input": []}, "input"), ({"include": ["message.output_text.logprobs", "file_search_call.results"]}, "include.1"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"truncation": "auto"}, "truncation"),
+    ({"text": {"verbosity": "low"}}, "text.verbosity"), ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
+    ({"reasoning": {"effort": "max"}}, "reasoning.effort"), ({"conversation": "conv_1"}, "conversation"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt"), ({"context_management": [{"type": "compaction"}]}, "context_management"),
+    ({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),
 ])
 def test_responses_refusals_name_the_field(server: str, extra: dict, param: str) -> None:
     r = httpx.post(f"{server}/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2, **extra}, timeout=60)
@@ -681,6 +686,30 @@ def test_responses_take_an_empty_include(client: openai.OpenAI) -> None:
     """The OpenAI Agents SDK's Responses model always sends `include: []`."""
     r = client.responses.create(model=MODEL, input="hi", max_output_tokens=4, include=[])
     assert r.status in ("completed", "incomplete") and r.usage.input_tokens > 0
+
+
+def test_responses_include_the_answers_logprobs(client: openai.OpenAI) -> None:
+    """include message.output_text.logprobs (+ top_logprobs): the answer's tokens, their texts adding
+    up to output_text, the same whole or streamed, and the same numbers chat gives for those tokens;
+    metadata and truncation echoed as sent. (That the thinking part is left out: test_thinking.py.)"""
+    kw = dict(model=MODEL, input="Say something.", max_output_tokens=100, temperature=0, top_logprobs=2,
+              include=["message.output_text.logprobs"], metadata={"k": "v"}, truncation="disabled")
+    r = client.responses.create(**kw)
+    (message,) = [item for item in r.output if item.type == "message"]
+    lps = message.content[0].logprobs
+    # this model thinks nothing and starts with a word: all 100 tokens are answer text
+    assert r.status == "incomplete" and len(lps) == r.usage.output_tokens == 100
+    assert all(len(lp.top_logprobs) == 2 and lp.top_logprobs[0].logprob >= lp.logprob - 1e-5 for lp in lps)
+    assert r.metadata == {"k": "v"} and r.truncation == "disabled" and r.top_logprobs == 2
+    events = list(client.responses.create(**kw, stream=True))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in (e.logprobs or [])]
+    done = [e for e in events if e.type == "response.output_text.done"]
+    assert [(lp.token, lp.logprob) for lp in streamed] == [(lp.token, lp.logprob) for lp in lps]
+    assert [(lp.token, lp.logprob) for lp in done[0].logprobs] == [(lp.token, lp.logprob) for lp in lps]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say something."}],
+                                          max_tokens=100, temperature=0, logprobs=True)
+    assert [(lp.token, round(lp.logprob, 4)) for lp in lps] == \
+        [(c.token, round(c.logprob, 4)) for c in chat.choices[0].logprobs.content]
 
 
 def test_models_say_the_context_and_the_checkpoint(server: str) -> None:

@@ -43,6 +43,28 @@ def test_budget_stop_text_in_reasoning_then_answer(client: openai.OpenAI) -> Non
     assert _stream(client, **kw) == (msg.reasoning_content, msg.content, resp.choices[0].finish_reason)
 
 
+def test_responses_logprobs_leave_the_thinking_out(client: openai.OpenAI) -> None:
+    """Responses' include message.output_text.logprobs covers the answer after </think>: none of the
+    reasoning item's tokens (nor the stop text), one entry per answer token, as chat counts them."""
+    kw = dict(model="m", input="Think about it", max_output_tokens=80, temperature=0, top_logprobs=1,
+              include=["message.output_text.logprobs"])
+    r = client.responses.create(**kw)
+    (reasoning,) = [item for item in r.output if item.type == "reasoning"]
+    (message,) = [item for item in r.output if item.type == "message"]
+    lps = message.content[0].logprobs
+    assert STOP_MARK in reasoning.content[0].text and r.output_text
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Think about it"}],
+                                          max_tokens=80, temperature=0, logprobs=True)
+    every = chat.choices[0].logprobs.content
+    answer = len(every) - chat.usage.completion_tokens_details.reasoning_tokens - 1  # less </think>
+    assert 0 < len(lps) <= answer < len(every)
+    assert [(lp.token, round(lp.logprob, 4)) for lp in lps] == [(c.token, round(c.logprob, 4)) for c in every[-len(lps):]]
+    assert "".join(lp.token for lp in lps).strip() == r.output_text.strip()
+    streamed = [lp.token for e in client.responses.create(**kw, stream=True)
+                if e.type == "response.output_text.delta" for lp in (e.logprobs or [])]
+    assert streamed == [lp.token for lp in lps]
+
+
 def test_budget_capped_by_pool(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=60,
                                           temperature=0, extra_body={"thinking_budget": 1000})
