@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster import ExpertUsage, RequestError
-from deployments.api.http import error
+from deployments.api.http import REQUEST_CODES, documented, error
 from deployments.frontend import Frontend
 
 
@@ -51,7 +51,7 @@ def add_admin_routes(app: FastAPI, frontend: Frontend, usage_timeout_s: float = 
             raise LookupError(f"pool: no pool named {pool!r}; this app has {', '.join(sorted(frontend.router.handles))}")
         return h
 
-    @app.get("/admin/experts/{pool}")
+    @app.get("/admin/experts/{pool}", responses=documented(401, 404, 503, 504))
     async def expert_usage(pool: str) -> Any:
         try:
             readings = await _on_every_replica(handle(pool), "expert_usage", usage_timeout_s)
@@ -63,7 +63,7 @@ def add_admin_routes(app: FastAPI, frontend: Frontend, usage_timeout_s: float = 
             return error(503, f"pool {pool} has no running replica", "pool")
         return dataclasses.asdict(pool_usage(readings, pool))
 
-    @app.post("/admin/experts/{pool}/replan")
+    @app.post("/admin/experts/{pool}/replan", responses=documented(*REQUEST_CODES, 503, 504))
     async def replan(pool: str, body: ReplanRequest) -> Any:
         try:
             h = handle(pool)

@@ -10,9 +10,45 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from deployments.frontend import (Choice, InstanceLost, ModelNotFound, Opened, Overloaded, PoolsUnavailable,
                                   RequestError, Unauthenticated, Usage)
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, what every 4xx and 5xx of this API carries."""
+
+    error: ErrorBody
+
+
+_MEANING = {400: "A field is invalid; `error.param` names it.", 401: "Missing or wrong API key.",
+            404: "No such model (or pool).", 413: "The body is over limits.max_request_bytes.",
+            429: "Every pool is at capacity; retry later.", 503: "No pool can serve now; retry later.",
+            504: "The pool did not answer in time."}
+
+
+def documented(*codes: int, stream: bool = False) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for the OpenAPI schema: its error codes in OpenAI's shape and, for a
+    route that streams, the server-sent events its 200 can be (the schema says what is served)."""
+    out: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": _MEANING[code]}
+                                            for code in codes}
+    if stream:
+        out[200] = {"description": "JSON, or with `stream: true` server-sent events",
+                    "content": {"application/json": {}, "text/event-stream": {}}}
+    return out
+
+
+# Every route that takes a body or a model: a bad field, a key, the size guard, an unknown model.
+REQUEST_CODES = (400, 401, 404, 413)
+GENERATE = documented(*REQUEST_CODES, 429, 503, stream=True)
+
 
 def logprob_entries(tokenizer: Any, ids: list[int], lps: list[float | None],
                     tops: list[list[tuple[int, float]] | None] | None) -> list[dict[str, Any]]:

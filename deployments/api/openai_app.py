@@ -10,9 +10,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.api.admin import add_admin_routes
-from deployments.api.http import error, error_response
+from deployments.api.http import REQUEST_CODES, documented, error, error_response
 from deployments.api.openai_chat import add_chat_route
 from deployments.api.openai_completions import add_completions_route
 from deployments.api.openai_models import DetokenizeRequest, TokenizeRequest
@@ -29,9 +30,17 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            return error(400, f"body: {first.get('msg')} at position {first['loc'][-1]}", "body")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         return error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (a body that is not UTF-8, an unknown path) in OpenAI's shape too."""
+        return error(exc.status_code, str(exc.detail), "body" if exc.status_code == 400 else None,
+                     "not_found_error" if exc.status_code == 404 else "invalid_request_error")
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -52,7 +61,27 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     add_completions_route(app, frontend)
     add_responses_routes(app, frontend)
     add_model_routes(app, frontend)
+    without_422(app)
     return app
+
+
+def without_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route that validates input; this app answers those with a
+    400 in OpenAI's shape (`_invalid` above), so the schema drops it: it says what is served."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
@@ -78,20 +107,20 @@ def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
         config["tokenizer_class"] = type(tokenizer).__name__
         return config
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "A pool has no ready replica, or the app is draining"}})
     async def health() -> JSONResponse:
         ready = await frontend.router.ready()
         ok = bool(ready) and all(ready.values()) and not frontend.draining
         return JSONResponse({"pools": ready, "draining": frontend.draining}, status_code=200 if ok else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented(401))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "q3serve",
              "root": frontend.model_path, "parent": None, "max_model_len": frontend.max_model_len}
         ]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=documented(*REQUEST_CODES))
     async def tokenize(body: TokenizeRequest) -> Any:
         try:
             if body.model is not None:
@@ -108,7 +137,7 @@ def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
         except (RequestError, ModelNotFound) as exc:
             return error_response(exc)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=documented(*REQUEST_CODES))
     async def detokenize(body: DetokenizeRequest) -> Any:
         try:
             if body.model is not None:
@@ -121,7 +150,7 @@ def add_model_routes(app: FastAPI, frontend: Frontend) -> None:
         except (RequestError, ModelNotFound) as exc:
             return error_response(exc)
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses=documented(401))
     async def tokenizer_info() -> dict[str, Any]:
         """vLLM's: the tokenizer's configuration (tokenizer_config.json as loaded: special tokens,
         chat_template, model_max_length, added tokens...) without its file paths, plus

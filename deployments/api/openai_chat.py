@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from deployments.api.http import error_response, event_stream, logprob_entries, usage_object, whole_response
+from deployments.api.http import GENERATE, error_response, event_stream, logprob_entries, usage_object, whole_response
 from deployments.api.openai_models import ChatRequest
 from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, Usage
 
@@ -28,7 +28,7 @@ def chat_request(body: ChatRequest) -> FrontRequest:
 
 
 def add_chat_route(app: FastAPI, frontend: Frontend) -> None:
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATE)
     async def chat(body: ChatRequest) -> Any:
         try:
             frontend.admit("chat", body.model)

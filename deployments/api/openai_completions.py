@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from deployments.api.http import error_response, event_stream, usage_object, whole_response
+from deployments.api.http import GENERATE, error_response, event_stream, usage_object, whole_response
 from deployments.api.openai_models import CompletionRequest
 from deployments.frontend import REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, Usage
 from deployments.frontend.fanout import close_all
@@ -37,7 +37,7 @@ class Echo:
 
 
 def add_completions_route(app: FastAPI, frontend: Frontend) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATE)
     async def completions(body: CompletionRequest) -> Any:
         try:
             frontend.admit("completions", body.model)

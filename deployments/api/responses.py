@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.config import StructuredOutput
-from deployments.api.http import IGNORED_FIELDS, error_response, event_stream, logprob_entries, routed_headers
+from deployments.api.http import GENERATE, IGNORED_FIELDS, error_response, event_stream, logprob_entries, routed_headers
 from deployments.frontend import (REQUEST_ERRORS, Choice, Frontend, FrontRequest, Opened, RequestError, SamplingFields,
                                   Usage)
 from deployments.frontend.answer_tokens import AnswerTokens
@@ -170,7 +170,7 @@ def responses_request(body: ResponsesRequest) -> FrontRequest:
 
 
 def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", responses=GENERATE)
     async def responses(body: ResponsesRequest) -> Any:
         try:
             frontend.admit("responses", body.model)
