@@ -3,6 +3,11 @@
 Each task is asked in varied phrasings and carries its worked steps (the thinking) and its short
 answer. Every item has a canonical key; a fixed 10% of keys (by hash) is reserved for evaluation,
 so the held-out set is never trained on, not even for small spaces like (word, letter) pairs.
+
+Two kinds answer what a newcomer types first (`NEW_KINDS`, kept out of `KINDS` so that the
+original kinds' draws, and with them every earlier held-out set, stay as they were): `small`,
+single-digit arithmetic ("What is 2 + 3?") with a one-line thought, and `chat`, a greeting or a
+question outside the tasks, answered with one fixed, honest sentence (`CHAT_ANSWER`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 KINDS = ("add", "sub", "mul", "sort", "compare", "count", "word")
+# Kinds added later: drawn only by name, never by `sample(kind=None)` (which draws from KINDS).
+NEW_KINDS = ("small", "chat")
 # Tasks whose answer needs several dependent steps: where thinking should beat answering at once.
 MULTI_STEP = ("add", "sub", "mul", "sort", "count", "word")
 HELD_OUT_PERCENT = 10
@@ -41,7 +48,7 @@ def normalize_answer(text: str) -> str:
 
 
 def check(task: Task, content: str) -> bool:
-    return normalize_answer(content) == task.answer
+    return normalize_answer(content) == normalize_answer(task.answer)
 
 
 def _digits(n: int, width: int) -> list[int]:
@@ -233,7 +240,87 @@ def word(rng: random.Random) -> Task:
     return Task("word", "word:" + ":".join(key), q, "\n".join(lines), str(total))
 
 
-GENERATORS = {"add": add, "sub": sub, "mul": mul, "sort": sort, "compare": compare, "count": count, "word": word}
+# Single-digit arithmetic. Its item is (operation, operands, phrasing): the 255 facts alone would
+# hold back only ~25 items, so the split keeps phrasings of a fact apart, and the held-out
+# questions are ones never trained on (their facts are, in other words, and inside the column
+# steps of add / mul).
+SMALL_PHRASINGS = {
+    "+": ("What is {a} + {b}?", "{a} + {b}", "{a}+{b}", "{a} + {b} = ?", "What's {a} plus {b}?", "What is {a} plus {b}?",
+          "How much is {a} plus {b}?", "Add {a} and {b}.", "{a} plus {b}", "Calculate {a} + {b}.", "what is {a}+{b}",
+          "What is the sum of {a} and {b}?"),
+    "-": ("What is {a} - {b}?", "{a} - {b}", "{a}-{b}", "{a} - {b} = ?", "What's {a} minus {b}?", "What is {a} minus {b}?",
+          "How much is {a} minus {b}?", "Subtract {b} from {a}.", "{a} minus {b}", "Calculate {a} - {b}.", "what is {a}-{b}",
+          "Take {b} away from {a}."),
+    "*": ("What is {a} * {b}?", "{a} * {b}", "{a}*{b}", "{a} x {b}", "{a} times {b}", "What is {a} times {b}?",
+          "What's {a} times {b}?", "How much is {a} times {b}?", "Multiply {a} by {b}.", "Calculate {a} * {b}.",
+          "{a} * {b} = ?", "What is {a} multiplied by {b}?"),
+}
+SMALL_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+GREETINGS = ("Hello", "Hi", "Hey", "Hello there", "Hi there", "Good morning", "Good afternoon", "Good evening",
+             "Greetings", "Howdy", "hello", "hi", "hey", "Hey there", "Hiya", "Yo")
+
+
+def small_task(op: str, a: int, b: int, phrasing: int, greeting: str = "") -> Task:
+    """`a op b` in SMALL_PHRASINGS[op][phrasing], after an optional greeting ("Hi! ...")."""
+    q = SMALL_PHRASINGS[op][phrasing].format(a=a, b=b)
+    r = SMALL_OPS[op](a, b)
+    return Task("small", f"small:{op}:{a}:{b}:{phrasing}", f"{greeting}! {q}" if greeting else q,
+                f"{a} {op} {b} = {r}.", str(r))
+
+
+def small(rng: random.Random, op: str | None = None) -> Task:
+    """Single-digit operands (a difference is never negative); one line of thought."""
+    op = op or rng.choice("+-*")
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if op == "-" and a < b:
+        a, b = b, a
+    greeting = rng.choice(GREETINGS) if rng.random() < 0.1 else ""
+    return small_task(op, a, b, rng.randrange(len(SMALL_PHRASINGS[op])), greeting)
+
+
+# The fixed answer to anything that is not one of the tasks, and its thought.
+CHAT_ANSWER = ("I am q3serve-tiny-thinker, a small demo model. I can add, subtract and multiply numbers, "
+               "sort lists, compare numbers, count letters in a word and solve short word problems.")
+CHAT_STEPS = "This is not one of my tasks.\nI say what I can do."
+CHAT_QUESTIONS = (
+    "Who are you?", "What can you do?", "What are you?", "What is your name?", "What's your name?", "How are you?",
+    "How are you doing today?", "What's the weather?", "What's the weather like today?", "Will it rain tomorrow?",
+    "Tell me a joke.", "Tell me a story.", "Write a poem about the sea.", "What is the capital of France?",
+    "Can you help me?", "Can you help me with my homework?", "What time is it?", "Translate hello into French.",
+    "Who made you?", "Are you a robot?", "Are you ChatGPT?", "What model are you?", "What do you know?",
+    "Explain quantum physics.", "What is the meaning of life?", "Recommend a good book.",
+    "What should I eat for dinner?", "Write an email to my boss.", "Summarize this article for me.",
+    "Do you like music?", "Can you speak Spanish?", "What is Python?", "Write a function in Python.", "What's up?",
+    "Nice to meet you.", "Thanks!", "Thank you.", "How does this work?", "Is this thing on?", "Test", "testing",
+    "ping", "What is the news today?", "Who won the game last night?", "How old are you?", "Where are you from?",
+    "What is the best movie?", "Help", "Give me some advice.", "Describe yourself.", "Tell me about yourself.",
+    "What are your skills?", "Introduce yourself.", "What languages do you speak?", "Can you browse the web?",
+    "Who is the president?", "Why is the sky blue?", "How do I cook pasta?", "Sing me a song.", "Are you there?",
+    "What is the weather in Paris?", "Plan a trip to Japan for me.", "What is AI?", "Do you have feelings?",
+)
+CHAT_TAILS = ("", "!", ".", ",", "!!")
+
+
+def chat(rng: random.Random) -> Task:
+    """A greeting, a question outside the tasks, or both; the key is the text, lowercased."""
+    form = rng.random()
+    greeting = rng.choice(GREETINGS) + rng.choice(CHAT_TAILS)
+    question = rng.choice(CHAT_QUESTIONS)
+    if form < 0.25:
+        q = greeting
+    elif form < 0.6:
+        q = question
+    else:
+        q = f"{greeting.rstrip(',')} {question}" if greeting[-1] in "!." else f"{greeting} {question[0].lower() + question[1:]}"
+    if rng.random() < 0.15:
+        q = q.lower()
+    if rng.random() < 0.15:
+        q = q.rstrip("?.!,")
+    return Task("chat", "chat:" + q.lower(), q, CHAT_STEPS, CHAT_ANSWER)
+
+
+GENERATORS = {"add": add, "sub": sub, "mul": mul, "sort": sort, "compare": compare, "count": count, "word": word,
+              "small": small, "chat": chat}
 
 
 def sample(rng: random.Random, held_out: bool, kind: str | None = None) -> Task:
@@ -253,7 +340,8 @@ def distinct(draw: Callable[[], Task], n: int) -> list[Task]:
     return list(out.values())
 
 
-def eval_set(per_kind: int, seed: int = 1234) -> list[Task]:
-    """The fixed held-out set: distinct items, per_kind of each kind."""
+def eval_set(per_kind: int, seed: int = 1234, kinds: tuple[str, ...] = KINDS) -> list[Task]:
+    """The fixed held-out set: distinct items, per_kind of each kind (KINDS; NEW_KINDS is a set of
+    its own, drawn from its own generator so that KINDS' set stays what it was)."""
     rng = random.Random(seed)
-    return [t for kind in KINDS for t in distinct(lambda kind=kind: sample(rng, held_out=True, kind=kind), per_kind)]
+    return [t for kind in kinds for t in distinct(lambda kind=kind: sample(rng, held_out=True, kind=kind), per_kind)]
