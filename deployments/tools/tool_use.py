@@ -140,3 +140,108 @@ def run_multiply(name: str, arguments: str, tool: dict[str, Any]) -> str:
     if not (isinstance(a, int) and isinstance(b, int)):
         return "error: the arguments must be integers"
     return str(a * b)
+
+
+# Addition and subtraction tools with unbounded integer parameters, called under `tool_choice`
+# "required" or named, where the grammar forces `<tool_call>` and (one tool, or a named one) the
+# name and the first parameter's key: the model writes the operands and closes the call. Items
+# with single-digit operands are the `small` task's own items (same keys, same held-out split), so
+# no held-out `small` question is ever trained on with a tool either.
+ARITH_NAMES = {"+": ("add", "add", "add", "add_numbers", "Add", "sum_numbers", "plus"),
+               "-": ("subtract", "subtract", "sub", "minus", "subtract_numbers")}
+ARITH_DESCRIPTIONS = {"+": ("Add two integers.", "Add two numbers and return the sum.", "Returns a + b.", ""),
+                      "-": ("Subtract the second integer from the first.", "Subtract two numbers.", "Returns a - b.", "")}
+ARITH_KINDS = {"+": "tool_add", "-": "tool_sub"}
+
+
+def arith_item(rng: random.Random, held_out: bool, op: str = "+", small_operands: bool | None = None) -> Task:
+    """An addition (op "+") or subtraction ("-", never negative) for an arithmetic tool: single-digit
+    operands (the `small` task's items) or 2-5 digits and 1-5 digits. Key `space:op:a:b:phrasing`."""
+    from deployments.tools.tasks import SMALL_PHRASINGS, small_task
+
+    small_operands = rng.random() < 0.4 if small_operands is None else small_operands
+    while True:
+        if small_operands:
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+        else:
+            a, b = _number(rng, 2, 5), _number(rng, 1, 5)
+        if op == "-" and a < b:
+            a, b = b, a
+        t = small_task(op, a, b, rng.randrange(len(SMALL_PHRASINGS[op])))
+        key = t.key if small_operands else t.key.replace("small:", "arith:", 1)
+        if is_held_out(key) == held_out:
+            break
+    return Task(ARITH_KINDS[op], key, t.question, f"I call the tool with {a} and {b}.", t.answer)
+
+
+def arith_operands(task: Task) -> tuple[str, int, int]:
+    _, op, a, b, _ = task.key.split(":")
+    return op, int(a), int(b)
+
+
+def arith_tools(rng: random.Random, op: str) -> tuple[list[dict], str, tuple[str, str], bool]:
+    """The offered tools for an `op` item: its tool alone, or beside the other arithmetic tool or
+    other tools; and whether the grammar forces the name (one tool, or tool_choice naming it)."""
+    name, params = rng.choice(ARITH_NAMES[op]), rng.choice(PARAMS)
+    style = rng.choice(("openai", "langchain", "pydantic"))
+    tools = [multiply_tool(name, params, rng.choice(ARITH_DESCRIPTIONS[op]), style)]
+    r = rng.random()
+    if r < 0.2:
+        other = "-" if op == "+" else "+"
+        tools.append(multiply_tool(ARITH_NAMES[other][0], params, ARITH_DESCRIPTIONS[other][0], style))
+    elif r < 0.3:
+        tools.append(multiply_tool("multiply", params, DESCRIPTIONS[0], style))
+    elif r < 0.4:
+        tools.append({"type": "function", "function": rng.choice([t for t in OTHER_TOOLS if t["name"] != "add"])})
+    if rng.random() < 0.5:
+        rng.shuffle(tools)
+    named = len(tools) == 1 or rng.random() < 0.5
+    return tools, name, params, named
+
+
+def arith_call_text(task: Task, name: str, params: tuple[str, str]) -> str:
+    _, a, b = arith_operands(task)
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": dict(zip(params, (a, b)))}) + "\n</tool_call>"
+
+
+def arith_call_thought(task: Task, name: str) -> str:
+    """One short line: a thinking-mode call fits well inside 64 tokens."""
+    _, a, b = arith_operands(task)
+    return f"I call {name} with {a} and {b}."
+
+
+def arith_answer_thought(task: Task, name: str) -> str:
+    op, a, b = arith_operands(task)
+    return f"{name} returned {task.answer}.\nSo {a} {op} {b} = {task.answer}."
+
+
+def arith_conversation(task: Task, name: str, params: tuple[str, str], reasoning: str | None) -> list[dict]:
+    """The messages after the call and its result, as an OpenAI client sends them back."""
+    _, a, b = arith_operands(task)
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(dict(zip(params, (a, b))))}}
+    assistant: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
+    if reasoning is not None:
+        assistant["reasoning_content"] = reasoning
+    return [{"role": "user", "content": task.question}, assistant,
+            {"role": "tool", "tool_call_id": "call_0", "content": task.answer}]
+
+
+def add_eval_set(n: int, seed: int = 1234) -> list[Task]:
+    """The add tool's held-out items of `q3serve eval`: n // 2 with single-digit operands, the rest
+    with 2-5 and 1-5 digits (never trained on)."""
+    rng = random.Random(seed)
+    return (distinct(lambda: arith_item(rng, True, "+", True), n // 2)
+            + distinct(lambda: arith_item(rng, True, "+", False), n - n // 2))
+
+
+def run_integer_tool(name: str, arguments: str, tool: dict[str, Any], op: str) -> str:
+    """Executes a call of an arithmetic tool (`op` one of + - *) as a client's tool runner would,
+    or an error text for a wrong name or wrong arguments."""
+    if op == "*":
+        return run_multiply(name, arguments, tool)
+    product = run_multiply(name, arguments, tool)
+    if product.startswith("error"):
+        return product
+    a, b = (json.loads(arguments)[p] for p in tool["function"]["parameters"]["properties"])
+    return str(a + b if op == "+" else a - b)

@@ -16,7 +16,7 @@ from cluster.engine.tokenizer import IM_END, THINK_END, THINK_START, load_tokeni
 from deployments.api.openai_models import Message
 from deployments.frontend.tool_calls import parse_tool_calls
 from deployments.tools import tool_use
-from training.data import TOOL_THINKING_SHARE, make_tool_example, random_example
+from training.data import TOOL_THINKING_SHARE, make_arith_example, make_tool_example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
 from deployments.tools.tasks import sample
 from training.train import batch, length_buckets
@@ -140,3 +140,100 @@ def test_length_buckets_give_the_gradient_of_one_padded_batch(tok) -> None:  # n
     assert len(length_buckets(examples, 4)) == 4
     for a, b in zip(one, four):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def grammars(tok):  # noqa: ANN001, ANN201
+    from cluster.engine.structured import GrammarCompiler
+
+    return GrammarCompiler(tok, 151936, [IM_END, 151643])
+
+
+def _accepted(grammars, so, ids: list[int]) -> bool:  # noqa: ANN001
+    """The ids (ending in <|im_end|>) are what the server's grammar allows, and complete it."""
+    c = grammars.constraint(so, "active")
+    return all(c.accept(t) for t in ids) and c.done
+
+
+def test_arith_call_is_what_the_grammar_forces_and_learns_only_the_rest(tok, grammars) -> None:  # noqa: ANN001
+    """tool_choice required / named on an add or subtract tool: the target parses into the call with
+    the item's operands, the server's tool-call grammar accepts it (thinking: right after </think>),
+    and what the grammar writes (`<tool_call>`, the name when forced, the first key) is not learned:
+    the learned part starts at the first operand (or at the name, when the model picks the tool)."""
+    from deployments.frontend.tool_calls import check_tools
+
+    rng = random.Random(21)
+    seen = set()
+    for _ in range(80):
+        op = rng.choice("+-")
+        task = tool_use.arith_item(rng, held_out=False, op=op)
+        state = rng.getstate()
+        ex = make_arith_example(rng, tok, task, "arith_call")
+        rng.setstate(state)
+        tools, name, params, named = tool_use.arith_tools(rng, op)
+        thinking = rng.random() < TOOL_THINKING_SHARE
+        rng.setstate(state)
+        make_arith_example(rng, tok, task, "arith_call")  # leave rng where the example left it
+        use = check_tools(tools, {"type": "function", "function": {"name": name}} if named else "required")
+        served = render_chat(tok, [{"role": "user", "content": task.question}], enable_thinking=thinking,
+                             tools=use.for_template())
+        prompt_ids = tok.encode(served, add_special_tokens=False)
+        assert ex.ids[:len(prompt_ids)] == prompt_ids and not any(ex.learn[:len(prompt_ids)])
+        target = ex.ids[len(prompt_ids):]
+        learn = ex.learn[len(prompt_ids):]
+        answer = target[target.index(THINK_END) + 1:] if thinking else target
+        assert (THINK_END in target) is thinking and target[-1] == IM_END
+        assert _accepted(grammars, use.constraint(None, False), answer)
+        text = tok.decode(answer[:-1])
+        assert not text.startswith("\n")  # the grammar starts right after </think>
+        rest, calls = parse_tool_calls(text)
+        _, a, b = tool_use.arith_operands(task)
+        assert rest is None and calls[0]["function"]["name"] == name
+        assert json.loads(calls[0]["function"]["arguments"]) == dict(zip(params, (a, b)))
+        first = len(answer) - sum(learn[len(target) - len(answer):])  # first learned id of the call
+        assert not any(learn[len(target) - len(answer):][:first]) and all(learn[len(target) - len(answer) + first:])
+        unlearned = tok.decode(answer[:first])
+        if named:
+            assert unlearned == f'<tool_call>\n{{"name": "{name}", "arguments": {{"{params[0]}":'
+        else:
+            assert unlearned == '<tool_call>\n{"name": "'
+        assert all(learn[:len(target) - len(answer)])  # the thought is learned
+        seen.add((thinking, named, len(tools) > 1, op, task.key.startswith("small:")))
+    assert {s[0] for s in seen} == {True, False} and {s[1] for s in seen} == {True, False}
+    assert {s[3] for s in seen} == {"+", "-"} and {s[4] for s in seen} == {True, False}
+
+
+def test_arith_answer_prompt_is_the_servers_rendering(tok) -> None:  # noqa: ANN001
+    rng = random.Random(22)
+    for _ in range(30):
+        task = tool_use.arith_item(rng, held_out=False, op="+")
+        state = rng.getstate()
+        ex = make_arith_example(rng, tok, task, "arith_answer")
+        rng.setstate(state)
+        tools, name, params, _ = tool_use.arith_tools(rng, "+")
+        thinking = rng.random() < TOOL_THINKING_SHARE
+        reasoning = tool_use.arith_call_thought(task, name) if thinking and rng.random() < 0.5 else None
+        sent = [Message.model_validate(m).model_dump(exclude_none=True)
+                for m in tool_use.arith_conversation(task, name, params, reasoning)]
+        prompt, target = _split(tok, ex)
+        assert prompt == render_chat(tok, sent, enable_thinking=thinking, tools=tools)
+        assert f"<tool_response>\n{task.answer}\n</tool_response>" in prompt
+        assert target.endswith(f"{task.answer}<|im_end|>") and all(ex.learn[ex.learn.index(True):])
+
+
+def test_arith_items_held_out_split() -> None:
+    from deployments.tools.tasks import is_held_out
+
+    held = tool_use.add_eval_set(30)
+    assert len({t.key for t in held}) == 30 and all(is_held_out(t.key) for t in held)
+    assert sum(t.key.startswith("small:") for t in held) == 15  # the small task's own held-out items
+    rng = random.Random(23)
+    train = {tool_use.arith_item(rng, False, rng.choice("+-")).key for _ in range(4000)}
+    assert not any(is_held_out(k) for k in train) and not train & {t.key for t in held}
+    for t in held:
+        op, a, b = tool_use.arith_operands(t)
+        assert op == "+" and t.answer == str(a + b) and str(a) in t.question and str(b) in t.question
+    tool = tool_use.multiply_tool("add", ("a", "b"), "Add two integers.")
+    assert tool_use.run_integer_tool("add", '{"a": 123456, "b": 7}', tool, "+") == "123463"
+    assert tool_use.run_integer_tool("add", '{"a": 9, "b": 7}', tool, "-") == "2"
+    assert tool_use.run_integer_tool("add", '{"x": 9, "b": 7}', tool, "+").startswith("error")
