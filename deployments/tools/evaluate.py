@@ -4,7 +4,13 @@ several budgets. Reports accuracy per task and mode, mean reasoning tokens and l
 a PNG of accuracy against thinking budget, and the per-expert routing counts the engines counted
 while serving the eval (scraped from the Prometheus export, as an operator would). Then the tool
 task (deployments/evaluate_tools.py): large products with the multiplication tool offered against
-without it, in both modes."""
+without it, in both modes.
+
+What a newcomer tries first is scored beside these, leaving their figures as they were: the new
+task kinds (`small`, `chat`: their own held-out set, their own columns in every condition; `all`
+and `multi_step` keep pooling the original kinds only, and `records` holds only theirs), and the
+structured cases of evaluate_tools.py (JSON answers and an `add` tool under tool_choice required,
+64 tokens)."""
 
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ from typing import Any
 import httpx
 
 from deployments.tools.machine import describe_machine
-from deployments.tools.evaluate_tools import run_tool_task, summarize_tools, tool_table
+from deployments.tools.evaluate_tools import (run_structured, run_tool_task, structured_table, summarize_add,
+                                             summarize_json, summarize_tools, tool_table)
 from deployments.http_client import auth_headers, served_model
-from deployments.tools.tasks import KINDS, MULTI_STEP, Task, check, eval_set
+from deployments.tools.tasks import KINDS, MULTI_STEP, NEW_KINDS, Task, check, eval_set
 
 
 @dataclass(frozen=True)
@@ -94,13 +101,19 @@ def _stats(recs: list[dict]) -> dict[str, Any]:
     }
 
 
-def summarize(records: list[dict], conds: list[Condition]) -> dict[str, dict[str, Any]]:
+def summarize(records: list[dict], conds: list[Condition], new_records: list[dict] | None = None) -> dict[str, dict[str, Any]]:
+    """Per condition: each original kind, multi_step, all (over the original kinds' `records`),
+    then a column for each new kind with `new_records` of it."""
     out: dict[str, dict[str, Any]] = {}
     for c in conds:
         recs = [r for r in records if r["condition"] == c.name]
         out[c.name] = {k: _stats([r for r in recs if r["kind"] == k]) for k in KINDS}
         out[c.name]["multi_step"] = _stats([r for r in recs if r["kind"] in MULTI_STEP])
         out[c.name]["all"] = _stats(recs)
+        for k in NEW_KINDS:
+            new = [r for r in new_records or [] if r["condition"] == c.name and r["kind"] == k]
+            if new:
+                out[c.name][k] = _stats(new)
     return out
 
 
@@ -193,8 +206,12 @@ def plot(summary: dict[str, dict[str, Any]], budgets: list[int], path: Path, tit
 def evaluate(url: str, model: str | None = None, per_task: int = 20, budgets: list[int] | None = None,
              seed: int = 1234, concurrency: int = 8, max_tokens: int = 512, api_key: str | None = None,
              metrics_url: str | None = None, timeout_s: float = 300.0, progress: bool = True,
-             tool_items: int | None = None) -> dict[str, Any]:
-    """tool_items: held-out products of the tool task (default per_task; 0 skips it)."""
+             tool_items: int | None = None, new_kinds: bool = True, json_items: int | None = None,
+             add_items: int | None = None) -> dict[str, Any]:
+    """tool_items: held-out products of the tool task (default per_task; 0 skips it); new_kinds:
+    also ask the NEW_KINDS' held-out set (per_task each) in every condition; json_items: held-out
+    `small` questions of the JSON case (default per_task; 0 skips it); add_items: held-out
+    additions of the add-tool case (default tool_items; 0 skips it)."""
     budgets = sorted(budgets if budgets is not None else [0, 8, 16, 32, 64, 128])
     headers = auth_headers(api_key)
     model = model or served_model(url, headers)
@@ -207,25 +224,38 @@ def evaluate(url: str, model: str | None = None, per_task: int = 20, budgets: li
     tool_items = per_task if tool_items is None else tool_items
     tool_records = (asyncio.run(run_tool_task(url, model, tool_items, seed, concurrency, max_tokens, headers, timeout_s))
                     if tool_items else [])
+    new_records = (asyncio.run(run_requests(url, model, eval_set(per_task, seed, kinds=NEW_KINDS), conds, concurrency,
+                                            max_tokens, headers, timeout_s, progress)) if new_kinds else [])
+    json_items = per_task if json_items is None else json_items
+    add_items = tool_items if add_items is None else add_items
+    json_records, add_records = (asyncio.run(run_structured(url, model, json_items, add_items, seed, concurrency,
+                                                            headers, timeout_s)) if json_items or add_items else ([], []))
     result: dict[str, Any] = {
         "machine": describe_machine(), "server": url, "model": model, "wall_s": round(wall, 1),
         "settings": {"per_task": per_task, "seed": seed, "budgets": budgets, "concurrency": concurrency,
                      "max_tokens": max_tokens, "temperature": 0.0, "kinds": list(KINDS), "multi_step": list(MULTI_STEP),
-                     "tool_items": tool_items},
+                     "tool_items": tool_items, "new_kinds": list(NEW_KINDS) if new_kinds else [],
+                     "json_items": json_items, "add_items": add_items},
         "conditions": [asdict(c) for c in conds],
-        "summary": summarize(records, conds),
+        "summary": summarize(records, conds, new_records),
     }
     if metrics_url:
         result["expert_usage"] = expert_usage(before, settled_expert_counts(metrics_url))
     result["tool_use"] = summarize_tools(tool_records)
+    result["json"] = summarize_json(json_records)
+    result["add_tool"] = summarize_add(add_records)
     result["records"] = records
     result["tool_records"] = tool_records
+    result["new_kind_records"] = new_records
+    result["json_records"] = json_records
+    result["add_tool_records"] = add_records
     return result
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
-    """Accuracy per condition (rows) and task (columns), plus mean reasoning tokens."""
-    cols = [*KINDS, "multi_step", "all"]
+    """Accuracy per condition (rows) and task (columns), plus mean reasoning tokens of `all`."""
+    first = next(iter(summary.values()), {})
+    cols = [*KINDS, "multi_step", "all", *(k for k in NEW_KINDS if k in first)]
     lines = ["condition".ljust(14) + "".join(c[:10].rjust(11) for c in cols) + "  think_tok".rjust(11)]
     for name, row in summary.items():
         lines.append(name.ljust(14) + "".join(f"{row[c]['accuracy']:.2f}".rjust(11) for c in cols)
@@ -236,13 +266,16 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
 def main(args: Any) -> int:  # noqa: ANN401 - the argparse namespace of `q3serve eval`
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
     result = evaluate(args.url, args.model, args.per_task, budgets, args.seed, args.concurrency, args.max_tokens,
-                      args.api_key, args.metrics_url or None, args.timeout, tool_items=args.tool_items)
+                      args.api_key, args.metrics_url or None, args.timeout, tool_items=args.tool_items,
+                      json_items=getattr(args, "json_items", None), add_items=getattr(args, "add_items", None))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result["summary"]))
     if result["tool_use"]:
         print(tool_table(result["tool_use"]))
+    if result["json"] or result["add_tool"]:
+        print(structured_table(result["json"], result["add_tool"]))
     png = out.with_name(out.stem + "_budget.png") if args.plot is None else (Path(args.plot) if args.plot else None)
     if png is not None:
         png.parent.mkdir(parents=True, exist_ok=True)
