@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=1234, help="seed of the held-out set")
     ev.add_argument("--tool-items", type=int, default=None,
                     help="held-out products of the tool task, asked with and without the tool (default --per-task; 0 skips)")
+    ev.add_argument("--json-items", type=int, default=None,
+                    help="held-out single-digit questions of the JSON case (default --per-task; 0 skips it)")
+    ev.add_argument("--add-items", type=int, default=None,
+                    help="held-out additions of the add-tool case (default --tool-items; 0 skips it)")
     ev.add_argument("--concurrency", type=int, default=8)
     ev.add_argument("--max-tokens", type=int, default=512)
     ev.add_argument("--timeout", type=float, default=300.0, help="seconds per request")

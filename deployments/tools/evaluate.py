@@ -267,7 +267,7 @@ def main(args: Any) -> int:  # noqa: ANN401 - the argparse namespace of `q3serve
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
     result = evaluate(args.url, args.model, args.per_task, budgets, args.seed, args.concurrency, args.max_tokens,
                       args.api_key, args.metrics_url or None, args.timeout, tool_items=args.tool_items,
-                      json_items=getattr(args, "json_items", None), add_items=getattr(args, "add_items", None))
+                      json_items=args.json_items, add_items=args.add_items)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
