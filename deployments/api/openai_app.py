@@ -21,6 +21,8 @@ from deployments.api.responses import add_responses_routes
 from deployments.frontend import Frontend, ModelNotFound, RequestError, Unauthenticated
 
 GUARDED = ("/v1/", "/tokenize", "/detokenize", "/admin/")
+# The generation routes, by their `route` tag in q3serve_requests_total.
+COUNTED = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
 
 
 def build_openai_app(frontend: Frontend) -> FastAPI:
@@ -28,7 +30,9 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     app = FastAPI(title="q3serve", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path in COUNTED:
+            frontend.count_invalid(COUNTED[request.url.path])
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
             return error(400, f"body: {first.get('msg')} at position {first['loc'][-1]}", "body")

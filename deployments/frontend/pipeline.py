@@ -256,6 +256,10 @@ class Frontend:
     def _count(self, route: str, status: str) -> None:
         self.metrics.requests.inc(1, tags={"pool": "none", "route": route, "status": status})
 
+    def count_invalid(self, route: str) -> None:
+        """A request refused before it reached the pipeline (its body did not validate): a 400 too."""
+        self._count(route, "400")
+
     async def _measured(self, chunks: AsyncIterator[RequestOutput], tags: dict[str, str], start: float
                         ) -> AsyncIterator[RequestOutput]:
         """Passes chunks through, recording TTFT, inter-token latency, tokens and latency."""

@@ -196,7 +196,8 @@ def _grew(before: dict[str, float], after: dict[str, float]) -> bool:
 def test_prometheus_metrics(client: openai.OpenAI) -> None:
     """Every metric is exported, and the counters grow with this test's own requests (the Ray
     cluster is shared with the other serving modules, whose requests counted before): the
-    prefix-cache hits of a repeated prompt, and a wrong model name counted under status 404."""
+    prefix-cache hits of a repeated prompt, a wrong model name counted under status 404 and a body
+    that does not validate under 400."""
     import time
 
     wanted = ["ray_q3serve_requests_total", "ray_q3serve_request_latency_seconds_count",
@@ -213,8 +214,16 @@ def test_prometheus_metrics(client: openai.OpenAI) -> None:
     assert cached[1].prompt_tokens_details.cached_tokens > 0
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="metrics", max_tokens=5)
+    with pytest.raises(openai.BadRequestError):  # no input: refused by the body's validation, counted too
+        client.responses.create(model=MODEL, max_output_tokens=5)  # type: ignore[call-overload]
+
+    def invalid(seen: dict[str, dict[str, float]]) -> float:
+        return sum(v for k, v in seen.get("ray_q3serve_requests_total", {}).items()
+                   if 'route="responses"' in k and 'status="400"' in k)
+
     def not_found(seen: dict[str, dict[str, float]]) -> bool:
-        return any('status="404"' in k for k in seen.get("ray_q3serve_requests_total", {}))
+        return any('status="404"' in k for k in seen.get("ray_q3serve_requests_total", {})) and \
+            invalid(seen) > invalid(before)
 
     deadline = time.monotonic() + 60
     seen: dict[str, dict[str, float]] = {}

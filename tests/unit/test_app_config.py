@@ -14,7 +14,10 @@ def test_defaults_are_two_pools() -> None:
     cfg = AppConfig()
     assert set(cfg.pools()) == {"thinking", "fast"}
     assert cfg.thinking.max_tokens_limit > cfg.fast.max_tokens_limit
-    assert cfg.thinking.engine.max_num_seqs > cfg.fast.engine.max_num_seqs
+    # the same batch (64: at concurrency 64 the fast pool's 32 queued half the requests; see the
+    # config's note), the thinking pool's steps take more tokens, the fast pool's stay short
+    assert cfg.thinking.engine.max_num_seqs == cfg.fast.engine.max_num_seqs == 64
+    assert cfg.thinking.engine.max_num_batched_tokens > cfg.fast.engine.max_num_batched_tokens
     assert cfg.router.default_thinking is True
     assert cfg.http_port == 8000 and cfg.grpc_port == 9000
 
