@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from deployments.frontend import (Choice, InstanceLost, ModelNotFound, Opened, Overloaded, PoolsUnavailable,
                                   RequestError, Unauthenticated, Usage)
 
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster import THINK_END, THINK_START
-
-TOOL_CALL_OPEN = "<tool_call>"
+from deployments.frontend.tool_calls import OPEN as TOOL_CALL_OPEN
 
 
 class AnswerTokens:
@@ -27,7 +26,8 @@ class AnswerTokens:
     def feed(self, ids: list[int]) -> list[bool]:
         mask = []
         for t in ids:
-            blank = not self.tokenizer.decode([t]).strip()
+            # only the tokens before the answer's first word need their text (a blank line or not)
+            blank = not self.started and self.state in ("start", "answer") and not self.tokenizer.decode([t]).strip()
             if self.state == "start" and not blank:
                 self.state = "reasoning" if t == THINK_START else "answer"
             elif self.state == "reasoning" and t == THINK_END:

@@ -111,7 +111,13 @@ def answer_thought(task: Task, name: str) -> str:
 
 def conversation(task: Task, name: str, params: tuple[str, str], reasoning: str | None) -> list[dict]:
     """The messages after the call and its result, as an OpenAI client sends them back."""
-    call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments(task, params))}}
+    return called(task, name, arguments(task, params), reasoning)
+
+
+def called(task: Task, name: str, args: dict[str, int], reasoning: str | None) -> list[dict]:
+    """The question, the assistant's call of `name` with `args` (and its reasoning) and the tool's
+    result, the task's answer: any tool's conversation after one call."""
+    call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
     assistant: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
     if reasoning is not None:
         assistant["reasoning_content"] = reasoning
@@ -218,13 +224,7 @@ def arith_answer_thought(task: Task, name: str) -> str:
 def arith_conversation(task: Task, name: str, params: tuple[str, str], reasoning: str | None) -> list[dict]:
     """The messages after the call and its result, as an OpenAI client sends them back."""
     _, a, b = arith_operands(task)
-    call = {"id": "call_0", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(dict(zip(params, (a, b))))}}
-    assistant: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
-    if reasoning is not None:
-        assistant["reasoning_content"] = reasoning
-    return [{"role": "user", "content": task.question}, assistant,
-            {"role": "tool", "tool_call_id": "call_0", "content": task.answer}]
+    return called(task, name, dict(zip(params, (a, b))), reasoning)
 
 
 def add_eval_set(n: int, seed: int = 1234) -> list[Task]:

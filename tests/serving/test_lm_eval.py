@@ -55,14 +55,15 @@ MC_DOCS: list[dict[str, Any]] = [
     {"question": "What gas do plants take in from the air?", "choices": ["oxygen", "carbon dioxide", "helium", "neon"],
      "label": 1},
 ]
-MC_TASK = """task: q3_mc
-dataset_path: json
+# The local JSON file both tasks read (lm-eval task YAML; {data} and {cache} filled in per test).
+TASK_DATA = """dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
 test_split: test
-output_type: multiple_choice
+"""
+MC_TASK = "task: q3_mc\n" + TASK_DATA + """output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
@@ -77,14 +78,7 @@ GEN_DOCS: list[dict[str, Any]] = [
 ]
 GEN_MAX_TOKENS = 12
 GEN_STOP = ["\n\n"]
-GEN_TASK = """task: q3_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: generate_until
+GEN_TASK = "task: q3_gen\n" + TASK_DATA + """output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
