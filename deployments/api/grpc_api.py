@@ -141,27 +141,29 @@ class GrpcApi:
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
 
-    def _begin(self, ctx: Any, model: str, route: str | None = None) -> None:
+    def _begin(self, ctx: Any, model: str, generates: bool = False) -> None:
+        """The key, then (for a generation call) capacity, then the model's name."""
         metadata = dict(ctx.invocation_metadata())
         self.frontend.authorize(metadata.get("authorization"))
-        if route is not None:
-            self.frontend.check_capacity(route)
-        self.frontend.check_model(model, route)
+        if generates:
+            self.frontend.check_capacity()
+        self.frontend.check_model(model)
 
     # -- q3serve.v1.ChatService -----------------------------------------------------------------
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatChunk]:
         try:
-            self._begin(ctx, request.model, "grpc_chat")
-            if not request.messages:
-                raise RequestError("messages", "at least one message is required")
-            for i, m in enumerate(request.messages):
-                if m.role not in ROLES:
-                    raise RequestError(f"messages[{i}].role", f"'{m.role}' is not one of {', '.join(ROLES)}")
-            req = FrontRequest("grpc_chat", "messages", messages=[_message(m) for m in request.messages],
-                               tools=_tools(request.tools), tool_choice=_tool_choice(request.tool_choice),
-                               parallel_tool_calls=request.parallel_tool_calls, thinking=_opt(request, "enable_thinking"),
-                               sampling=_fields(request), constraint=_constraint(request))
-            opened = await self.frontend.open(req)
+            with self.frontend.refusals("grpc_chat"):
+                self._begin(ctx, request.model, generates=True)
+                if not request.messages:
+                    raise RequestError("messages", "at least one message is required")
+                for i, m in enumerate(request.messages):
+                    if m.role not in ROLES:
+                        raise RequestError(f"messages[{i}].role", f"'{m.role}' is not one of {', '.join(ROLES)}")
+                req = FrontRequest("grpc_chat", "messages", messages=[_message(m) for m in request.messages],
+                                   tools=_tools(request.tools), tool_choice=_tool_choice(request.tool_choice),
+                                   parallel_tool_calls=request.parallel_tool_calls, thinking=_opt(request, "enable_thinking"),
+                                   sampling=_fields(request), constraint=_constraint(request))
+                opened = await self.frontend.open(req)
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
         _retried(ctx, opened.retries)
@@ -177,16 +179,17 @@ class GrpcApi:
 
     async def generate(self, request: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            self._begin(ctx, request.model, "grpc_generate")
-            if request.token_ids:
-                prompt, param = list(request.token_ids), "token_ids"
-            elif request.prompt:
-                prompt, param = request.prompt, "prompt"
-            else:
-                raise RequestError("prompt", "give prompt text or token_ids")
-            fields = _fields(request, stop_token_ids=list(request.stop_token_ids), ignore_eos=request.ignore_eos)
-            req = FrontRequest("grpc_generate", param, prompt=prompt, sampling=fields, constraint=_constraint(request))
-            opened = await self.frontend.open(req)
+            with self.frontend.refusals("grpc_generate"):
+                self._begin(ctx, request.model, generates=True)
+                if request.token_ids:
+                    prompt, param = list(request.token_ids), "token_ids"
+                elif request.prompt:
+                    prompt, param = request.prompt, "prompt"
+                else:
+                    raise RequestError("prompt", "give prompt text or token_ids")
+                fields = _fields(request, stop_token_ids=list(request.stop_token_ids), ignore_eos=request.ignore_eos)
+                req = FrontRequest("grpc_generate", param, prompt=prompt, sampling=fields, constraint=_constraint(request))
+                opened = await self.frontend.open(req)
         except tuple(STATUS) as exc:
             raise _abort(ctx, exc) from None
         _retried(ctx, opened.retries)

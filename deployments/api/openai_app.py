@@ -32,7 +32,7 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.url.path in COUNTED:
-            frontend.count_invalid(COUNTED[request.url.path])
+            frontend.count_refused(COUNTED[request.url.path], 400)
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
             return error(400, f"body: {first.get('msg')} at position {first['loc'][-1]}", "body")
@@ -53,12 +53,18 @@ def build_openai_app(frontend: Frontend) -> FastAPI:
             try:
                 frontend.authorize(request.headers.get("authorization"))
             except Unauthenticated as exc:
-                return error_response(exc)
+                return _counted(request, error_response(exc))
             size = request.headers.get("content-length")
             limit = frontend.cfg.limits.max_request_bytes
             if size is not None and size.isdigit() and int(size) > limit:
-                return error(413, f"body: {size} bytes exceed the limit of {limit}", "body")
+                return _counted(request, error(413, f"body: {size} bytes exceed the limit of {limit}", "body"))
         return await call_next(request)
+
+    def _counted(request: Request, refusal: JSONResponse) -> JSONResponse:
+        """A generation request refused here is in q3serve_requests_total too, as gRPC's are."""
+        if request.url.path in COUNTED:
+            frontend.count_refused(COUNTED[request.url.path], refusal.status_code)
+        return refusal
 
     add_admin_routes(app, frontend)
     add_chat_route(app, frontend)

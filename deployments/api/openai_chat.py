@@ -31,8 +31,9 @@ def add_chat_route(app: FastAPI, frontend: Frontend) -> None:
     @app.post("/v1/chat/completions", responses=GENERATE)
     async def chat(body: ChatRequest) -> Any:
         try:
-            frontend.admit("chat", body.model)
-            opened = await frontend.open(chat_request(body), "chatcmpl-")
+            with frontend.refusals("chat"):
+                frontend.admit(body.model)
+                opened = await frontend.open(chat_request(body), "chatcmpl-")
             if body.stream:
                 return event_stream(opened, chat_events(frontend, opened, body.include_usage))
             choices = await opened.whole()

@@ -40,13 +40,14 @@ def add_completions_route(app: FastAPI, frontend: Frontend) -> None:
     @app.post("/v1/completions", responses=GENERATE)
     async def completions(body: CompletionRequest) -> Any:
         try:
-            frontend.admit("completions", body.model)
-            body.check_honoured()
-            prompts = body.prompts()
-            limit = frontend.cfg.limits.max_batch_prompts
-            if len(prompts) > limit:
-                raise RequestError("prompt", f"a batch of {len(prompts)} prompts is over this server's limit of {limit}")
-            batch = await open_batch(frontend, body, prompts)
+            with frontend.refusals("completions"):
+                frontend.admit(body.model)
+                body.check_honoured()
+                prompts = body.prompts()
+                limit = frontend.cfg.limits.max_batch_prompts
+                if len(prompts) > limit:
+                    raise RequestError("prompt", f"a batch of {len(prompts)} prompts is over this server's limit of {limit}")
+                batch = await open_batch(frontend, body, prompts)
             echo = None
             if body.echo:
                 echo = [Echo(p if isinstance(p, str) else frontend.tokenizer.decode(p), ids)

@@ -173,8 +173,9 @@ def add_responses_routes(app: FastAPI, frontend: Frontend) -> None:
     @app.post("/v1/responses", responses=GENERATE)
     async def responses(body: ResponsesRequest) -> Any:
         try:
-            frontend.admit("responses", body.model)
-            opened = await frontend.open(responses_request(body), "resp_")
+            with frontend.refusals("responses"):
+                frontend.admit(body.model)
+                opened = await frontend.open(responses_request(body), "resp_")
             state = _State(opened.id, body, frontend.model_name,
                            AnswerTokens(frontend.tokenizer, opened.thinking) if body.logprobs else None)
             if body.stream:

@@ -9,7 +9,7 @@ from cluster import RequestError
 from deployments.router import InstanceLost, Overloaded, PoolsUnavailable
 
 __all__ = ["InstanceLost", "ModelNotFound", "Overloaded", "PoolsUnavailable", "RequestError", "Unauthenticated",
-           "REQUEST_ERRORS"]
+           "REQUEST_ERRORS", "http_status"]
 
 
 class ModelNotFound(LookupError):
@@ -20,5 +20,12 @@ class Unauthenticated(PermissionError):
     """No or a wrong API key (401 / UNAUTHENTICATED)."""
 
 
-# What a request can fail with before its first output (each maps to a 4xx or a 503).
-REQUEST_ERRORS = (RequestError, ModelNotFound, Unauthenticated, Overloaded, PoolsUnavailable)
+# What a request can fail with before its first output, and the HTTP code each gets (the status
+# tag of q3serve_requests_total for every protocol).
+HTTP_STATUS: dict[type[Exception], int] = {RequestError: 400, Unauthenticated: 401, ModelNotFound: 404,
+                                           Overloaded: 429, PoolsUnavailable: 503}
+REQUEST_ERRORS = tuple(HTTP_STATUS)
+
+
+def http_status(exc: Exception) -> int:
+    return next(code for kind, code in HTTP_STATUS.items() if isinstance(exc, kind))

@@ -1,15 +1,17 @@
 """The front end every protocol shares: API keys, the model-name check, capacity, then the one
 chat pipeline (tools, Qwen3's template and mode, the prompt limit, `SamplingParams` built once,
 the output constraint), the pool call through the router, n > 1 fan-out, request metrics, and
-drain. The adapters in deployments/api/ translate a request into a `FrontRequest`, call `open`,
-and render the `Opened` request's deltas (or whole choices); they map the errors to their codes."""
+drain. The adapters in deployments/api/ translate a request into a `FrontRequest`, call `open`
+inside `refusals` (which counts the request when it is refused), and render the `Opened`
+request's deltas (or whole choices); they map the errors to their codes."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,7 +23,7 @@ from cluster.default_model import default_model_path
 from deployments.auth import ApiKeys, load_keys
 from deployments.config import AppConfig
 from deployments.frontend.deltas import ChoiceParser, Choice, Delta, collect_choice
-from deployments.frontend.errors import ModelNotFound, Unauthenticated
+from deployments.frontend.errors import REQUEST_ERRORS, ModelNotFound, Unauthenticated, http_status
 from deployments.frontend.fanout import merged, more_choices
 from deployments.frontend.request import FrontRequest
 from deployments.frontend.sampling import SamplingFields, build_params, sampling_defaults
@@ -112,25 +114,22 @@ class Frontend:
         if not self.keys.check(authorization):
             raise Unauthenticated("authorization: missing or invalid API key (send 'Authorization: Bearer <key>')")
 
-    def admit(self, route: str, model: str | None) -> None:
+    def admit(self, model: str | None) -> None:
         """The checks before a request is even read: capacity, then the model's name."""
-        self.check_capacity(route)
-        self.check_model(model, route)
+        self.check_capacity()
+        self.check_model(model)
 
-    def check_capacity(self, route: str) -> None:
+    def check_capacity(self) -> None:
         """Refuses a request at once (429) when the pools could not hold it anyway: checked
         before the chat template and the tokenizer run, so that under many times the capacity
         the refusals stay cheap and the admitted requests keep the ingress's CPU."""
         if self.capacity is not None and self.active >= self.capacity:
-            self._count(route, "429")
             raise Overloaded(f"the server holds {self.capacity} requests (running and queued over all pools); "
                              "retry later")
 
-    def check_model(self, model: str | None, route: str | None = None) -> None:
-        """A wrong name is a 404 (counted under `route` when a request route asks)."""
+    def check_model(self, model: str | None) -> None:
+        """A wrong name is a 404."""
         if model and model != self.model_name:
-            if route is not None:
-                self._count(route, "404")
             raise ModelNotFound(f"model: '{model}' does not exist; this server serves '{self.model_name}'")
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -176,11 +175,7 @@ class Frontend:
     async def open(self, req: FrontRequest, id_prefix: str = "req-") -> Opened:
         """The request through the pipeline and started on a pool, with its n choices (a seeded
         request's choice i uses seed + i, so the choices differ but the request reproduces)."""
-        try:
-            p = self.prepare(req)
-        except RequestError:
-            self._count(req.route, "400")
-            raise
+        p = self.prepare(req)
         rid = req.request_id or f"{id_prefix}{uuid.uuid4().hex}"
         routed = await self.start(req.route, p.prompt_ids, p.params, p.thinking, req.prompt_param, rid)
         streams = [routed.chunks]
@@ -211,15 +206,8 @@ class Frontend:
                     prompt_param, f"the prompt is {len(prompt_ids)} tokens, over the limit of {self.prompt_limit}")
             routed = await self.router.stream(request)
         except RequestError as exc:
-            self._count(route, "400")
             if exc.param in (None, "prompt"):
                 raise RequestError(prompt_param, exc.message) from None
-            raise
-        except Overloaded:
-            self._count(route, "429")
-            raise
-        except PoolsUnavailable:
-            self._count(route, "503")
             raise
         finally:
             self.starting -= 1
@@ -256,9 +244,21 @@ class Frontend:
     def _count(self, route: str, status: str) -> None:
         self.metrics.requests.inc(1, tags={"pool": "none", "route": route, "status": status})
 
-    def count_invalid(self, route: str) -> None:
-        """A request refused before it reached the pipeline (its body did not validate): a 400 too."""
-        self._count(route, "400")
+    @contextmanager
+    def refusals(self, route: str) -> Iterator[None]:
+        """Counts a request refused before its stream began under `route`, with the code it gets
+        (400, 401, 404, 429, 503): the adapter's own checks (a field the server does not honour, a
+        batch over the limit) as well as the pipeline's and the router's."""
+        try:
+            yield
+        except REQUEST_ERRORS as exc:
+            self._count(route, str(http_status(exc)))
+            raise
+
+    def count_refused(self, route: str, status: int) -> None:
+        """A request refused before it reached its adapter: a body that did not validate (400), no
+        or a wrong key (401), a body over the size limit (413)."""
+        self._count(route, str(status))
 
     async def _measured(self, chunks: AsyncIterator[RequestOutput], tags: dict[str, str], start: float
                         ) -> AsyncIterator[RequestOutput]:

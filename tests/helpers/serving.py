@@ -114,6 +114,24 @@ def shutdown_cluster() -> None:
         ray.shutdown()
 
 
+def scrape_metrics(names: list[str]) -> dict[str, dict[str, float]]:
+    """Each metric's series (pools, routes, replicas: the label set) and values in the Prometheus export."""
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT['port']}/metrics", timeout=10).text
+    series: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                key, value = line.rsplit(" ", 1)
+                series.setdefault(name, {})[key] = float(value)
+    return series
+
+
+def requests_counted(route: str, status: str) -> float:
+    """q3serve_requests_total under `route` and `status`, summed over pools and replicas."""
+    series = scrape_metrics(["ray_q3serve_requests_total"]).get("ray_q3serve_requests_total", {})
+    return sum(v for k, v in series.items() if f'route="{route}"' in k and f'status="{status}"' in k)
+
+
 def pool_idle_stats(pool: str = "fast-pool", timeout_s: float = 30) -> dict:
     """The pool's stats once nothing runs and every KV block is free (or at the timeout)."""
     handle = serve.get_deployment_handle(pool, app_name=APP)

@@ -13,7 +13,7 @@ import pytest
 
 from cluster import LLM, SamplingParams
 from deployments.grpc_client import Q3ServeClient
-from tests.helpers.serving import GRPC_PORT, ServeApp, pool_idle_stats
+from tests.helpers.serving import GRPC_PORT, ServeApp, pool_idle_stats, requests_counted
 
 KEY = "test-key-123"
 
@@ -78,6 +78,34 @@ def test_status_codes(server: str, client: Q3ServeClient) -> None:
     assert _code(lambda: client.generate([1, 2, 3], max_tokens=5000, ignore_eos=True, timeout=0.001)) == grpc.StatusCode.DEADLINE_EXCEEDED
     # still serving after all of that
     assert list(client.chat(ok, max_tokens=2, enable_thinking=False))[-1].usage.completion_tokens == 2
+
+
+def test_refusals_counted(server: str, client: Q3ServeClient) -> None:
+    """Calls refused before the pipeline (no messages, a wrong key, no prompt) are in
+    q3serve_requests_total under their route and the HTTP code their gRPC code maps to, as the
+    ones the pipeline refuses (a wrong model name, 404); so is the same app's HTTP refusal of a
+    wrong key."""
+    import time
+
+    import httpx
+
+    wanted = [("grpc_chat", "400"), ("grpc_chat", "401"), ("grpc_generate", "400"), ("grpc_chat", "404"),
+              ("chat", "401")]
+    before = {w: requests_counted(*w) for w in wanted}
+    ok = [{"role": "user", "content": "x"}]
+    assert _code(lambda: client.chat([])) == grpc.StatusCode.INVALID_ARGUMENT
+    wrong = Q3ServeClient(f"127.0.0.1:{GRPC_PORT['port']}", api_key="wrong")
+    assert _code(lambda: wrong.chat(ok)) == grpc.StatusCode.UNAUTHENTICATED
+    wrong.close()
+    assert _code(lambda: client.generate([])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: client.chat(ok, model="nope")) == grpc.StatusCode.NOT_FOUND
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": ok}, headers={"authorization": "Bearer wrong"},
+                   timeout=30)
+    assert r.status_code == 401
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(requests_counted(*w) > before[w] for w in wanted):
+        time.sleep(1)
+    assert all(requests_counted(*w) > before[w] for w in wanted), {w: (before[w], requests_counted(*w)) for w in wanted}
 
 
 def test_cancel_frees_kv_blocks(client: Q3ServeClient) -> None:

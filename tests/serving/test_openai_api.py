@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from cluster.engine.tokenizer import STOP_THINKING
-from tests.helpers.serving import METRICS_PORT, ServeApp, pool_idle_stats
+from tests.helpers.serving import ServeApp, pool_idle_stats, scrape_metrics
 
 MODEL = "qwen3-test"
 
@@ -174,18 +174,6 @@ def test_client_cancel_frees_kv_blocks(server: str, n: int) -> None:
     assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
-def _scrape(names: list[str]) -> dict[str, dict[str, float]]:
-    """Each metric's series (pools, routes, replicas: the label set) and values in the Prometheus export."""
-    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT['port']}/metrics", timeout=10).text
-    series: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        for name in names:
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                key, value = line.rsplit(" ", 1)
-                series.setdefault(name, {})[key] = float(value)
-    return series
-
-
 def _grew(before: dict[str, float], after: dict[str, float]) -> bool:
     """Some series rose or appeared. Series by series, not a sum: the replicas of the serving
     modules before this one leave the export when their processes end, which can make a sum fall
@@ -196,8 +184,8 @@ def _grew(before: dict[str, float], after: dict[str, float]) -> bool:
 def test_prometheus_metrics(client: openai.OpenAI) -> None:
     """Every metric is exported, and the counters grow with this test's own requests (the Ray
     cluster is shared with the other serving modules, whose requests counted before): the
-    prefix-cache hits of a repeated prompt, a wrong model name counted under status 404 and a body
-    that does not validate under 400."""
+    prefix-cache hits of a repeated prompt, a wrong model name counted under status 404, a body
+    that does not validate under 400, and so is a field the chat adapter refuses before the pipeline."""
     import time
 
     wanted = ["ray_q3serve_requests_total", "ray_q3serve_request_latency_seconds_count",
@@ -206,7 +194,7 @@ def test_prometheus_metrics(client: openai.OpenAI) -> None:
               "ray_q3serve_kv_cache_usage_ratio", "ray_q3serve_expert_tokens", "ray_q3serve_prompt_cached_tokens_total"]
     growing = {"ray_q3serve_requests_total", "ray_q3serve_generation_tokens_total", "ray_q3serve_expert_tokens",
                "ray_q3serve_prompt_cached_tokens_total"}
-    before = _scrape(wanted)
+    before = scrape_metrics(wanted)
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "m"}], max_tokens=5,
                                    extra_body={"enable_thinking": False}, stream=True).close()
     repeated = list(range(1000, 1040))  # 40 tokens: the second time, its first full KV blocks are cached
@@ -216,19 +204,22 @@ def test_prometheus_metrics(client: openai.OpenAI) -> None:
         client.completions.create(model="no-such-model", prompt="metrics", max_tokens=5)
     with pytest.raises(openai.BadRequestError):  # no input: refused by the body's validation, counted too
         client.responses.create(model=MODEL, max_output_tokens=5)  # type: ignore[call-overload]
+    with pytest.raises(openai.BadRequestError, match="suffix"):  # refused by the chat adapter's own check
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "m"}], max_tokens=5,
+                                       extra_body={"suffix": "x"})
 
-    def invalid(seen: dict[str, dict[str, float]]) -> float:
+    def invalid(seen: dict[str, dict[str, float]], route: str) -> float:
         return sum(v for k, v in seen.get("ray_q3serve_requests_total", {}).items()
-                   if 'route="responses"' in k and 'status="400"' in k)
+                   if f'route="{route}"' in k and 'status="400"' in k)
 
     def not_found(seen: dict[str, dict[str, float]]) -> bool:
         return any('status="404"' in k for k in seen.get("ray_q3serve_requests_total", {})) and \
-            invalid(seen) > invalid(before)
+            all(invalid(seen, r) > invalid(before, r) for r in ("responses", "chat"))
 
     deadline = time.monotonic() + 60
     seen: dict[str, dict[str, float]] = {}
     while time.monotonic() < deadline:
-        seen = _scrape(wanted)
+        seen = scrape_metrics(wanted)
         if set(wanted) <= set(seen) and all(_grew(before.get(n, {}), seen[n]) for n in growing) and not_found(seen):
             break
         time.sleep(1)

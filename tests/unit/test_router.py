@@ -96,7 +96,7 @@ def test_requests_beyond_what_the_pools_hold_are_refused_before_any_work() -> No
     assert admission_capacity(AppConfig.model_validate({"fast": {"max_queued_requests": -1}})) is None
     fe = Frontend(cfg, router=None)
     fe.in_flight, fe.starting = 5, 1
-    fe.check_capacity("chat")
+    fe.check_capacity()
     fe.starting = 2
     with pytest.raises(Overloaded, match="holds 7 requests"):
-        fe.check_capacity("chat")
+        fe.check_capacity()
