@@ -126,9 +126,11 @@ def scrape_metrics(names: list[str]) -> dict[str, dict[str, float]]:
     return series
 
 
-def requests_counted(route: str, status: str) -> float:
-    """q3serve_requests_total under `route` and `status`, summed over pools and replicas."""
-    series = scrape_metrics(["ray_q3serve_requests_total"]).get("ray_q3serve_requests_total", {})
+def requests_counted(route: str, status: str, seen: dict[str, dict[str, float]] | None = None) -> float:
+    """q3serve_requests_total under `route` and `status`, summed over pools and replicas: in
+    `seen` (what scrape_metrics returned), or scraped now."""
+    seen = scrape_metrics(["ray_q3serve_requests_total"]) if seen is None else seen
+    series = seen.get("ray_q3serve_requests_total", {})
     return sum(v for k, v in series.items() if f'route="{route}"' in k and f'status="{status}"' in k)
 
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from cluster.engine.tokenizer import STOP_THINKING
-from tests.helpers.serving import ServeApp, pool_idle_stats, scrape_metrics
+from tests.helpers.serving import ServeApp, pool_idle_stats, requests_counted, scrape_metrics
 
 MODEL = "qwen3-test"
 
@@ -208,13 +208,9 @@ def test_prometheus_metrics(client: openai.OpenAI) -> None:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "m"}], max_tokens=5,
                                        extra_body={"suffix": "x"})
 
-    def invalid(seen: dict[str, dict[str, float]], route: str) -> float:
-        return sum(v for k, v in seen.get("ray_q3serve_requests_total", {}).items()
-                   if f'route="{route}"' in k and 'status="400"' in k)
-
     def not_found(seen: dict[str, dict[str, float]]) -> bool:
         return any('status="404"' in k for k in seen.get("ray_q3serve_requests_total", {})) and \
-            all(invalid(seen, r) > invalid(before, r) for r in ("responses", "chat"))
+            all(requests_counted(r, "400", seen) > requests_counted(r, "400", before) for r in ("responses", "chat"))
 
     deadline = time.monotonic() + 60
     seen: dict[str, dict[str, float]] = {}
