@@ -184,18 +184,22 @@ def _sample_full(logits: torch.Tensor, params: list[SamplingParams], u: torch.Te
     return _inverse_cdf(_min_p(weights, params), u)
 
 
-def scratch(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def scratch(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
+            slot: str = "work") -> torch.Tensor:
     """A work buffer of `shape`, reused from step to step by this thread. On the CPU a fresh
     [rows, vocab] tensor (39 MB at 64 rows of Qwen3's vocabulary) is a new mapping from the
     allocator every step, and faulting its pages in cost more than the exp and the cumulative sum
-    (measured: 27 -> 12 ms per step at 64 rows). One per thread, as each engine steps on its own;
-    the structured-output mask (logits.py) borrows it too, and is done with it before sampling.
+    (measured: 27 -> 12 ms per step at 64 rows). One per thread and `slot`, as each engine steps
+    on its own: "work" is the sampler's (the structured-output mask in logits.py borrows it too,
+    and is done with it before sampling), "logits" holds the step's float32 logits (logits.py).
+    What it returns is valid until the next call for the same slot on this thread.
     Remade when inference mode changes (an inference tensor cannot be written outside it)."""
     n = math.prod(shape)
-    buf = getattr(_local, "buf", None)
+    bufs = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get(slot)
     if (buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device
             or buf.is_inference() != torch.is_inference_mode_enabled()):
-        buf = _local.buf = torch.empty(n, dtype=dtype, device=device)
+        buf = bufs[slot] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 

@@ -12,7 +12,7 @@ import torch
 from cluster import LLM, SamplingParams
 from cluster.config import RequestError
 from cluster.model.logits import process_logits
-from cluster.model.sampler import sample
+from cluster.model.sampler import sample, scratch
 from tests.helpers.models import hf_model
 
 
@@ -38,6 +38,28 @@ def test_penalties_and_bias_follow_their_definitions() -> None:
     assert torch.equal(logits, logits.clone()), "the model's logits are not modified in place"
     plain = [SamplingParams()] * 3
     assert process_logits(logits, plain, [None] * 3, [None] * 3) is not None
+
+
+def test_bf16_logits_become_float32_in_a_buffer_kept_between_steps() -> None:
+    """The float32 copy of a step's bf16 logits lands in the same buffer every step (a fresh
+    [rows, vocab] tensor is a new mapping whose page faults cost most of the copy on a CPU), holds
+    exactly the model's values, and is not the sampler's own work buffer."""
+    torch.manual_seed(0)
+    first, second = torch.randn(4, 1000).bfloat16(), torch.randn(4, 1000).bfloat16()
+    plain = [SamplingParams()] * 4
+    a = process_logits(first, plain, [None] * 4, [None] * 4)
+    assert a.dtype == torch.float32 and torch.equal(a, first.float())
+    ptr = a.data_ptr()
+    b = process_logits(second, plain, [None] * 4, [None] * 4)
+    assert b.data_ptr() == ptr and torch.equal(b, second.float())
+    biased = process_logits(first, [SamplingParams(logit_bias={3: 1.0})] * 4, [None] * 4, [None] * 4)
+    assert biased.data_ptr() == ptr and torch.equal(biased[:, 4:], first.float()[:, 4:])
+    assert scratch((4, 1000), torch.float32, first.device).data_ptr() != ptr
+    # a full-vocabulary sampled row works in the sampler's buffer, leaving the logits as they were
+    processed = process_logits(second, [SamplingParams(temperature=1.0, top_p=0.99)], [None], [None])
+    sample(processed[:1], [SamplingParams(temperature=1.0, top_p=0.99)], [torch.Generator().manual_seed(1)],
+           raw=second[:1])
+    assert torch.equal(processed, second.float())
 
 
 def test_bias_decides_greedy_and_logprobs_stay_the_models() -> None:
