@@ -108,3 +108,8 @@ class PeerServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
+        if self.proc is not None:  # its engine-core child too, so none of it runs into the next server's turn
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session (start_new_session): only what it started
+            except ProcessLookupError:
+                pass
