@@ -161,7 +161,7 @@ def _fast_pool() -> PoolConfig:
     # 64 sequences: on a CPU a decode step of 64 costs well under twice one of 32 (the lm_head and
     # the experts' weights are read once for the batch), so the queue, not the batch, made TTFT: with
     # 32, vLLM's client at concurrency 64 on completions saw TTFT p99 9.9 s and 447 tok/s; with 64,
-    # 0.85-0.99 s and 461-543 tok/s over two rounds on 2 cores (benchmarks/results/serving_vs_vllm.json).
+    # 0.78-0.99 s and 461-639 tok/s over four rounds on 2 cores (benchmarks/results/serving_vs_vllm.json).
     # max_num_batched_tokens 4096 (one prefill step for 64 such prompts) gave no gain there.
     return PoolConfig(engine=EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048), default_max_tokens=512,
                       max_tokens_limit=4096, max_thinking_budget=0,
