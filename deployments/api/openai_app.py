@@ -69,10 +69,11 @@ class Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             request = Request(scope)
-            refusal = self.refusal(request) if request.url.path.startswith(GUARDED) else None
+            path = request.url.path
+            refusal = self.refusal(request) if path.startswith(GUARDED) else None
             if refusal is not None:
-                if request.url.path in COUNTED:  # a refused generation request is counted, as gRPC's are
-                    self.frontend.count_refused(COUNTED[request.url.path], refusal.status_code)
+                if path in COUNTED:  # a refused generation request is counted, as gRPC's are
+                    self.frontend.count_refused(COUNTED[path], refusal.status_code)
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)

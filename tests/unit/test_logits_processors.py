@@ -56,10 +56,10 @@ def test_bf16_logits_become_float32_in_a_buffer_kept_between_steps() -> None:
     assert biased.data_ptr() == ptr and torch.equal(biased[:, 4:], first.float()[:, 4:])
     assert scratch((4, 1000), torch.float32, first.device).data_ptr() != ptr
     # a full-vocabulary sampled row works in the sampler's buffer, leaving the logits as they were
-    processed = process_logits(second, [SamplingParams(temperature=1.0, top_p=0.99)], [None], [None])
-    sample(processed[:1], [SamplingParams(temperature=1.0, top_p=0.99)], [torch.Generator().manual_seed(1)],
-           raw=second[:1])
-    assert torch.equal(processed, second.float())
+    wide = SamplingParams(temperature=1.0, top_p=0.99)  # its nucleus reaches past the top candidates
+    processed = process_logits(second[:1], [wide], [None], [None])
+    sample(processed, [wide], [torch.Generator().manual_seed(1)], raw=second[:1])
+    assert torch.equal(processed, second[:1].float())
 
 
 def test_bias_decides_greedy_and_logprobs_stay_the_models() -> None:
