@@ -21,6 +21,7 @@ from torch import nn
 from cluster.config import ModelConfig
 from cluster.model.experts import sort_by_expert
 from cluster.model.layers import apply_rope, rope_tables, silu_mul
+from training.packing import Packed
 
 
 @dataclass
@@ -101,37 +102,36 @@ class Block(nn.Module):
         self.w_up = _init(e, i, h)
         self.w_down = _init(e, h, i, std=0.02 / math.sqrt(2 * c.num_hidden_layers))
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
+    def attention(self, x: torch.Tensor, p: Packed, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden] packed; attention runs per group of similar lengths, padded (`Packed`)."""
         c, d = self.c, self.c.head_dim
-        q = rms_norm((x @ self.q.T).view(b, t, -1, d), self.q_norm, c.rms_norm_eps)
-        k = rms_norm((x @ self.k.T).view(b, t, -1, d), self.k_norm, c.rms_norm_eps)
-        v = (x @ self.v.T).view(b, t, -1, d)
+        q = rms_norm((x @ self.q.T).view(len(x), -1, d), self.q_norm, c.rms_norm_eps)
+        k = rms_norm((x @ self.k.T).view(len(x), -1, d), self.k_norm, c.rms_norm_eps)
+        v = (x @ self.v.T).view(len(x), -1, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True,
-        )
-        return out.transpose(1, 2).reshape(b, t, -1) @ self.o.T
+        out = [F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+                                              is_causal=True, enable_gqa=True).transpose(1, 2)
+               for qg, kg, vg in zip(p.padded(q), p.padded(k), p.padded(v))]
+        return p.unpadded(out).reshape(len(x), -1) @ self.o.T
 
     def moe(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax top-k routing renormalised (norm_topk_prob), experts grouped as the engine groups
         them (cluster.model.qwen3_moe); returns the output and the Switch-style load-balancing loss."""
         c = self.c
-        flat = x.reshape(-1, x.shape[-1])
-        probs = torch.softmax((flat @ self.gate.T).float(), dim=-1)
+        probs = torch.softmax((x @ self.gate.T).float(), dim=-1)
         top_w, top_i = probs.topk(c.num_experts_per_tok, dim=-1)
-        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(flat.dtype)
+        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
         order, per_expert = sort_by_expert(top_i, c.num_experts)
         token = order // c.num_experts_per_tok
-        y = expert_rows(flat.index_select(0, token), per_expert, self.w_gate, self.w_up, self.w_down)
-        out = torch.zeros_like(flat).index_add(0, token, y * top_w.reshape(-1)[order, None])
+        y = expert_rows(x.index_select(0, token), per_expert, self.w_gate, self.w_up, self.w_down)
+        out = torch.zeros_like(x).index_add(0, token, y * top_w.reshape(-1)[order, None])
         hits = torch.tensor(per_expert)
         counts += hits
         aux = c.num_experts * (hits.float() / order.numel() * probs.mean(0)).sum()
-        return out.view_as(x), aux
+        return out, aux
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, counts: torch.Tensor):  # noqa: ANN201
-        h = h + self.attention(rms_norm(h, self.input_norm, self.c.rms_norm_eps), cos, sin)
+    def forward(self, h: torch.Tensor, p: Packed, cos: torch.Tensor, sin: torch.Tensor, counts: torch.Tensor):  # noqa: ANN201
+        h = h + self.attention(rms_norm(h, self.input_norm, self.c.rms_norm_eps), p, cos, sin)
         m, aux = self.moe(rms_norm(h, self.post_norm, self.c.rms_norm_eps), counts)
         return h + m, aux
 
@@ -150,16 +150,17 @@ class TinyQwen3Moe(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         self.expert_counts = torch.zeros(c.num_hidden_layers, c.num_experts, dtype=torch.long)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compact-vocabulary logits (the shared row already raised by log(#unused)) and the
-        mean load-balancing loss."""
-        t = ids.shape[1]
-        cos, sin = self.cos[:t, None, :], self.sin[:t, None, :]
-        h = F.embedding(ids, self.embed)
+    def forward(self, p: Packed, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact-vocabulary logits at the packed positions `at` (default: p.learned, the only
+        ones a training step needs: the output layer is the largest matmul per token), the shared
+        row already raised by log(#unused); and the mean load-balancing loss."""
+        cos, sin = self.cos[p.pos, None, :], self.sin[p.pos, None, :]
+        h = F.embedding(p.ids, self.embed)
         aux = h.new_zeros(())
         for i, block in enumerate(self.blocks):
-            h, a = block(h, cos, sin, self.expert_counts[i])
+            h, a = block(h, p, cos, sin, self.expert_counts[i])
             aux = aux + a
+        h = h.index_select(0, p.learned if at is None else at)
         logits = rms_norm(h, self.norm, self.c.rms_norm_eps) @ self.embed.T
         shift = torch.zeros(logits.shape[-1], dtype=logits.dtype)
         shift[-1] = self.unused_log_count

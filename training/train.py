@@ -27,6 +27,7 @@ from deployments.tools.machine import describe_machine
 from cluster.engine.tokenizer import ENDOFTEXT, IM_END, IM_START, THINK_END, THINK_START, load_tokenizer
 from training.data import Example, random_example
 from training.model import TinyConfig, TinyQwen3Moe
+from training.packing import Packed, pack
 from deployments.tools.tasks import count
 
 # Qwen3's own sampling defaults (what a server applies when a request sets none); do_sample stays
@@ -46,21 +47,9 @@ def used_token_ids(tokenizer, seed: int, n: int = 40000) -> list[int]:  # noqa: 
     return sorted(ids)
 
 
-def batch(examples: list[Example], remap: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(e.ids) for e in examples)
-    ids = torch.zeros(len(examples), width, dtype=torch.long)
-    learn = torch.zeros(len(examples), width, dtype=torch.bool)
-    for row, e in enumerate(examples):
-        ids[row, :len(e.ids)] = torch.tensor([remap.get(t, len(remap)) for t in e.ids])
-        learn[row, :len(e.ids)] = torch.tensor(e.learn)
-    return ids, learn
-
-
-def length_buckets(examples: list[Example], n: int) -> list[list[Example]]:
-    """Examples sorted by length cut into n runs: each run is padded only to its own longest,
-    so the long tool-use prompts do not pad the short examples (same gradient, less compute)."""
-    size = math.ceil(len(examples) / n)
-    return [examples[i:i + size] for i in range(0, len(examples), size)]
+def packed(examples: list[Example], remap: dict[int, int], groups: int) -> Packed:
+    """The examples as one packed batch over the compact vocabulary (an unused id: the shared row)."""
+    return pack([[remap.get(t, len(remap)) for t in e.ids] for e in examples], [e.learn for e in examples], groups)
 
 
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -113,21 +102,15 @@ def train(args: argparse.Namespace) -> Trained:
         elapsed = time.monotonic() - start
         if args.minutes and elapsed >= 60 * args.minutes:
             break
-        examples = sorted((random_example(rng, tokenizer) for _ in range(args.batch)), key=lambda e: len(e.ids))
+        examples = [random_example(rng, tokenizer) for _ in range(args.batch)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress_at(step, elapsed, args), args.lr, args.warmup)
         opt.zero_grad(set_to_none=True)
-        learned = sum(sum(e.learn) for e in examples)
-        loss_sum, aux_sum = 0.0, 0.0
-        chunks = length_buckets(examples, args.micro_batches)
-        for chunk in chunks:
-            ids, learn = batch(chunk, remap)
-            logits, aux = model(ids[:, :-1])
-            target = learn[:, 1:]
-            part = F.cross_entropy(logits[target], ids[:, 1:][target], reduction="sum") / learned
-            (part + cfg.router_aux_loss_coef * aux / len(chunks)).backward()
-            loss_sum += part.item()
-            aux_sum += aux.item() / len(chunks)
+        p = packed(examples, remap, args.attention_groups)
+        logits, aux = model(p)
+        loss = F.cross_entropy(logits, p.targets)  # the mean over every learned token of the step
+        (loss + cfg.router_aux_loss_coef * aux).backward()
+        loss_sum, aux_sum = loss.item(), aux.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss_sum)
@@ -165,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="train on from this exported checkpoint (same architecture)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--micro-batches", type=int, default=4, help="length buckets per step (gradient accumulated)")
+    p.add_argument("--attention-groups", type=int, default=8,
+                   help="attention runs padded per group of similar lengths (the rest of the model packed)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

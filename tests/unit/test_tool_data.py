@@ -1,7 +1,7 @@
 """Tool-use training data (training/tool_use.py) is what the server renders and parses: the call
 target parses into the offered tool's call with the item's operands, the answer-stage prompt is the
 server's own rendering of the messages an OpenAI client sends back, and the tool task's held-out
-products are never trained on. Also: length buckets give the same gradient as one padded batch."""
+products are never trained on."""
 
 from __future__ import annotations
 
@@ -9,17 +9,13 @@ import json
 import random
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from cluster.engine.tokenizer import IM_END, THINK_END, THINK_START, load_tokenizer, render_chat
+from cluster.engine.tokenizer import IM_END, THINK_END, load_tokenizer, render_chat
 from deployments.api.openai_models import Message
 from deployments.frontend.tool_calls import parse_tool_calls
 from deployments.tools import tool_use
-from training.data import TOOL_THINKING_SHARE, make_arith_example, make_tool_example, random_example
-from training.model import TinyConfig, TinyQwen3Moe
+from training.data import TOOL_THINKING_SHARE, make_arith_example, make_tool_example
 from deployments.tools.tasks import sample
-from training.train import batch, length_buckets
 
 
 @pytest.fixture(scope="module")
@@ -115,31 +111,6 @@ def test_tool_layouts_are_accepted_by_the_server(style: str) -> None:
     from deployments.frontend.tool_calls import check_tools
 
     check_tools([tool_use.multiply_tool(style=style)], "auto")
-
-
-def test_length_buckets_give_the_gradient_of_one_padded_batch(tok) -> None:  # noqa: ANN001
-    rng = random.Random(8)
-    examples = sorted((random_example(rng, tok) for _ in range(12)), key=lambda e: len(e.ids))
-    used = sorted({t for e in examples for t in e.ids} | {IM_END, THINK_START, THINK_END})
-    remap = {t: i for i, t in enumerate(used)}
-    torch.manual_seed(0)
-    model = TinyQwen3Moe(TinyConfig(hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=4,
-                                    moe_intermediate_size=16), used)
-    learned = sum(sum(e.learn) for e in examples)
-
-    def grads(chunks: list) -> list[torch.Tensor]:  # noqa: ANN001
-        model.zero_grad()
-        for chunk in chunks:
-            ids, learn = batch(chunk, remap)
-            logits, _ = model(ids[:, :-1])
-            t = learn[:, 1:]
-            (F.cross_entropy(logits[t], ids[:, 1:][t], reduction="sum") / learned).backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    one, four = grads([examples]), grads(length_buckets(examples, 4))
-    assert len(length_buckets(examples, 4)) == 4
-    for a, b in zip(one, four):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from cluster.engine.tokenizer import IM_END, STOP_THINKING, THINK_END, THINK_STA
 from deployments.frontend.thinking import decide_thinking, soft_switch
 from training.data import _switch_messages, make_example
 from deployments.tools.tasks import sample
-from training.train import batch, parser, save, train
+from training.train import packed, parser, save, train
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +80,20 @@ def test_short_training_exports_what_transformers_reads(tmp_path: Path, tok) -> 
 
     examples = [random_example(rng, tok) for _ in range(3)]
     remap = {t: i for i, t in enumerate(run.used)}
-    for ex in examples:
-        ids, learn = batch([ex], remap)
+    p = packed(examples, remap, groups=2)  # logits at every packed position, in attention groups
+    with torch.no_grad():
+        compact, _ = run.model(p, at=torch.arange(len(p.ids)))
+    start = 0
+    for ex in sorted(examples, key=lambda e: len(e.ids)):  # the packed order
+        n = len(ex.ids) - 1
         with torch.no_grad():
-            compact, _ = run.model(ids[:, :-1])
-            full = hf(torch.tensor([ex.ids[:-1]])).logits
-        target = learn[0, 1:]
-        mine = F.log_softmax(compact[0], -1)[target].gather(1, ids[0, 1:][target][:, None])
-        theirs = F.log_softmax(full[0], -1)[target].gather(1, torch.tensor(ex.ids[1:])[target][:, None])
+            full = hf(torch.tensor([ex.ids[:-1]])).logits[0]
+        target = torch.tensor(ex.learn[1:])
+        ids = torch.tensor([remap.get(t, len(remap)) for t in ex.ids[1:]])
+        mine = F.log_softmax(compact[start:start + n], -1)[target].gather(1, ids[target][:, None])
+        theirs = F.log_softmax(full, -1)[target].gather(1, torch.tensor(ex.ids[1:])[target][:, None])
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+        start += n
 
     # --init trains on from the export: 0 steps later the model exports the same tensors
     again = parser().parse_args([*shape, "--init", str(tmp_path), "--steps", "0", "--out", str(tmp_path / "again")])
