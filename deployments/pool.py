@@ -70,7 +70,8 @@ class ModelPool:
         """Streams the request's outputs; a bad request raises cluster.RequestError naming the field."""
         async for out in self.engine.generate(request.prompt_token_ids, request.params, request.request_id,
                                               coalesce=True, stream_interval=self.pool.stream_interval,
-                                              stream_max_delay_ms=self.pool.stream_max_delay_ms):
+                                              stream_max_delay_ms=self.pool.stream_max_delay_ms,
+                                              stream_interval_min_streams=self.pool.stream_interval_min_streams):
             yield deltas_only(out)
 
     def _replica(self) -> str:

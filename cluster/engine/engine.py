@@ -106,6 +106,7 @@ class Engine:
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
         coalesce: bool = False, stream_interval: int = 1, stream_max_delay_ms: float | None = None,
+        stream_interval_min_streams: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Streams one RequestOutput per engine step that gave the request tokens; the last has
         finished=True. With `coalesce`, the steps that finished while the caller was busy come
@@ -114,8 +115,10 @@ class Engine:
         N tokens, or is the last: fewer messages per stream where throughput matters more than
         smoothness. `stream_max_delay_ms` bounds that in time: a held output goes out once its oldest
         token has waited this long, so a reader sees a smooth stream when steps are quick and the
-        message count still falls when they are slow. Leaving the loop early (or cancelling) aborts
-        the request and frees its KV blocks."""
+        message count still falls when they are slow. `stream_interval_min_streams` holds tokens only
+        while at least that many requests stream from this engine: a saturated server sends fewer
+        messages (its CPU goes to the tokens), one with room streams every token. Leaving the loop
+        early (or cancelling) aborts the request and frees its KV blocks."""
         if stream_interval < 1:
             raise RequestError("stream_interval", f"must be at least 1, got {stream_interval}")
         if stream_max_delay_ms is not None and stream_max_delay_ms < 0:
@@ -164,7 +167,8 @@ class Engine:
                         break
                     item.absorb(later)
                 finished = item.finished or failure is not None
-                if not finished and sent_first and len(item.delta_token_ids) < stream_interval:
+                busy = len(self._streams) >= stream_interval_min_streams
+                if not finished and sent_first and busy and len(item.delta_token_ids) < stream_interval:
                     if fresh and stream_max_delay_ms is not None:
                         held_until = time.monotonic() + stream_max_delay_ms / 1000
                     held = item

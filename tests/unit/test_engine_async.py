@@ -199,6 +199,25 @@ def test_stream_interval_holds_tokens_after_the_first(engine: Engine) -> None:
     assert held[-1].finished and held[-1].num_output_tokens == 23
 
 
+def test_stream_interval_holds_only_while_enough_requests_stream(engine: Engine) -> None:
+    """stream_interval_min_streams 2: a request alone streams every token; two at once hold theirs
+    to chunks of the interval."""
+    params = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True)
+
+    async def one(prompt: list[int]):
+        return [o async for o in engine.generate(prompt, params, stream_interval=5, stream_interval_min_streams=2)]
+
+    async def two():
+        return await asyncio.gather(one([3, 1, 4, 1, 5]), one([2, 7, 1, 8]))
+
+    alone = asyncio.run(asyncio.wait_for(one([3, 1, 4, 1, 5]), 60))
+    assert [len(o.delta_token_ids) for o in alone] == [1] * 23
+    for outs in asyncio.run(asyncio.wait_for(two(), 60)):
+        sizes = [len(o.delta_token_ids) for o in outs]
+        assert sizes[0] == 1 and all(n >= 5 for n in sizes[1:-1]) and sum(sizes) == 23 and len(outs) <= 6
+    assert [t for o in alone for t in o.delta_token_ids] == alone[-1].token_ids
+
+
 def test_stream_max_delay_sends_a_held_chunk_early(engine: Engine) -> None:
     """stream_max_delay_ms bounds a chunk in time: with an interval larger than the whole output, no
     bound gives the first token and then everything at the end; a bound of 0 sends each held output
