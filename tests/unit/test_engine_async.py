@@ -201,7 +201,8 @@ def test_stream_interval_holds_tokens_after_the_first(engine: Engine) -> None:
 
 def test_stream_interval_holds_only_while_enough_requests_stream(engine: Engine) -> None:
     """stream_interval_min_streams 2: a request alone streams every token; two at once hold theirs
-    to chunks of the interval."""
+    to chunks of the interval (if one was admitted a step later, its last tokens after the other
+    finished go out as they come: one streaming alone again)."""
     params = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True)
 
     async def one(prompt: list[int]):
@@ -214,7 +215,7 @@ def test_stream_interval_holds_only_while_enough_requests_stream(engine: Engine)
     assert [len(o.delta_token_ids) for o in alone] == [1] * 23
     for outs in asyncio.run(asyncio.wait_for(two(), 60)):
         sizes = [len(o.delta_token_ids) for o in outs]
-        assert sizes[0] == 1 and all(n >= 5 for n in sizes[1:-1]) and sum(sizes) == 23 and len(outs) <= 6
+        assert sizes[0] == 1 and sum(sizes) == 23 and max(sizes) >= 5 and len(outs) <= 8
     assert [t for o in alone for t in o.delta_token_ids] == alone[-1].token_ids
 
 
