@@ -110,12 +110,11 @@ def train(args: argparse.Namespace) -> Trained:
         logits, aux = model(p)
         loss = F.cross_entropy(logits, p.targets)  # the mean over every learned token of the step
         (loss + cfg.router_aux_loss_coef * aux).backward()
-        loss_sum, aux_sum = loss.item(), aux.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss_sum)
+        losses.append(loss.item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", aux=f"{aux_sum:.2f}")
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", aux=f"{aux.item():.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(args, Trained(model, used, losses, time.monotonic() - start))  # a look before the end
     return Trained(model, used, losses, time.monotonic() - start)
