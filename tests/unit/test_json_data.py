@@ -141,7 +141,10 @@ def test_instructor_system_message_is_instructors_own() -> None:
 
 def test_the_mix() -> None:
     assert sum(MODES.values()) == pytest.approx(1.0, abs=1e-4)
-    assert sum(NEW_MODES.values()) < 0.08  # short examples, small shares: most time stays with the old mix
+    # Short examples, small shares: most of the time stays with the old mix. 8.1% of examples (~9%
+    # of tokens) since the add tool's examples went from 0.7% to 2% (at 0.7% a run copied the
+    # wrong operand).
+    assert sum(NEW_MODES.values()) <= 0.1
     rng = random.Random(34)
     tok_ = load_tokenizer()
     drawn = [random_example(rng, tok_) for _ in range(3000)]
