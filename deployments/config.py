@@ -165,7 +165,8 @@ def _fast_pool() -> PoolConfig:
     # the experts' weights are read once for the batch), so the queue, not the batch, made TTFT: with
     # 32, vLLM's client at concurrency 64 on completions saw TTFT p99 9.9 s and 447 tok/s; with 64,
     # 0.78-0.99 s and 461-639 tok/s over four rounds on 2 cores (benchmarks/results/serving_vs_vllm.json).
-    # max_num_batched_tokens 4096 (one prefill step for 64 such prompts) gave no gain there.
+    # max_num_batched_tokens 4096 (one prefill step for 64 such prompts) gave no gain there, 1024
+    # (shorter prefill steps while a burst arrives) was worse (benchmarks/results/saturation_ttft.json).
     # Tokens in twos (or after 100 ms) while 32 or more requests stream: at concurrency 64 the
     # ingress and proxy handle half the messages, +21-24% tokens/s and a lower TTFT p99 in both
     # alternating pairs (benchmarks/results/saturation_ttft.json); below 32, every token at once.
