@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cluster.config import ParallelConfig
-from deployments.app import SERVE_ENV
+from deployments.app import SERVE_CONTROLLER_ENV, SERVE_PROCESS_ENV
 from deployments.config import AppConfig, nest
 from deployments.api.grpc_api import SERVICER_FUNCTIONS
 
@@ -226,7 +226,22 @@ def test_api_key_secret_generated_or_existing() -> None:
     rs = next(d for d in existing if d["kind"] == "RayService")
     env = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert env == [{"name": "Q3SERVE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "api-keys", "optional": True}}},
-                   *({"name": k, "value": v} for k, v in SERVE_ENV.items())]  # the controller's settings
+                   *({"name": k, "value": v} for k, v in SERVE_CONTROLLER_ENV.items()),  # the controller's settings
+                   *({"name": k, "value": v} for k, v in SERVE_PROCESS_ENV.items())]  # every process's
+
+
+def test_serve_process_settings_reach_every_pod() -> None:
+    """The handles' transport (and its message cap) is read by each Ray process at start: every
+    pod's proxy and replicas must agree with the head's, or a worker's handles go the slow way."""
+    spec = next(d for d in render({}) if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    assert len(pods) == 3
+    for g in pods:
+        env = {e["name"]: e.get("value") for e in g["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in SERVE_PROCESS_ENV} == SERVE_PROCESS_ENV
+    for g in spec["workerGroupSpecs"]:  # the controller's settings stay on the head, where it runs
+        env = {e["name"] for e in g["template"]["spec"]["containers"][0]["env"]}
+        assert not env & set(SERVE_CONTROLLER_ENV)
 
 
 def test_nccl_settings_reach_every_gpu_worker_and_only_them() -> None:

@@ -95,10 +95,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
       valueFrom:
         secretKeyRef: {name: {{ include "q3serve.apiKeySecret" $ }}, key: api-keys, optional: true}
     {{- if eq .role "head" }}
-    {{- /* Serve's controller runs here: deployments/app.py SERVE_ENV */}}
+    {{- /* Serve's controller runs here: deployments/app.py SERVE_CONTROLLER_ENV */}}
     - {name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS, value: "1"}
     - {name: RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S, value: "30"}
     {{- end }}
+    {{- /* every pod's proxy and replicas: deployments/app.py SERVE_PROCESS_ENV */}}
+    - {name: RAY_SERVE_USE_GRPC_BY_DEFAULT, value: "1"}
+    - {name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, value: "2147483647"}
     {{- if ne .role "head" }}
     {{- $nccl := $.Values.nccl }}
     {{- with $nccl.socketIfname }}
