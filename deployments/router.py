@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
@@ -82,10 +83,18 @@ def apply_limits(pool: PoolConfig, params: SamplingParams, thinking: bool) -> Sa
     return dataclasses.replace(params, max_tokens=max_tokens, thinking_budget=budget)
 
 
+def in_process_transport(handle: Any) -> Any:
+    """The handle on the transport this process is set for (deployments/app.py SERVE_PROCESS_ENV).
+    A handle bound in the driver keeps the transport the driver's Serve chose when it was first
+    imported, before `q3serve up` (or a test) set the environment; the ingress's calls to its pools
+    are the ones that count (every request, every streamed chunk)."""
+    return handle.options(_by_reference=os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0") != "1")
+
+
 class PoolRouter:
     def __init__(self, cfg: AppConfig, handles: dict[str, Any], app_name: str) -> None:
         self.cfg = cfg
-        self.handles = handles
+        self.handles = {name: in_process_transport(h) for name, h in handles.items()}
         self.app_name = app_name
         self._replicas = ReplicaCounts(app_name)
         self._open: set[Any] = set()      # the pool streams of requests in flight
