@@ -25,7 +25,7 @@ SERVE_CONTROLLER_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1", "RAY_SER
 # Every process's (the chart sets them on every pod): handles (proxy -> ingress -> pool) call
 # replicas over Serve's gRPC transport rather than Ray actor calls, which costs less per request
 # and per streamed chunk: under a 64-request burst on 2 CPUs, output tokens/s 796 against 672 and
-# TTFT p99 860 against 929 ms (means of 4 alternating runs, benchmarks/results/saturation_ttft.json).
+# TTFT p99 860 against 929 ms (means of 4 runs each, alternating: results/saturation_ttft.json).
 # Its messages are capped at 4 MiB by default, less than a long prompt's top logprobs (32K tokens
 # x 20): the cap is gRPC's largest, as for Serve's own proxy, and the ingress's
 # limits.max_request_bytes is what bounds a request.
