@@ -98,14 +98,27 @@ def completion_logprobs(frontend: Frontend, ids: list[int], lps: list[float | No
                         offset: int) -> dict[str, Any]:
     """The legacy completions shape: parallel lists of tokens, their logprobs, a {token: logprob}
     map of alternatives per position (when asked), and each token's offset in the text. An
-    echoed prompt's first token has None for both, as in OpenAI's API."""
+    echoed prompt's first token has None for both, as in OpenAI's API. A position's map holds
+    the token itself too when it is not among the k likeliest (an echoed prompt's token, a
+    sampled one): OpenAI's "up to logprobs+1 elements", as vLLM does."""
     tokens = [frontend.tokenizer.decode([t]) for t in ids]
     offsets = []
     for tok in tokens:
         offsets.append(offset)
         offset += len(tok)
-    top = [None if row is None else {frontend.tokenizer.decode([a]): alp for a, alp in row} for row in tops] if tops else None
+    top = [_alternatives(frontend, row, tok, lp) for row, tok, lp in zip(tops, tokens, lps)] if tops else None
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+
+def _alternatives(frontend: Frontend, row: list[tuple[int, float]] | None, token: str,
+                  logprob: float | None) -> dict[str, float] | None:
+    """One position's {token: logprob} map: the k likeliest, then the token itself if absent."""
+    if row is None:
+        return None
+    out = {frontend.tokenizer.decode([a]): alp for a, alp in row}
+    if logprob is not None:
+        out.setdefault(token, logprob)
+    return out
 
 
 def _echoed(echo: Echo | None, prompt_logprobs: list[float | None] | None, prompt_tops: TopRows, ids: list[int],

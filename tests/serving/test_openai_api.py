@@ -385,7 +385,12 @@ def test_echo_with_prompt_logprobs_and_max_tokens_zero(server: str, client: open
     assert c.text == prompt and c.finish_reason == "length" and only.usage.completion_tokens == 0
     assert "".join(c.logprobs.tokens) == prompt and len(c.logprobs.tokens) == n
     assert c.logprobs.token_logprobs[0] is None and all(v <= 0 for v in c.logprobs.token_logprobs[1:])
-    assert c.logprobs.top_logprobs[0] is None and all(len(t) == 1 for t in c.logprobs.top_logprobs[1:])
+    # the likeliest alternative, and the prompt's own token where it is another (OpenAI: up to logprobs+1)
+    tops = c.logprobs.top_logprobs[1:]
+    assert c.logprobs.top_logprobs[0] is None and all(1 <= len(t) <= 2 for t in tops)
+    assert all(t[tok] == pytest.approx(lp, abs=1e-5) for t, tok, lp in zip(tops, c.logprobs.tokens[1:], c.logprobs.token_logprobs[1:]))
+    pairs = [(t, tok) for t, tok in zip(tops, c.logprobs.tokens[1:]) if len(t) == 2]
+    assert pairs and all(next(v for k, v in t.items() if k != tok) >= t[tok] for t, tok in pairs)
     kw = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=0,
               extra_body={"ignore_eos": True})
     more = client.completions.create(**kw).choices[0]
