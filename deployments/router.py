@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
+from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from cluster import EngineDeadError, RequestError, RequestOutput, SamplingParams
@@ -87,8 +87,9 @@ def in_process_transport(handle: Any) -> Any:
     """The handle on the transport this process is set for (deployments/app.py SERVE_PROCESS_ENV).
     A handle bound in the driver keeps the transport the driver's Serve chose when it was first
     imported, before `q3serve up` (or a test) set the environment; the ingress's calls to its pools
-    are the ones that count (every request, every streamed chunk)."""
-    return handle.options(_by_reference=os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0") != "1")
+    are the ones that count (every request, every streamed chunk). Serve's own reading of the
+    setting in this process decides, as it does for handles made here."""
+    return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
 
 
 class PoolRouter:
