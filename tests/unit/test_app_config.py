@@ -74,7 +74,7 @@ def test_a_pool_block_sets_fields_over_its_preset() -> None:
     cfg = AppConfig.model_validate({"thinking": {"max_num_seqs": 16}, "fast": {"sampling_defaults": {"top_k": 5}}})
     assert cfg.thinking.engine.max_num_seqs == 16 and cfg.thinking.default_max_tokens == 4096
     assert cfg.thinking.cpu_priority == "low" and cfg.thinking.stream_interval == 16
-    assert cfg.thinking.stream_max_delay_ms == 50 and cfg.thinking.stream_interval_min_streams == 0
+    assert cfg.thinking.stream_max_delay_ms == 100 and cfg.thinking.stream_interval_min_streams == 32
     # the fast pool holds tokens in twos only under load (half its batch streaming)
     assert (cfg.fast.stream_interval, cfg.fast.stream_max_delay_ms, cfg.fast.stream_interval_min_streams) == (2, 100, 32)
     assert cfg.fast.sampling_defaults.model_dump() == {"temperature": 0.7, "top_p": 0.8, "top_k": 5, "min_p": None}
