@@ -158,7 +158,7 @@ def _thinking_pool() -> PoolConfig:
     # is a fraction; below 32, every token as it comes. Against a 50 ms bound at every load, over three
     # alternating pairs on 2 cores (benchmarks/results/saturation_ttft.json): chat at 4 req/s ITL p50
     # 13-19 ms instead of 56-62, at concurrency 64 +19% tokens/s and a lower TTFT p99, ITL p50 ~150 ms
-    # instead of ~100 (vLLM's: 290-335).
+    # instead of ~100 (vLLM's in benchmarks/results/serving_vs_vllm.json: 274-409).
     return PoolConfig(engine=EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096), default_max_tokens=4096,
                       max_tokens_limit=32768, cpu_priority="low", stream_interval=16, stream_max_delay_ms=100,
                       stream_interval_min_streams=32)
