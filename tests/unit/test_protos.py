@@ -1,7 +1,10 @@
-"""The committed gRPC stubs are what grpcio-tools generates from the committed .proto."""
+"""The committed gRPC stubs are what grpcio-tools generates from the committed .proto, and the
+package's version pins are what those stubs need."""
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 from protos.generate import ROOT, generate
@@ -21,9 +24,6 @@ def test_declared_versions_match_the_stubs() -> None:
     a protobuf of another major or older than its own: the package's floors say so, and the test
     extra pins the grpcio-tools that regenerates them byte for byte (a newer patch release stamps
     another version, and the staleness test above fails on a fresh install)."""
-    import re
-    import tomllib
-
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = {re.split(r"[<>=!~ ]", d, maxsplit=1)[0]: d for d in project["dependencies"] + project["optional-dependencies"]["test"]}
     stubs = ROOT / "protos" / "q3serve" / "v1"
